@@ -1,0 +1,360 @@
+"""Frozen feature models: every ``keras.applications`` base or a saved ``.keras`` model.
+
+A base is resolved to a :class:`FeatureModel`: the Keras model cut at a layer and pooled,
+plus the facts that define its features (recorded in every cache): base, weights, layer,
+pooling, input size, preprocessing.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import os
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "POOLINGS",
+    "PREPROCESS_MODES",
+    "BaseSpec",
+    "FeatureModel",
+    "WeightsUnavailableError",
+    "build_feature_model",
+    "check_pooling",
+    "check_preprocess",
+    "default_input_size",
+    "file_sha256",
+    "preprocess",
+    "resolve_base",
+]
+
+POOLINGS = ("flatten", "avg", "max", "none")
+PREPROCESS_MODES = ("none", "scale", "tf", "caffe", "torch")
+
+# What each keras.applications module's preprocess_input does, as an imagenet_utils mode.
+# "none": the model carries its own preprocessing (EfficientNet, ConvNeXt, MobileNetV3).
+# tests/test_bases.py checks each entry against the module's own preprocess_input.
+MODULE_PREPROCESS = {
+    "vgg16": "caffe",
+    "vgg19": "caffe",
+    "resnet": "caffe",
+    "resnet50": "caffe",
+    "resnet_v2": "tf",
+    "inception_v3": "tf",
+    "inception_resnet_v2": "tf",
+    "xception": "tf",
+    "mobilenet": "tf",
+    "mobilenet_v2": "tf",
+    "nasnet": "tf",
+    "densenet": "torch",
+    "efficientnet": "none",
+    "efficientnet_v2": "none",
+    "convnext": "none",
+    "mobilenet_v3": "none",
+}
+
+# Default input sizes that are not 224 (the size each model was trained at).
+_DEFAULT_SIZES = {
+    "InceptionV3": 299,
+    "Xception": 299,
+    "InceptionResNetV2": 299,
+    "NASNetLarge": 331,
+    "EfficientNetB1": 240,
+    "EfficientNetB2": 260,
+    "EfficientNetB3": 300,
+    "EfficientNetB4": 380,
+    "EfficientNetB5": 456,
+    "EfficientNetB6": 528,
+    "EfficientNetB7": 600,
+    "EfficientNetV2B1": 240,
+    "EfficientNetV2B2": 260,
+    "EfficientNetV2B3": 300,
+    "EfficientNetV2S": 384,
+    "EfficientNetV2M": 480,
+    "EfficientNetV2L": 480,
+}
+
+
+class WeightsUnavailableError(ValueError):
+    """ImageNet weights could not be downloaded (an offline box)."""
+
+
+@dataclass(frozen=True)
+class BaseSpec:
+    """A keras.applications base: constructor name, module, preprocessing, default size."""
+
+    name: str
+    module: str
+    preprocess: str
+    default_size: int
+
+
+def default_input_size(name: str) -> int:
+    """The input side each keras.applications model was trained at."""
+    return _DEFAULT_SIZES.get(name, 224)
+
+
+def _key(name: str) -> str:
+    return re.sub(r"[^a-z0-9]", "", name.lower())
+
+
+@lru_cache(maxsize=1)
+def _registry() -> dict[str, BaseSpec]:
+    from keras import applications
+
+    specs: dict[str, BaseSpec] = {}
+    for module_name, mode in MODULE_PREPROCESS.items():
+        module = getattr(applications, module_name)
+        for attr in dir(module):
+            if attr[:1].isupper() and callable(getattr(applications, attr, None)):
+                specs[_key(attr)] = BaseSpec(attr, module_name, mode, default_input_size(attr))
+    return specs
+
+
+def resolve_base(name: str) -> BaseSpec:
+    """Look up a keras.applications base by case-insensitive name (vgg16, ResNet50, ...).
+
+    Raises:
+        ValueError: unknown name; the message lists the closest known names.
+    """
+    registry = _registry()
+    spec = registry.get(_key(name))
+    if spec is None:
+        names = sorted(s.name for s in registry.values())
+        close = difflib.get_close_matches(name, names, n=3, cutoff=0.4) or [
+            n for n in names if _key(name) in _key(n)
+        ][:5]
+        hint = f" Did you mean {', '.join(close)}?" if close else ""
+        raise ValueError(
+            f"Unknown base. Expected a keras.applications model ({', '.join(names)}) or a "
+            f"path to a .keras file.{hint} Received: base={name!r}"
+        )
+    return spec
+
+
+def check_pooling(pooling: str) -> str:
+    """Validate ``--pooling``."""
+    if pooling not in POOLINGS:
+        raise ValueError(f"`pooling` must be one of {POOLINGS}. Received: pooling={pooling!r}")
+    return pooling
+
+
+def check_preprocess(mode: str) -> str:
+    """Validate ``--preprocess``."""
+    if mode not in PREPROCESS_MODES:
+        raise ValueError(
+            f"`preprocess` must be one of {PREPROCESS_MODES}. Received: preprocess={mode!r}"
+        )
+    return mode
+
+
+def preprocess(x: np.ndarray, mode: str) -> np.ndarray:
+    """Apply a preprocessing mode to float32 RGB pixels in 0..255 (in place where possible).
+
+    ``tf``, ``caffe`` and ``torch`` are Keras' own ``imagenet_utils.preprocess_input``, so
+    the result equals each application's ``preprocess_input``.
+    """
+    if mode == "none":
+        return x
+    if mode == "scale":
+        x /= 255.0
+        return x
+    from keras.applications import imagenet_utils
+
+    return imagenet_utils.preprocess_input(x, data_format="channels_last", mode=mode)
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclass
+class FeatureModel:
+    """A frozen base cut at ``layer`` and pooled, ready for ``predict_on_batch``."""
+
+    model: Any
+    attrs: dict[str, Any]
+    input_size: tuple[int, int]
+    preprocess: str
+
+    @property
+    def feature_shape(self) -> tuple[int, ...]:
+        """Shape of one row of features."""
+        return tuple(int(d) for d in self.model.output_shape[1:])
+
+
+_URL = re.compile(r"https?://\S+?\.h5")
+
+
+def _build_application(spec: BaseSpec, weights: str, size: tuple[int, int], seed: int) -> Any:
+    import keras
+
+    constructor = getattr(keras.applications, spec.name)
+    shape = (*size, 3)
+    if weights == "none":
+        keras.utils.set_random_seed(seed)
+        return constructor(include_top=False, weights=None, input_shape=shape)
+    if weights == "imagenet":
+        try:
+            return constructor(include_top=False, weights="imagenet", input_shape=shape)
+        except Exception as exc:
+            match = _URL.search(str(exc))
+            if "URL fetch failure" not in str(exc) or not match:
+                raise
+            url = match.group(0)
+            fname = url.rsplit("/", 1)[-1]
+            home = os.environ.get("KERAS_HOME", "~/.keras")
+            raise WeightsUnavailableError(
+                f"Cannot download the ImageNet weights of {spec.name} (offline?). Place the "
+                f"file {fname} in {home}/models/{fname} (download it from {url} on a machine "
+                "with network), or pass it directly with --weights /path/to/"
+                f"{fname}. Received: weights='imagenet'"
+            ) from exc
+    path = Path(weights)
+    if not path.is_file():
+        raise ValueError(
+            "`weights` must be 'imagenet', 'none' or the path of a weights file. "
+            f"Received: weights={weights!r} (no such file)"
+        )
+    return constructor(include_top=False, weights=str(path), input_shape=shape)
+
+
+def _load_saved_base(path: Path, size: tuple[int, int] | None) -> tuple[Any, tuple[int, int]]:
+    import keras
+
+    # safe_mode refuses Lambda layers and arbitrary code in an untrusted file.
+    model = keras.models.load_model(path, compile=False, safe_mode=True)
+    shape = model.input_shape
+    if isinstance(shape, list):
+        raise ValueError(f"A base must have one image input; {path} has {len(shape)} inputs.")
+    fixed = shape[1:3]
+    if None in fixed:
+        if size is None:
+            raise ValueError(
+                f"{path.name} accepts any input size: pass --input-size. Received: input_size=None"
+            )
+        return model, size
+    fixed = (int(fixed[0]), int(fixed[1]))
+    if size is not None and size != fixed:
+        raise ValueError(
+            f"{path.name} takes {fixed[0]}x{fixed[1]} inputs. "
+            f"Received: input_size={size[0]}x{size[1]}"
+        )
+    return model, fixed
+
+
+def _cut(model: Any, layer: str | None) -> Any:
+    import keras
+
+    if layer is None:
+        return model
+    names = [lyr.name for lyr in model.layers]
+    if layer not in names:
+        close = difflib.get_close_matches(layer, names, n=5, cutoff=0.5)
+        hint = f" Close names: {', '.join(close)}." if close else ""
+        raise ValueError(
+            f"`layer` must name a layer of {model.name} ({len(names)} layers, last: "
+            f"{names[-1]!r}).{hint} Received: layer={layer!r}"
+        )
+    return keras.Model(model.inputs, model.get_layer(layer).output, name=f"{model.name}_cut")
+
+
+def _pool(model: Any, pooling: str) -> Any:
+    import keras
+
+    rank = len(model.output_shape)
+    if pooling in ("avg", "max") and rank != 4:
+        raise ValueError(
+            f"pooling={pooling!r} needs a 4-D feature map, but layer "
+            f"{model.layers[-1].name!r} outputs shape {model.output_shape}. Use --pooling "
+            f"flatten or none. Received: pooling={pooling!r}"
+        )
+    x = model.output
+    if pooling == "avg":
+        x = keras.layers.GlobalAveragePooling2D(name="bottleneck_avg_pool")(x)
+    elif pooling == "max":
+        x = keras.layers.GlobalMaxPooling2D(name="bottleneck_max_pool")(x)
+    elif pooling == "flatten" and rank > 2:
+        x = keras.layers.Flatten(name="bottleneck_flatten")(x)
+    return keras.Model(model.inputs, x, name="feature_extractor")
+
+
+def build_feature_model(
+    base: str,
+    *,
+    weights: str | None = None,
+    input_size: tuple[int, int] | None = None,
+    layer: str | None = None,
+    pooling: str = "avg",
+    preprocess_mode: str | None = None,
+    seed: int = 0,
+) -> FeatureModel:
+    """Build the frozen feature extractor and the attributes that define its features.
+
+    Args:
+        base: a keras.applications name (case-insensitive) or the path of a ``.keras`` model.
+        weights: ``imagenet`` (default for named bases), ``none`` (random, seeded) or a local
+            weights file; must be left unset for a ``.keras`` base, which carries its own.
+        input_size: (H, W); defaults to the base's training size or the model's input.
+        layer: cut the base at this layer's output (default: the base's last layer).
+        pooling: flatten | avg | max | none, applied to the layer's output.
+        preprocess_mode: for ``.keras`` bases (default ``none``); named bases use their
+            own application's ``preprocess_input`` and refuse another.
+        seed: seeds random weights.
+
+    Raises:
+        ValueError: any bad argument, with the value received.
+        WeightsUnavailableError: ImageNet weights cannot be downloaded.
+    """
+    check_pooling(pooling)
+    if preprocess_mode is not None:
+        check_preprocess(preprocess_mode)
+    attrs: dict[str, Any] = {}
+    if base.endswith((".keras", ".h5")) or Path(base).is_file():
+        path = Path(base)
+        if not path.is_file():
+            raise ValueError(f"`base` file not found. Received: base={base!r}")
+        if weights not in (None, "saved"):
+            raise ValueError(
+                "A .keras base carries its own weights: leave --weights unset. "
+                f"Received: weights={weights!r}"
+            )
+        model, size = _load_saved_base(path, input_size)
+        mode = preprocess_mode or "none"
+        attrs.update(base=f"file:{path.name}", base_sha256=file_sha256(path), weights="saved")
+    else:
+        spec = resolve_base(base)
+        if preprocess_mode not in (None, spec.preprocess):
+            raise ValueError(
+                f"{spec.name} uses its own preprocess_input (mode {spec.preprocess!r}). "
+                f"Received: preprocess={preprocess_mode!r}"
+            )
+        weights = weights or "imagenet"
+        size = input_size or (spec.default_size, spec.default_size)
+        model = _build_application(spec, weights, size, seed)
+        mode = spec.preprocess
+        if weights in ("imagenet", "none"):
+            recorded = weights
+        else:
+            recorded = f"sha256:{file_sha256(weights)}"
+        attrs.update(base=spec.name, base_sha256="", weights=recorded)
+    model.trainable = False
+    cut = _cut(model, layer)
+    feature = _pool(cut, pooling)
+    attrs.update(
+        layer=cut.layers[-1].name,
+        pooling=pooling,
+        input_size=[int(size[0]), int(size[1])],
+        preprocess=mode,
+    )
+    return FeatureModel(feature, attrs, (int(size[0]), int(size[1])), mode)

@@ -1,0 +1,331 @@
+"""The HDF5 feature store: the one place that knows the cache layout.
+
+Layout (schema_version 1), one HDF5 file per (data folder, base configuration):
+
+    features       (N, ...) float32|float16, chunked along rows
+    labels         (N,) int64, index into attrs["class_names"]
+    paths          (N,) UTF-8, relative to the data folder, '/'-separated
+    split          (N,) UTF-8, "train" | "validation" | "test" | "" (no split recorded)
+    skipped/paths  (M,) UTF-8, unreadable files
+    skipped/reasons(M,) UTF-8, why each was skipped
+
+Row i of features, labels, paths and split always belongs to the same file.
+
+While extraction runs, rows go to ``<out>.partial``; each commit writes the rows first
+and the ``n_rows`` attribute last, so a resume trusts exactly the committed rows. Only a
+finished cache is renamed to ``<out>`` with ``complete=True``: the final path never holds
+an incomplete cache.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+__all__ = [
+    "IDENTITY_KEYS",
+    "SCHEMA_VERSION",
+    "Cache",
+    "CacheError",
+    "CacheWriter",
+    "chunk_rows",
+    "committed_paths",
+    "identity_differences",
+    "partial_path",
+    "read_attrs",
+    "read_cache",
+]
+
+SCHEMA_VERSION = 1
+# Attributes that define what a feature means: a cache may only be resumed or appended to
+# by a run whose values are identical.
+IDENTITY_KEYS = (
+    "base",
+    "base_sha256",
+    "weights",
+    "layer",
+    "pooling",
+    "input_size",
+    "interpolation",
+    "preprocess",
+    "dtype",
+    "class_names",
+)
+_STR = h5py.string_dtype("utf-8")
+
+
+class CacheError(ValueError):
+    """A cache file that cannot be used as asked (incomplete, corrupt, mismatched)."""
+
+
+def partial_path(path: str | os.PathLike) -> Path:
+    """Where an unfinished cache for ``path`` lives."""
+    path = Path(path)
+    return path.with_name(path.name + ".partial")
+
+
+def chunk_rows(row_shape: Sequence[int], itemsize: int, target_bytes: int = 1 << 20) -> int:
+    """Rows per HDF5 chunk: about ``target_bytes`` per chunk, 1 to 1024 rows.
+
+    One row per chunk for huge unpooled maps keeps single-row reads cheap; many rows per
+    chunk for small pooled vectors keeps the chunk index small and reads sequential.
+    """
+    row_bytes = max(1, int(np.prod(row_shape, dtype=np.int64)) * itemsize)
+    return int(min(1024, max(1, target_bytes // row_bytes)))
+
+
+def _encode_attr(value: Any) -> Any:
+    # Lists and dicts are stored as JSON so a user reads them with json.loads.
+    if isinstance(value, (list, tuple, dict)):
+        return json.dumps(list(value) if isinstance(value, tuple) else value)
+    return value
+
+
+def _decode_attrs(attrs: h5py.AttributeManager) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in attrs.items():
+        if isinstance(value, bytes):
+            value = value.decode("utf-8")
+        if isinstance(value, np.generic):
+            value = value.item()
+        if isinstance(value, str) and value[:1] in "[{":
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError:
+                pass
+        out[key] = value
+    return out
+
+
+def identity_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """Lines ``key: old != new`` for every identity attribute that differs."""
+    diffs = []
+    for key in IDENTITY_KEYS:
+        if old.get(key) != new.get(key):
+            diffs.append(f"  {key}: cache has {old.get(key)!r}, this run has {new.get(key)!r}")
+    return diffs
+
+
+def _open(path: Path, mode: str) -> h5py.File:
+    try:
+        return h5py.File(path, mode)
+    except OSError as exc:
+        raise CacheError(
+            f"Cannot open {path} as an HDF5 feature cache ({exc}). The file is truncated, "
+            "corrupt or not a cache: delete it and re-extract."
+        ) from exc
+
+
+def read_attrs(path: str | os.PathLike) -> dict[str, Any]:
+    """The root attributes of a cache (or partial cache), JSON values decoded."""
+    with _open(Path(path), "r") as f:
+        return _decode_attrs(f.attrs)
+
+
+def committed_paths(path: str | os.PathLike) -> set[str]:
+    """Paths a cache (or partial cache) already holds, as rows or as skipped files."""
+    with _open(Path(path), "r") as f:
+        return _done_paths(f)
+
+
+def _done_paths(f: h5py.File) -> set[str]:
+    rows = f["paths"].asstr()[: int(f.attrs.get("n_rows", 0))]
+    skipped = f["skipped/paths"].asstr()[: int(f.attrs.get("n_skipped", 0))]
+    return set(rows) | set(skipped)
+
+
+@dataclass
+class Cache:
+    """A cache read into memory."""
+
+    features: np.ndarray
+    labels: np.ndarray
+    paths: list[str]
+    split: np.ndarray
+    class_names: list[str]
+    attrs: dict[str, Any]
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+
+def read_cache(path: str | os.PathLike, *, require_complete: bool = True) -> Cache:
+    """Read a whole cache into memory.
+
+    Args:
+        path: the ``.h5`` file written by extract.
+        require_complete: refuse a cache whose extraction has not finished.
+
+    Raises:
+        CacheError: the file is missing, unreadable, incomplete or not of this schema.
+    """
+    path = Path(path)
+    if not path.exists():
+        hint = ""
+        if partial_path(path).exists():
+            hint = (
+                f" An unfinished extraction exists at {partial_path(path)}: run the same "
+                "extract command again to resume it."
+            )
+        raise CacheError(f"Cache file not found: {path}.{hint}")
+    with _open(path, "r") as f:
+        attrs = _decode_attrs(f.attrs)
+        if attrs.get("schema_version") != SCHEMA_VERSION:
+            raise CacheError(
+                f"{path} is not a feature cache of schema_version {SCHEMA_VERSION}. "
+                f"Received: schema_version={attrs.get('schema_version')!r}"
+            )
+        if require_complete and not attrs.get("complete", False):
+            raise CacheError(
+                f"{path} is an incomplete cache ({attrs.get('n_rows', 0)} rows committed): "
+                "run the same extract command again to finish it."
+            )
+        n = int(attrs.get("n_rows", 0))
+        try:
+            cache = Cache(
+                features=f["features"][:n],
+                labels=f["labels"][:n],
+                paths=list(f["paths"].asstr()[:n]),
+                split=np.asarray(f["split"].asstr()[:n], dtype=object),
+                class_names=list(attrs["class_names"]),
+                attrs=attrs,
+                skipped=list(
+                    zip(
+                        f["skipped/paths"].asstr()[: attrs.get("n_skipped", 0)],
+                        f["skipped/reasons"].asstr()[: attrs.get("n_skipped", 0)],
+                        strict=True,
+                    )
+                ),
+            )
+        except (KeyError, OSError) as exc:
+            raise CacheError(f"{path} is damaged ({exc}): delete it and re-extract.") from exc
+    return cache
+
+
+class CacheWriter:
+    """Appends committed batches of rows to ``<out>.partial`` and finishes it into ``<out>``.
+
+    Use :meth:`create` for a new cache and :meth:`resume` to continue a partial one.
+    """
+
+    def __init__(self, final: Path, f: h5py.File) -> None:
+        self.final = final
+        self.partial = partial_path(final)
+        self._f = f
+        self.attrs = _decode_attrs(f.attrs)
+        self.n_rows = int(self.attrs.get("n_rows", 0))
+        self.n_skipped = int(self.attrs.get("n_skipped", 0))
+
+    @classmethod
+    def create(
+        cls,
+        final: str | os.PathLike,
+        *,
+        attrs: dict[str, Any],
+        feature_shape: Sequence[int],
+        dtype: str,
+    ) -> CacheWriter:
+        """Start a new partial cache for ``final`` (overwrites an old partial file)."""
+        final = Path(final)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        f = h5py.File(partial_path(final), "w")
+        feature_shape = tuple(int(d) for d in feature_shape)
+        np_dtype = np.dtype(dtype)
+        rows = chunk_rows(feature_shape, np_dtype.itemsize)
+        f.create_dataset(
+            "features",
+            shape=(0, *feature_shape),
+            maxshape=(None, *feature_shape),
+            dtype=np_dtype,
+            chunks=(rows, *feature_shape),
+        )
+        vec_chunk = (max(rows, 1024),)
+        f.create_dataset("labels", shape=(0,), maxshape=(None,), dtype="int64", chunks=vec_chunk)
+        for name in ("paths", "split", "skipped/paths", "skipped/reasons"):
+            f.create_dataset(name, shape=(0,), maxshape=(None,), dtype=_STR, chunks=vec_chunk)
+        for key, value in attrs.items():
+            f.attrs[key] = _encode_attr(value)
+        f.attrs["schema_version"] = SCHEMA_VERSION
+        f.attrs["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        f.attrs["complete"] = False
+        f.attrs["n_rows"] = 0
+        f.attrs["n_skipped"] = 0
+        f.flush()
+        return cls(final, f)
+
+    @classmethod
+    def resume(cls, final: str | os.PathLike) -> CacheWriter:
+        """Reopen ``<final>.partial``, dropping anything written after the last commit."""
+        final = Path(final)
+        f = _open(partial_path(final), "r+")
+        writer = cls(final, f)
+        f.attrs["complete"] = False
+        # Rows past n_rows were written by a batch whose commit never finished.
+        for name in ("features", "labels", "paths", "split"):
+            f[name].resize(writer.n_rows, axis=0)
+        for name in ("skipped/paths", "skipped/reasons"):
+            f[name].resize(writer.n_skipped, axis=0)
+        return writer
+
+    def done_paths(self) -> set[str]:
+        """Paths already committed, as rows or as skipped files."""
+        return _done_paths(self._f)
+
+    def append(
+        self,
+        features: np.ndarray,
+        labels: Sequence[int],
+        paths: Sequence[str],
+        splits: Sequence[str],
+        skipped: Sequence[tuple[str, str]] = (),
+    ) -> None:
+        """Write one batch of rows (and the files skipped while making it), then commit."""
+        k = len(paths)
+        if not (len(features) == len(labels) == len(splits) == k):
+            raise RuntimeError("internal error: batch arrays of different lengths")
+        f = self._f
+        if k:
+            start, stop = self.n_rows, self.n_rows + k
+            for name in ("features", "labels", "paths", "split"):
+                f[name].resize(stop, axis=0)
+            f["features"][start:stop] = features
+            f["labels"][start:stop] = np.asarray(labels, dtype=np.int64)
+            f["paths"][start:stop] = list(paths)
+            f["split"][start:stop] = list(splits)
+            self.n_rows = stop
+        if skipped:
+            start, stop = self.n_skipped, self.n_skipped + len(skipped)
+            for name, values in (
+                ("skipped/paths", [p for p, _ in skipped]),
+                ("skipped/reasons", [r for _, r in skipped]),
+            ):
+                f[name].resize(stop, axis=0)
+                f[name][start:stop] = values
+            self.n_skipped = stop
+        # The counters are written last: they are the commit record a resume trusts.
+        f.attrs["n_rows"] = self.n_rows
+        f.attrs["n_skipped"] = self.n_skipped
+        f.flush()
+
+    def _sync(self) -> None:
+        self._f.flush()
+        os.fsync(self._f.id.get_vfd_handle())
+
+    def close(self) -> None:
+        """Make everything committed durable and close the partial file."""
+        if self._f.id.valid:
+            self._sync()
+            self._f.close()
+
+    def finish(self) -> Path:
+        """Mark the cache complete and move it to its final path atomically."""
+        self._f.attrs["complete"] = True
+        self.close()
+        os.replace(self.partial, self.final)
+        return self.final

@@ -1,0 +1,128 @@
+"""Argparse for every command; ``scripts/*.py`` and the console scripts call into here.
+
+Each ``*_main`` returns an exit code: 0 on success, 2 for a bad argument, input or cache
+(one clear message, no traceback), 130/143 when interrupted (resumable).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import traceback
+from collections.abc import Callable, Sequence
+
+__all__ = ["demo_main", "extract_main", "fit_head_main"]
+
+
+def extract_parser() -> argparse.ArgumentParser:
+    """Arguments of ``extract.py``."""
+    p = argparse.ArgumentParser(
+        prog="extract.py",
+        description="Run every image of DATA_DIR once through a frozen base and write the "
+        "bottleneck features, labels and paths to an HDF5 cache.",
+    )
+    p.add_argument("data_dir",
+                   help="DATA_DIR/<class>/... or DATA_DIR/{train,validation,test}/<class>/...")
+    p.add_argument("--base", required=True,
+                   help="keras.applications name (vgg16, resnet50, ...) or a .keras file")
+    p.add_argument("--weights", default=None,
+                   help="imagenet (default for named bases) | none (random, seeded) | a file")
+    p.add_argument("--input-size", default=None, help="N or HxW (default: the base's own size)")
+    p.add_argument("--layer", default=None, help="cut the base at this layer (default: its last)")
+    p.add_argument("--pooling", default="avg", help="flatten | avg | max | none (default: avg)")
+    p.add_argument("--preprocess", default=None,
+                   help="for .keras bases: none | scale | tf | caffe | torch (default: none)")
+    p.add_argument("--interpolation", default="bilinear", help="resize method (default: bilinear)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--dtype", default="float32", help="float32 | float16")
+    p.add_argument("--out", default=None, help="cache file (default: cache/<data>-<base>-...h5)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=0, help="decode threads (0: auto)")
+    p.add_argument("--log-every", type=float, default=30.0,
+                   help="seconds between progress lines when not on a terminal")
+    return p
+
+
+def fit_head_parser() -> argparse.ArgumentParser:
+    """Arguments of ``fit_head.py``."""
+    p = argparse.ArgumentParser(
+        prog="fit_head.py",
+        description="Train a classifier head on a feature cache and write model + metrics.",
+    )
+    p.add_argument("cache", help="an .h5 cache written by extract.py")
+    p.add_argument("--head", default="logreg", help="dense | logreg | linear-svm | svm")
+    p.add_argument("--out", default=None, help="output folder (default: models/<cache>-<head>)")
+    p.add_argument("--val-split", type=float, default=0.2,
+                   help="validation fraction when the cache records no split")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--epochs", type=int, default=100, help="dense head")
+    p.add_argument("--lr", type=float, default=1e-3, help="dense head")
+    p.add_argument("--batch-size", type=int, default=32, help="dense head")
+    p.add_argument("--patience", type=int, default=10, help="dense head early stopping")
+    p.add_argument("--C", type=float, default=1.0, help="inverse regularisation (sklearn heads)")
+    p.add_argument("--class-weight", default=None, help="balanced (default: none)")
+    return p
+
+
+def _run(command: Callable[[], int]) -> int:
+    """Turn expected failures into one clear line on stderr and an exit code."""
+    from pipeline.cache import CacheError
+    from pipeline.extract import ExtractInterrupted
+
+    try:
+        return command()
+    except ExtractInterrupted as exc:
+        print(str(exc), file=sys.stderr)
+        return exc.exit_code
+    except (ValueError, CacheError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted.", file=sys.stderr)
+        return 130
+    except Exception:
+        traceback.print_exc()
+        print("error: unexpected failure (traceback above); nothing was marked complete.",
+              file=sys.stderr)
+        return 1
+
+
+def extract_main(argv: Sequence[str] | None = None) -> int:
+    """``extract.py``: images -> frozen base -> HDF5 cache."""
+    args = extract_parser().parse_args(argv)
+
+    def command() -> int:
+        from pipeline.extract import ExtractConfig, run_extract
+
+        config = ExtractConfig(**vars(args))
+        result = run_extract(config)
+        print(result.summary(), flush=True)
+        return 0
+
+    return _run(command)
+
+
+def fit_head_main(argv: Sequence[str] | None = None) -> int:
+    """``fit_head.py``: cache -> trained head + metrics."""
+    args = fit_head_parser().parse_args(argv)
+
+    def command() -> int:
+        from pipeline.fit import FitConfig, run_fit
+
+        out_dir, metrics = run_fit(FitConfig(**vars(args)))
+        print(
+            f"fit_head: done. {args.head}: validation accuracy {metrics['accuracy']:.4f}, "
+            f"macro-F1 {metrics['macro_f1']:.4f}, fit {metrics['fit_seconds']:.2f} s; "
+            f"model, metrics.json and config.json in {out_dir}/",
+            flush=True,
+        )
+        return 0
+
+    return _run(command)
+
+
+def demo_main(argv: Sequence[str] | None = None) -> int:
+    """``demo.py``: the offline digits demo."""
+    from pipeline.demo import main
+
+    return main(argv)

@@ -1,0 +1,442 @@
+"""Images -> frozen base -> HDF5 cache, with decode, forward pass and writes overlapped."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import queue
+import signal
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.bases import FeatureModel, build_feature_model, check_pooling, check_preprocess
+from pipeline.cache import (
+    CacheError,
+    CacheWriter,
+    committed_paths,
+    identity_differences,
+    partial_path,
+    read_attrs,
+)
+from pipeline.images import (
+    INTERPOLATIONS,
+    ImageIndex,
+    ImageReadError,
+    ImageRecord,
+    index_images,
+    load_image,
+    parse_size,
+)
+from pipeline.progress import Progress, format_duration
+
+__all__ = ["ExtractConfig", "ExtractInterrupted", "ExtractResult", "run_extract"]
+
+DTYPES = ("float32", "float16")
+FLOAT16_MAX = float(np.finfo(np.float16).max)
+
+
+@dataclass
+class ExtractConfig:
+    """Everything ``extract.py`` was asked; saved in the cache's ``config`` attribute."""
+
+    data_dir: str
+    base: str
+    weights: str | None = None
+    input_size: str | None = None
+    layer: str | None = None
+    pooling: str = "avg"
+    preprocess: str | None = None
+    interpolation: str = "bilinear"
+    batch_size: int = 32
+    dtype: str = "float32"
+    out: str | None = None
+    seed: int = 0
+    workers: int = 0
+    log_every: float = 30.0
+
+
+@dataclass
+class ExtractResult:
+    """What one extraction run did."""
+
+    path: Path
+    status: str  # "extracted" or "up-to-date"
+    n_rows: int
+    n_new_rows: int
+    n_skipped: int
+    new_skipped: list[tuple[str, str]] = field(default_factory=list)
+    feature_shape: tuple[int, ...] = ()
+    dtype: str = "float32"
+    seconds: float = 0.0
+
+    def summary(self) -> str:
+        """The one-line summary printed last."""
+        if self.status == "up-to-date":
+            return (
+                f"extract: up to date, nothing to do: {self.path} already holds all "
+                f"{self.n_rows} images ({self.n_skipped} skipped)."
+            )
+        size_mb = self.path.stat().st_size / 1e6
+        rate = self.n_new_rows / self.seconds if self.seconds > 0 else 0.0
+        return (
+            f"extract: done. {self.n_new_rows} new images in {format_duration(self.seconds)} "
+            f"({rate:.1f} img/s); cache {self.path}: {self.n_rows} rows, features "
+            f"{self.feature_shape} {self.dtype}, {size_mb:.1f} MB, {self.n_skipped} skipped."
+        )
+
+
+class ExtractInterrupted(Exception):
+    """Ctrl-C or SIGTERM: what was committed is safe and the run can be resumed."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, turned into the same orderly stop as Ctrl-C."""
+
+
+def _validate(config: ExtractConfig) -> tuple[int, int] | None:
+    """Check every argument before anything heavy happens; return the parsed input size."""
+    check_pooling(config.pooling)
+    if config.preprocess is not None:
+        check_preprocess(config.preprocess)
+    if config.interpolation not in INTERPOLATIONS:
+        raise ValueError(
+            f"`interpolation` must be one of {INTERPOLATIONS}. "
+            f"Received: interpolation={config.interpolation!r}"
+        )
+    if config.dtype not in DTYPES:
+        raise ValueError(f"`dtype` must be one of {DTYPES}. Received: dtype={config.dtype!r}")
+    if config.batch_size < 1:
+        raise ValueError(f"`batch_size` must be >= 1. Received: batch_size={config.batch_size}")
+    if config.workers < 0:
+        raise ValueError(f"`workers` must be >= 0 (0: auto). Received: workers={config.workers}")
+    if config.log_every <= 0:
+        raise ValueError(f"`log_every` must be > 0. Received: log_every={config.log_every}")
+    return parse_size(config.input_size)
+
+
+def default_out(data_dir: str, attrs: dict[str, Any]) -> Path:
+    """``cache/<data>-<base>-<HxW>-<layer>-<pooling>.h5``: one file per configuration."""
+    base = attrs["base"].removeprefix("file:").removesuffix(".keras").removesuffix(".h5")
+    h, w = attrs["input_size"]
+    parts = [Path(data_dir).resolve().name, base.lower(), f"{h}x{w}", attrs["layer"]]
+    if attrs["weights"] == "none":
+        parts.append("random")
+    parts.append(attrs["pooling"])
+    return Path("cache") / ("-".join(parts) + ".h5")
+
+
+class _BackgroundWriter:
+    """Commits batches to the cache in a thread, so HDF5 writes overlap the next forward pass."""
+
+    def __init__(self, writer: CacheWriter) -> None:
+        self._writer = writer
+        self._queue: queue.Queue = queue.Queue(maxsize=2)
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._loop, name="cache-writer", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            if self.error is None:
+                try:
+                    self._writer.append(*item)
+                except BaseException as exc:  # noqa: BLE001 - re-raised in the main thread
+                    self.error = exc
+
+    def put(self, *batch: Any) -> None:
+        """Queue one batch for commit; re-raise a failure of an earlier commit."""
+        if self.error is not None:
+            raise self.error
+        self._queue.put(batch)
+
+    def close(self) -> None:
+        """Commit everything queued, then stop."""
+        self._queue.put(None)
+        self._thread.join()
+        if self.error is not None:
+            raise self.error
+
+
+def _decoded(
+    records: list[ImageRecord], decode: Callable[[ImageRecord], np.ndarray], workers: int,
+    window: int,
+) -> Iterator[tuple[ImageRecord, np.ndarray | ImageReadError]]:
+    """Decode ``records`` in threads, ``window`` ahead, yielding results in input order."""
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode")
+    pending: deque[tuple[ImageRecord, Future]] = deque()
+    upcoming = iter(records)
+    try:
+        for record in upcoming:
+            pending.append((record, pool.submit(decode, record)))
+            if len(pending) >= window:
+                break
+        while pending:
+            record, future = pending.popleft()
+            following = next(upcoming, None)
+            if following is not None:
+                pending.append((following, pool.submit(decode, following)))
+            try:
+                result: np.ndarray | ImageReadError = future.result()
+            except ImageReadError as exc:
+                result = exc
+            yield record, result
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _open_writer(
+    out: Path, attrs: dict[str, Any], feature_shape: tuple[int, ...], dtype: str
+) -> tuple[CacheWriter, str]:
+    """Resume ``<out>.partial``, reopen a complete ``out`` for appending, or start anew."""
+    partial = partial_path(out)
+    for existing in (partial, out):
+        if not existing.exists():
+            continue
+        try:
+            old = read_attrs(existing)
+        except CacheError:
+            if existing == out:
+                raise
+            # An interrupted write can leave HDF5 metadata unreadable: keep the file for
+            # inspection, never append to it.
+            aside = existing.with_name(existing.name + f".corrupt-{int(time.time())}")
+            os.replace(existing, aside)
+            print(f"extract: {existing} is unreadable; moved to {aside}, starting over.",
+                  file=sys.stderr)
+            continue
+        diffs = identity_differences(old, attrs)
+        if diffs:
+            raise CacheError(
+                f"{existing} was made with another configuration; it is never appended to. "
+                "Differences:\n" + "\n".join(diffs) + "\nUse another --out, or delete the "
+                "file to re-extract."
+            )
+        if existing == out:
+            os.replace(out, partial)
+        return CacheWriter.resume(out), "resume"
+    return CacheWriter.create(out, attrs=attrs, feature_shape=feature_shape, dtype=dtype), "new"
+
+
+def _forward(feature_model: FeatureModel, batch: list[np.ndarray], dtype: str) -> np.ndarray:
+    features = np.asarray(feature_model.model.predict_on_batch(np.stack(batch)))
+    if dtype == "float16":
+        peak = float(np.max(np.abs(features))) if features.size else 0.0
+        if np.isfinite(peak) and peak > FLOAT16_MAX:
+            raise ValueError(
+                f"Features reach {peak:.4g}, beyond the float16 range (±{FLOAT16_MAX:.0f}); "
+                "they would be stored as inf. Use --dtype float32 (delete the partial cache "
+                "first). Received: dtype='float16'"
+            )
+        return features.astype(np.float16)
+    return features.astype(np.float32, copy=False)
+
+
+def run_extract(config: ExtractConfig) -> ExtractResult:
+    """Extract bottleneck features for every image of a folder into one HDF5 cache.
+
+    Protocol: validate every argument; index the folder (fixed order, one record per
+    image file); build the frozen feature model; open the cache (resume a partial one,
+    append to a complete one, or create it; a cache of another configuration is
+    refused); then decode images in threads, run full batches of readable images through
+    the model and commit each batch (rows + files skipped on the way) from a writer
+    thread. Batches are formed the same way on a resume, so an interrupted run finishes
+    byte-identical to an uninterrupted one. Ctrl-C / SIGTERM commit what is done and
+    raise :class:`ExtractInterrupted`.
+
+    Raises:
+        ValueError: a bad argument or folder (Keras-style message).
+        CacheError: a cache of another configuration exists at the output path.
+        ExtractInterrupted: stopped by Ctrl-C or SIGTERM; the partial cache is resumable.
+    """
+    size = _validate(config)
+    index: ImageIndex = index_images(config.data_dir)
+    feature_model = build_feature_model(
+        config.base,
+        weights=config.weights,
+        input_size=size,
+        layer=config.layer,
+        pooling=config.pooling,
+        preprocess_mode=config.preprocess,
+        seed=config.seed,
+    )
+    import keras
+
+    attrs = dict(feature_model.attrs)
+    attrs.update(
+        interpolation=config.interpolation,
+        dtype=config.dtype,
+        class_names=index.class_names,
+        keras_version=keras.__version__,
+        backend=keras.backend.backend(),
+        layout=index.layout,
+        data_dir=str(index.root.resolve()),
+        config=dataclasses.asdict(config),
+    )
+    out = Path(config.out) if config.out else default_out(config.data_dir, attrs)
+    feature_shape = feature_model.feature_shape
+    if out.exists() and not partial_path(out).exists():
+        old = read_attrs(out)
+        if old.get("complete") and not identity_differences(old, attrs):
+            done = committed_paths(out)
+            if done == {r.path for r in index.records}:
+                return ExtractResult(out, "up-to-date", int(old["n_rows"]), 0,
+                                     int(old["n_skipped"]), feature_shape=feature_shape,
+                                     dtype=config.dtype)
+    writer, mode = _open_writer(out, attrs, feature_shape, config.dtype)
+    try:
+        done = writer.done_paths()
+        listed = {r.path for r in index.records}
+        gone = sorted(done - listed)
+        if gone:
+            raise CacheError(
+                f"{len(gone)} images in {out} are no longer in {index.root} (first: "
+                f"{gone[0]!r}). Re-extract to a new --out (or delete {out})."
+            )
+        todo = [r for r in index.records if r.path not in done]
+        if not todo:  # a run killed after its last commit, before the rename
+            n_rows, n_skipped = writer.n_rows, writer.n_skipped
+            return ExtractResult(writer.finish(), "extracted", n_rows, 0, n_skipped,
+                                 feature_shape=feature_shape, dtype=config.dtype)
+        row_mb = np.prod(feature_shape) * np.dtype(config.dtype).itemsize * len(todo) / 1e6
+        verb = f"resuming after {writer.n_rows} rows" if mode == "resume" else "starting"
+        print(
+            f"extract: {verb}; {len(todo)} images to do ({len(index.records)} in "
+            f"{len(index.class_names)} classes, layout {index.layout}) -> {out}\n"
+            f"extract: base {attrs['base']} (weights {attrs['weights']}), layer "
+            f"{attrs['layer']}, pooling {attrs['pooling']}, input {size or attrs['input_size']}, "
+            f"preprocess {attrs['preprocess']}; features {feature_shape} {config.dtype}, "
+            f"~{row_mb:.1f} MB to write",
+            file=sys.stderr,
+            flush=True,
+        )
+        return _extract_loop(config, index, feature_model, writer, todo)
+    finally:
+        writer.close()
+
+
+def _extract_loop(
+    config: ExtractConfig,
+    index: ImageIndex,
+    feature_model: FeatureModel,
+    writer: CacheWriter,
+    todo: list[ImageRecord],
+) -> ExtractResult:
+    """Decode ahead in threads, forward full batches, commit from a writer thread."""
+    size = feature_model.input_size
+    mode = feature_model.preprocess
+
+    def decode(record: ImageRecord) -> np.ndarray:
+        return _preprocessed(index.root / record.path, size, config.interpolation, mode)
+
+    workers = config.workers or min(8, os.cpu_count() or 1)
+    window = 2 * config.batch_size + workers
+    start = time.monotonic()
+    first_row = writer.n_rows
+    new_skipped: list[tuple[str, str]] = []
+    batch: list[np.ndarray] = []
+    batch_records: list[ImageRecord] = []
+    skipped: list[tuple[str, str]] = []
+    empty = np.zeros((0, *feature_model.feature_shape), dtype=config.dtype)
+    background = _BackgroundWriter(writer)
+    progress = Progress(len(todo), "extract", log_every=config.log_every)
+    previous = _install_sigterm()
+    try:
+        try:
+            for record, result in _decoded(todo, decode, workers, window):
+                if isinstance(result, ImageReadError):
+                    skipped.append((record.path, str(result)))
+                    new_skipped.append(skipped[-1])
+                else:
+                    batch.append(result)
+                    batch_records.append(record)
+                progress.update(1)
+                if len(batch) == config.batch_size:
+                    _put(background, _forward(feature_model, batch, config.dtype),
+                         batch_records, skipped)
+                    batch, batch_records, skipped = [], [], []
+            if batch or skipped:
+                features = _forward(feature_model, batch, config.dtype) if batch else empty
+                _put(background, features, batch_records, skipped)
+        finally:
+            progress.close()
+            _restore_sigterm(previous)
+            background.close()
+    except KeyboardInterrupt as exc:
+        code = 143 if isinstance(exc, _Terminated) else 130
+        what = "SIGTERM" if code == 143 else "Ctrl-C"
+        raise ExtractInterrupted(
+            f"extract: interrupted by {what}; {writer.n_rows} rows committed in "
+            f"{writer.partial}. Run the same command again to resume.",
+            code,
+        ) from None
+    seconds = time.monotonic() - start
+    n_rows, n_skipped = writer.n_rows, writer.n_skipped
+    path = writer.finish()
+    _report_skipped(new_skipped)
+    return ExtractResult(path, "extracted", n_rows, n_rows - first_row, n_skipped, new_skipped,
+                         feature_model.feature_shape, config.dtype, seconds)
+
+
+def _preprocessed(path: Path, size: tuple[int, int], interpolation: str, mode: str) -> np.ndarray:
+    from pipeline.bases import preprocess
+
+    return preprocess(load_image(path, size, interpolation), mode)
+
+
+def _put(
+    background: _BackgroundWriter,
+    features: np.ndarray,
+    records: list[ImageRecord],
+    skipped: list[tuple[str, str]],
+) -> None:
+    background.put(
+        features,
+        [r.label for r in records],
+        [r.path for r in records],
+        [r.split for r in records],
+        list(skipped),
+    )
+
+
+def _install_sigterm() -> Any:
+    """Make SIGTERM stop like Ctrl-C (main thread only: signal handlers live there)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def handler(signum: int, frame: Any) -> None:
+        raise _Terminated()
+
+    return signal.signal(signal.SIGTERM, handler)
+
+
+def _restore_sigterm(previous: Any) -> None:
+    """Put back the SIGTERM handler that was there before extraction."""
+    if previous is not None:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _report_skipped(skipped: list[tuple[str, str]], limit: int = 20) -> None:
+    if not skipped:
+        return
+    print(f"extract: skipped {len(skipped)} unreadable files:", file=sys.stderr)
+    for path, reason in skipped[:limit]:
+        print(f"  {path}: {reason}", file=sys.stderr)
+    if len(skipped) > limit:
+        print(f"  ... and {len(skipped) - limit} more (all listed in the cache's "
+              "skipped/paths and skipped/reasons)", file=sys.stderr)

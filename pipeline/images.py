@@ -1,0 +1,240 @@
+"""Find images, labels and splits in a data folder; decode and resize them like Keras.
+
+Two layouts, as in Keras and in Chollet's 2016 post:
+
+    DATA_DIR/<class>/...                          no split recorded (split == "")
+    DATA_DIR/{train,validation[,test]}/<class>/... each image's split recorded
+                                                  ("val" is read as "validation")
+
+Class ids are the sorted class folder names (in the split layout: the union over all
+splits). Order is Keras' ``image_dataset_from_directory(shuffle=False)`` order: classes
+in id order, then files by sorted folder walk. Policy, the same as Keras where Keras has
+one: files and folders whose name starts with "." are ignored; symlinked files are read,
+symlinked folders are not followed; files directly in DATA_DIR (no class folder) are
+ignored and reported; other extensions are ignored.
+
+Decoding uses Pillow (any mode becomes 8-bit RGB: grayscale is replicated, alpha dropped,
+palette and CMYK converted, 16-bit scaled down by 256 as ``tf.image.decode_image`` does;
+the EXIF orientation is applied, which Keras does not do), then ``tf.image.resize`` with
+the same method Keras uses, so pixels equal ``image_dataset_from_directory``'s.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "INTERPOLATIONS",
+    "ImageIndex",
+    "ImageReadError",
+    "ImageRecord",
+    "decode_image",
+    "index_images",
+    "load_image",
+    "parse_size",
+]
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+INTERPOLATIONS = (
+    "bilinear",
+    "nearest",
+    "bicubic",
+    "area",
+    "lanczos3",
+    "lanczos5",
+    "gaussian",
+    "mitchellcubic",
+)
+SPLIT_FOLDERS = {"train": "train", "validation": "validation", "val": "validation", "test": "test"}
+SPLIT_ORDER = ("train", "validation", "test")
+# Pillow warns between 1x and 2x this many pixels and raises above 2x; we refuse above 1x
+# ourselves (a clear skip reason instead of a warning nobody reads in a batch log).
+MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+
+
+class ImageReadError(Exception):
+    """An image that cannot be decoded; the message is the skip reason."""
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """One image file: path relative to the data folder ('/'-separated), label, split."""
+
+    path: str
+    label: int
+    split: str
+
+
+@dataclass
+class ImageIndex:
+    """Every image of a data folder, in extraction order."""
+
+    root: Path
+    records: list[ImageRecord]
+    class_names: list[str]
+    layout: str  # "classes" or "splits"
+    ignored: list[str] = field(default_factory=list)
+
+
+def parse_size(value: str | int | tuple[int, int] | None) -> tuple[int, int] | None:
+    """Parse ``--input-size``: ``N`` (square) or ``HxW``.
+
+    Raises:
+        ValueError: the value is not N or HxW with positive integers.
+    """
+    if value is None:
+        return None
+    if isinstance(value, int):
+        value = str(value)
+    if isinstance(value, tuple):
+        h, w = value
+    else:
+        match = re.fullmatch(r"\s*(\d+)\s*(?:[xX]\s*(\d+)\s*)?", str(value))
+        if not match:
+            raise ValueError(
+                "`input_size` must be N or HxW with positive integers (e.g. 224 or 150x200). "
+                f"Received: input_size={value!r}"
+            )
+        h = int(match.group(1))
+        w = int(match.group(2) or match.group(1))
+    if h < 1 or w < 1:
+        raise ValueError(f"`input_size` must be positive. Received: input_size={value!r}")
+    return int(h), int(w)
+
+
+def _visible(name: str) -> bool:
+    return not name.startswith(".")
+
+
+def _class_files(class_dir: Path) -> list[Path]:
+    """Image files under one class folder, in Keras' sorted-walk order."""
+    files = []
+    # os.walk does not follow symlinked folders by default: Keras' follow_links=False.
+    for root, dirs, names in sorted(os.walk(class_dir), key=lambda item: item[0]):
+        dirs[:] = [d for d in dirs if _visible(d)]
+        if not all(_visible(part) for part in Path(root).relative_to(class_dir).parts):
+            continue
+        for name in sorted(names):
+            if _visible(name) and name.lower().endswith(IMAGE_EXTENSIONS):
+                files.append(Path(root) / name)
+    return files
+
+
+def _subdirs(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_dir() and _visible(p.name))
+
+
+def index_images(data_dir: str | os.PathLike) -> ImageIndex:
+    """List every image of ``data_dir`` with its label and split, in extraction order.
+
+    Raises:
+        ValueError: the folder is missing, has no class folders, or holds no image.
+    """
+    root = Path(data_dir)
+    if not root.is_dir():
+        raise ValueError(f"`data_dir` is not a folder. Received: data_dir={str(data_dir)!r}")
+    top = _subdirs(root)
+    ignored = [p.name for p in root.iterdir() if p.is_file() and _visible(p.name)]
+    split_dirs = [d for d in top if d.name.lower() in SPLIT_FOLDERS]
+    if split_dirs and len(split_dirs) == len(top):
+        layout = "splits"
+        by_split: dict[str, list[Path]] = {}
+        for d in split_dirs:
+            by_split.setdefault(SPLIT_FOLDERS[d.name.lower()], []).append(d)
+        class_names = sorted({c.name for d in split_dirs for c in _subdirs(d)})
+        groups = [
+            (split, d) for split in SPLIT_ORDER for d in sorted(by_split.get(split, []))
+        ]
+    else:
+        layout = "classes"
+        class_names = [d.name for d in top]
+        groups = [("", root)]
+    if not class_names:
+        raise ValueError(
+            f"Found no class folders in {root}. Expected DATA_DIR/<class>/<image> or "
+            "DATA_DIR/{train,validation,test}/<class>/<image>."
+        )
+    class_ids = {name: i for i, name in enumerate(class_names)}
+    records = []
+    for split, group_dir in groups:
+        for class_name in class_names:
+            class_dir = group_dir / class_name
+            if not class_dir.is_dir():
+                continue
+            for path in _class_files(class_dir):
+                rel = path.relative_to(root).as_posix()
+                records.append(ImageRecord(rel, class_ids[class_name], split))
+    if not records:
+        raise ValueError(
+            f"Found 0 images in subfolders of {root}. Supported image extensions are "
+            f"{', '.join(IMAGE_EXTENSIONS)} (any case)."
+        )
+    return ImageIndex(root, records, class_names, layout, ignored)
+
+
+def _to_rgb(im: Image.Image) -> np.ndarray:
+    """8-bit RGB array from any Pillow mode."""
+    if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        # tf.image.decode_image maps 16-bit to 8-bit with an integer division by 256.
+        gray = (np.clip(np.asarray(im, dtype=np.int64), 0, 65535) >> 8).astype(np.uint8)
+        return np.repeat(gray[..., None], 3, axis=-1)
+    if im.mode == "F":
+        gray = np.clip(np.asarray(im), 0, 255).astype(np.uint8)
+        return np.repeat(gray[..., None], 3, axis=-1)
+    if im.mode != "RGB":
+        im = im.convert("RGB")
+    return np.asarray(im, dtype=np.uint8)
+
+
+def decode_image(path: str | os.PathLike) -> np.ndarray:
+    """Decode one file to a (H, W, 3) uint8 RGB array, EXIF orientation applied.
+
+    Raises:
+        ImageReadError: the file is empty, truncated, not an image or too large; the
+            message is the reason recorded in the cache.
+    """
+    path = Path(path)
+    try:
+        if path.stat().st_size == 0:
+            raise ImageReadError("empty file (0 bytes)")
+        with Image.open(path) as im:
+            if im.width * im.height > MAX_PIXELS:
+                raise ImageReadError(
+                    f"image too large ({im.width}x{im.height} pixels > {MAX_PIXELS}): "
+                    "possible decompression bomb"
+                )
+            im.load()
+            im = ImageOps.exif_transpose(im)
+            return _to_rgb(im)
+    except ImageReadError:
+        raise
+    except Image.DecompressionBombError as exc:
+        raise ImageReadError(f"possible decompression bomb: {exc}") from exc
+    except Exception as exc:  # noqa: BLE001 - any decoder failure is a skip reason
+        reason = str(exc) or type(exc).__name__
+        raise ImageReadError(f"cannot decode image: {reason}") from exc
+
+
+def load_image(
+    path: str | os.PathLike, size: tuple[int, int], interpolation: str = "bilinear"
+) -> np.ndarray:
+    """Decode and resize one image to (H, W, 3) float32 in 0..255, as Keras does.
+
+    Raises:
+        ImageReadError: see :func:`decode_image`.
+    """
+    import tensorflow as tf  # Keras' resize kernel; imported late to keep the CLI fast
+
+    pixels = decode_image(path)
+    resized = tf.image.resize(pixels, size, method=interpolation)
+    # A writable copy: preprocessing works in place.
+    return np.array(resized, dtype=np.float32)
