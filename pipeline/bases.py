@@ -108,11 +108,16 @@ def _registry() -> dict[str, BaseSpec]:
     from keras import applications
 
     specs: dict[str, BaseSpec] = {}
-    for module_name, mode in MODULE_PREPROCESS.items():
-        module = getattr(applications, module_name)
-        for attr in dir(module):
-            if attr[:1].isupper() and callable(getattr(applications, attr, None)):
-                specs[_key(attr)] = BaseSpec(attr, module_name, mode, default_input_size(attr))
+    for attr in dir(applications):
+        constructor = getattr(applications, attr)
+        if not (attr[:1].isupper() and callable(constructor)):
+            continue
+        # The defining module (keras.src.applications.<module>) fixes the preprocessing;
+        # a public module may not re-export its constructors (mobilenet_v3 does not).
+        module_name = constructor.__module__.rsplit(".", 1)[-1]
+        if module_name in MODULE_PREPROCESS:
+            mode = MODULE_PREPROCESS[module_name]
+            specs[_key(attr)] = BaseSpec(attr, module_name, mode, default_input_size(attr))
     return specs
 
 
@@ -126,10 +131,8 @@ def resolve_base(name: str) -> BaseSpec:
     spec = registry.get(_key(name))
     if spec is None:
         names = sorted(s.name for s in registry.values())
-        close = difflib.get_close_matches(name, names, n=3, cutoff=0.4) or [
-            n for n in names if _key(name) in _key(n)
-        ][:5]
-        hint = f" Did you mean {', '.join(close)}?" if close else ""
+        close = difflib.get_close_matches(_key(name), list(registry), n=3, cutoff=0.6)
+        hint = f" Did you mean {', '.join(registry[k].name for k in close)}?" if close else ""
         raise ValueError(
             f"Unknown base. Expected a keras.applications model ({', '.join(names)}) or a "
             f"path to a .keras file.{hint} Received: base={name!r}"

@@ -13,14 +13,16 @@ one: files and folders whose name starts with "." are ignored; symlinked files a
 symlinked folders are not followed; files directly in DATA_DIR (no class folder) are
 ignored and reported; other extensions are ignored.
 
-Decoding uses Pillow (any mode becomes 8-bit RGB: grayscale is replicated, alpha dropped,
-palette and CMYK converted, 16-bit scaled down by 256 as ``tf.image.decode_image`` does;
-the EXIF orientation is applied, which Keras does not do), then ``tf.image.resize`` with
-the same method Keras uses, so pixels equal ``image_dataset_from_directory``'s.
+Decoding: JPEG, PNG, GIF and BMP go through ``tf.io.decode_image`` like Keras (grayscale
+replicated, alpha dropped, palette expanded, 16-bit reduced to 8-bit, first GIF frame);
+CMYK JPEGs and the other formats Pillow reads go through Pillow, converted the same way.
+The EXIF orientation is applied (Keras does not). Then ``tf.image.resize`` with Keras'
+method, so pixels equal ``image_dataset_from_directory``'s for every file Keras reads.
 """
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import warnings
@@ -195,8 +197,32 @@ def _to_rgb(im: Image.Image) -> np.ndarray:
     return np.asarray(im, dtype=np.uint8)
 
 
+# Formats whose decoding is left to TensorFlow, exactly as Keras does, so pixels match
+# image_dataset_from_directory (Pillow's JPEG decoder rounds chroma differently).
+_TF_FORMATS = {"JPEG", "MPO", "PNG", "GIF", "BMP"}
+_TF_MODES = {"RGB", "RGBA", "L", "LA", "P", "PA", "1", "I;16", "I;16B", "I;16L", "I", "YCbCr"}
+
+
+def _orient(pixels: np.ndarray, orientation: int) -> np.ndarray:
+    """Apply an EXIF orientation (1-8) to an (H, W, C) array, as ImageOps.exif_transpose."""
+    ops = {
+        2: lambda a: a[:, ::-1],
+        3: lambda a: a[::-1, ::-1],
+        4: lambda a: a[::-1],
+        5: lambda a: a.transpose(1, 0, 2),
+        6: lambda a: np.rot90(a, -1),
+        7: lambda a: a[::-1, ::-1].transpose(1, 0, 2),
+        8: lambda a: np.rot90(a, 1),
+    }
+    op = ops.get(orientation)
+    return np.ascontiguousarray(op(pixels)) if op else pixels
+
+
 def decode_image(path: str | os.PathLike) -> np.ndarray:
     """Decode one file to a (H, W, 3) uint8 RGB array, EXIF orientation applied.
+
+    JPEG, PNG, GIF and BMP are decoded by ``tf.io.decode_image`` (Keras' own decoder);
+    CMYK JPEGs and other formats Pillow reads (WebP, TIFF, ...) by Pillow.
 
     Raises:
         ImageReadError: the file is empty, truncated, not an image or too large; the
@@ -204,23 +230,34 @@ def decode_image(path: str | os.PathLike) -> np.ndarray:
     """
     path = Path(path)
     try:
-        if path.stat().st_size == 0:
+        data = path.read_bytes()
+        if not data:
             raise ImageReadError("empty file (0 bytes)")
-        with Image.open(path) as im:
+        # Pillow reads only the header here: format, mode, size and EXIF, no pixels yet.
+        with Image.open(io.BytesIO(data)) as im:
             if im.width * im.height > MAX_PIXELS:
                 raise ImageReadError(
                     f"image too large ({im.width}x{im.height} pixels > {MAX_PIXELS}): "
                     "possible decompression bomb"
                 )
-            im.load()
-            im = ImageOps.exif_transpose(im)
-            return _to_rgb(im)
+            orientation = int(im.getexif().get(0x0112, 1) or 1)
+            if im.format in _TF_FORMATS and im.mode in _TF_MODES:
+                pixels = None
+            else:
+                im.load()
+                pixels = _to_rgb(ImageOps.exif_transpose(im))
+        if pixels is None:
+            import tensorflow as tf
+
+            decoded = tf.io.decode_image(data, channels=3, expand_animations=False)
+            pixels = _orient(decoded.numpy(), orientation)
+        return pixels
     except ImageReadError:
         raise
     except Image.DecompressionBombError as exc:
         raise ImageReadError(f"possible decompression bomb: {exc}") from exc
     except Exception as exc:  # noqa: BLE001 - any decoder failure is a skip reason
-        reason = str(exc) or type(exc).__name__
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ImageReadError(f"cannot decode image: {reason}") from exc
 
 

@@ -1,0 +1,86 @@
+"""Shared fixtures: tiny image folders made in the test, and small saved probe models."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = ROOT / "scripts"
+PYTHON = sys.executable
+
+
+def save_png(pixels: np.ndarray, path: Path) -> None:
+    """Write a uint8 array as a PNG (lossless: decoded pixels equal ``pixels``)."""
+    Image.fromarray(pixels).save(path)
+
+
+def index_pixel(i: int, label: int) -> tuple[int, int, int]:
+    """The constant colour that encodes image ``i`` of class ``label``."""
+    return (i % 256, i // 256, 40 * label + 7)
+
+
+def write_index_images(
+    root: Path,
+    n: int,
+    *,
+    classes: tuple[str, ...] = ("a", "b", "c"),
+    splits: tuple[str, ...] | None = None,
+) -> dict[str, int]:
+    """Write ``n`` PNGs whose constant colour encodes their own index and label.
+
+    Sizes vary so resizing is exercised (a constant image stays constant under bilinear
+    resizing). Returns {relative path: index}.
+    """
+    rng = np.random.default_rng(n)
+    expected = {}
+    for i in range(n):
+        label = i % len(classes)
+        parts = [] if splits is None else [splits[(i // len(classes)) % len(splits)]]
+        folder = root.joinpath(*parts, classes[label])
+        folder.mkdir(parents=True, exist_ok=True)
+        h, w = (int(v) for v in rng.integers(5, 20, size=2))
+        pixels = np.empty((h, w, 3), dtype=np.uint8)
+        pixels[...] = index_pixel(i, label)
+        name = f"img{i:04d}.png"
+        Image.fromarray(pixels).save(folder / name)
+        expected["/".join([*parts, classes[label], name])] = i
+    return expected
+
+
+@pytest.fixture(scope="session")
+def probe_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A saved ``.keras`` base whose output is its input (1x1 identity conv), 8x8 input.
+
+    With --pooling avg and --preprocess none, a constant image's features are its colour,
+    so every row tells which file it came from.
+    """
+    import keras
+
+    inputs = keras.Input((8, 8, 3))
+    conv = keras.layers.Conv2D(3, 1, use_bias=False, name="identity_conv")
+    outputs = conv(inputs)
+    model = keras.Model(inputs, outputs, name="probe")
+    conv.set_weights([np.eye(3, dtype=np.float32).reshape(1, 1, 3, 3)])
+    path = tmp_path_factory.mktemp("models") / "probe.keras"
+    model.save(path)
+    return path
+
+
+def bad_files(folder: Path) -> dict[str, str]:
+    """Write unreadable files into ``folder``; return {name: expected reason fragment}."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "zero.png").write_bytes(b"")
+    (folder / "text.jpg").write_text("not an image at all")
+    good = np.full((16, 16, 3), 128, dtype=np.uint8)
+    path = folder / "truncated.jpg"
+    Image.fromarray(good).save(path, quality=90)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    return {"zero.png": "empty", "text.jpg": "cannot", "truncated.jpg": "cannot"}

@@ -1,0 +1,129 @@
+"""bases: registry, preprocessing equal to each application's own, weights, cut, pooling."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+import numpy as np
+import pytest
+from conftest import PYTHON, SCRIPTS, write_index_images
+
+from pipeline.bases import (
+    MODULE_PREPROCESS,
+    build_feature_model,
+    check_pooling,
+    preprocess,
+    resolve_base,
+)
+
+
+def test_every_application_is_registered():
+    import keras
+
+    constructors = [n for n in dir(keras.applications) if n[:1].isupper()]
+    assert len(constructors) > 30
+    for name in constructors:
+        assert resolve_base(name.lower()).name == name
+
+
+@pytest.mark.parametrize("module_name", sorted(MODULE_PREPROCESS))
+def test_preprocess_mode_equals_application_preprocess_input(module_name):
+    import keras
+
+    module = getattr(keras.applications, module_name)
+    x = np.random.default_rng(0).uniform(0, 255, (2, 7, 9, 3)).astype(np.float32)
+    expected = np.asarray(module.preprocess_input(x.copy()))
+    ours = preprocess(x.copy(), MODULE_PREPROCESS[module_name])
+    np.testing.assert_array_equal(ours, expected)
+
+
+def test_names_are_case_insensitive_and_unknown_names_suggest():
+    assert resolve_base("VGG16").name == "VGG16"
+    assert resolve_base("mobilenet_v2").name == "MobileNetV2"
+    assert resolve_base("EfficientNetB0").default_size == 224
+    assert resolve_base("inceptionv3").default_size == 299
+    with pytest.raises(ValueError, match=r"Did you mean .*VGG16.*Received: base='vgg17'"):
+        resolve_base("vgg17")
+
+
+def test_pooling_message_names_argument_and_value():
+    with pytest.raises(ValueError, match=r"Received: pooling='mean'"):
+        check_pooling("mean")
+
+
+@pytest.mark.parametrize(
+    "pooling, shape", [("avg", (1280,)), ("max", (1280,)), ("flatten", (1280,)),
+                       ("none", (1, 1, 1280))]
+)
+def test_pooling_shapes(pooling, shape):
+    fm = build_feature_model("mobilenetv2", weights="none", input_size=(32, 32), pooling=pooling)
+    assert fm.feature_shape == shape
+    assert fm.attrs["layer"] == "out_relu" and fm.attrs["preprocess"] == "tf"
+
+
+def test_layer_cut_equals_the_layer_output():
+    import keras
+
+    fm = build_feature_model("mobilenetv2", weights="none", input_size=(32, 32),
+                             layer="block_3_expand", pooling="none", seed=5)
+    keras.utils.set_random_seed(5)
+    full = keras.applications.MobileNetV2(include_top=False, weights=None, input_shape=(32, 32, 3))
+    probe = keras.Model(full.inputs, full.get_layer("block_3_expand").output)
+    x = np.random.default_rng(0).uniform(-1, 1, (2, 32, 32, 3)).astype(np.float32)
+    np.testing.assert_allclose(fm.model.predict_on_batch(x), probe.predict_on_batch(x),
+                               rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match=r"Close names: .*block_3_expand.*Received: layer="):
+        build_feature_model("mobilenetv2", weights="none", input_size=(32, 32),
+                            layer="block_3_expnd")
+
+
+def test_random_weights_are_seeded():
+    def weights(seed):
+        fm = build_feature_model("mobilenetv2", weights="none", input_size=(32, 32), seed=seed)
+        return np.concatenate([w.ravel() for w in fm.model.get_weights()])
+
+    np.testing.assert_array_equal(weights(1), weights(1))
+    assert not np.allclose(weights(1), weights(2))
+
+
+def test_local_weights_file_is_loaded_and_hashed(tmp_path):
+    import keras
+
+    keras.utils.set_random_seed(9)
+    donor = keras.applications.MobileNetV2(include_top=False, weights=None, input_shape=(32, 32, 3))
+    path = tmp_path / "mine.weights.h5"
+    donor.save_weights(path)
+    fm = build_feature_model("mobilenetv2", weights=str(path), input_size=(32, 32),
+                             pooling="none")
+    x = np.random.default_rng(0).uniform(-1, 1, (1, 32, 32, 3)).astype(np.float32)
+    np.testing.assert_allclose(fm.model.predict_on_batch(x), donor.predict_on_batch(x), rtol=1e-6)
+    assert fm.attrs["weights"].startswith("sha256:") and len(fm.attrs["weights"]) == 71
+    with pytest.raises(ValueError, match=r"Received: weights='nope.h5'"):
+        build_feature_model("mobilenetv2", weights="nope.h5", input_size=(32, 32))
+
+
+def test_saved_model_base_refuses_lambda_layers(tmp_path):
+    import keras
+
+    inputs = keras.Input((8, 8, 3))
+    model = keras.Model(inputs, keras.layers.Lambda(lambda t: t * 2)(inputs))
+    model.save(tmp_path / "evil.keras")
+    with pytest.raises(ValueError, match="(?i)lambda|safe_mode"):
+        build_feature_model(str(tmp_path / "evil.keras"), pooling="avg")
+
+
+def test_imagenet_offline_names_the_file_to_place(tmp_path):
+    write_index_images(tmp_path / "data", 3)
+    env = dict(os.environ, KERAS_HOME=str(tmp_path / "keras_home"),
+               https_proxy="http://127.0.0.1:9", HTTPS_PROXY="http://127.0.0.1:9")
+    proc = subprocess.run(
+        [PYTHON, str(SCRIPTS / "extract.py"), str(tmp_path / "data"), "--base", "vgg16",
+         "--weights", "imagenet", "--input-size", "32", "--out", str(tmp_path / "c.h5")],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert proc.returncode == 2
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5" in last
+    assert "keras_home/models/" in last and "--weights" in last
+    assert "Traceback" not in proc.stderr

@@ -1,0 +1,55 @@
+"""CLI: bad input -> non-zero exit, one clear message, no traceback."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+from conftest import PYTHON, SCRIPTS, write_index_images
+
+from pipeline.cli import extract_main
+
+
+@pytest.fixture
+def data(tmp_path):
+    write_index_images(tmp_path / "data", 4)
+    return tmp_path / "data"
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--base", "vgg17"], "Received: base='vgg17'"),
+        (["--base", "vgg16", "--pooling", "mean"], "Received: pooling='mean'"),
+        (["--base", "vgg16", "--dtype", "int8"], "Received: dtype='int8'"),
+        (["--base", "vgg16", "--batch-size", "0"], "Received: batch_size=0"),
+        (["--base", "vgg16", "--input-size", "big"], "Received: input_size='big'"),
+        (["--base", "vgg16", "--interpolation", "cubic"], "Received: interpolation='cubic'"),
+    ],
+)
+def test_bad_arguments(data, capsys, args, message):
+    assert extract_main([str(data), *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ") and message in err[-1]
+    assert not any("Traceback" in line for line in err)
+
+
+def test_missing_and_empty_folders(tmp_path, capsys):
+    assert extract_main([str(tmp_path / "nope"), "--base", "vgg16"]) == 2
+    assert "Received: data_dir=" in capsys.readouterr().err
+    (tmp_path / "empty" / "cls").mkdir(parents=True)
+    assert extract_main([str(tmp_path / "empty"), "--base", "vgg16"]) == 2
+    assert "Found 0 images" in capsys.readouterr().err
+
+
+def test_script_reports_one_line_without_traceback(data, tmp_path):
+    proc = subprocess.run(
+        [PYTHON, str(SCRIPTS / "extract.py"), str(data), "--base", "vgg16", "--pooling", "mean"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: `pooling` must be one of")
+    assert "Traceback" not in proc.stderr
+    help_proc = subprocess.run([PYTHON, str(SCRIPTS / "extract.py"), "--help"],
+                               capture_output=True, text=True, timeout=60)
+    assert help_proc.returncode == 0 and "--pooling" in help_proc.stdout

@@ -1,0 +1,209 @@
+"""extract: alignment, equality with plain Keras, skipped files, resume, re-runs."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from conftest import PYTHON, SCRIPTS, bad_files, index_pixel, save_png, write_index_images
+
+from pipeline.cache import CacheError, partial_path, read_cache
+from pipeline.extract import ExtractConfig, run_extract
+
+
+def probe_config(data: Path, probe: Path, out: Path, **kw) -> ExtractConfig:
+    """Extraction through the identity probe: features = each image's colour."""
+    return ExtractConfig(str(data), str(probe), pooling="avg", preprocess="none",
+                         out=str(out), **kw)
+
+
+def check_alignment(cache_path: Path, expected: dict[str, int], classes: list[str]) -> None:
+    """Every row's features, label and split agree with the file named in its path."""
+    cache = read_cache(cache_path)
+    assert sorted(cache.paths) == sorted(expected), "one row per readable image, no more"
+    for row, path in enumerate(cache.paths):
+        i = expected[path]
+        label = classes.index(path.split("/")[-2])
+        np.testing.assert_allclose(cache.features[row], index_pixel(i, label), atol=1e-3)
+        assert cache.labels[row] == label
+        first = path.split("/")[0]
+        assert cache.split[row] == (first if first in ("train", "validation", "test") else "")
+
+
+@pytest.mark.parametrize("batch_size", [1, 7, 32])
+def test_rows_align_with_paths_and_labels(tmp_path, probe_model, batch_size):
+    data = tmp_path / "data"
+    expected = write_index_images(data, 45)  # 45 is divisible by none of 7 and 32
+    bad = bad_files(data / "b")  # unreadable files inside a class, between good ones
+    result = run_extract(probe_config(data, probe_model, tmp_path / "c.h5",
+                                      batch_size=batch_size))
+    assert result.n_rows == 45 and result.n_skipped == len(bad)
+    check_alignment(tmp_path / "c.h5", expected, ["a", "b", "c"])
+    cache = read_cache(tmp_path / "c.h5")
+    reasons = dict(cache.skipped)
+    for name, fragment in bad.items():
+        assert fragment in reasons[f"b/{name}"]
+
+
+def test_split_layout_records_each_split(tmp_path, probe_model):
+    data = tmp_path / "data"
+    expected = write_index_images(data, 30, splits=("train", "validation", "test"))
+    run_extract(probe_config(data, probe_model, tmp_path / "c.h5", batch_size=4))
+    check_alignment(tmp_path / "c.h5", expected, ["a", "b", "c"])
+    cache = read_cache(tmp_path / "c.h5")
+    assert set(cache.split) == {"train", "validation", "test"}
+    assert cache.attrs["layout"] == "splits"
+
+
+def test_features_equal_plain_keras_forward_pass(tmp_path):
+    """Cache rows equal image_dataset_from_directory -> preprocess_input -> base.predict."""
+    import keras
+
+    data = tmp_path / "data"
+    rng = np.random.default_rng(0)
+    for c in ("x", "y"):
+        (data / c).mkdir(parents=True)
+        for i in range(6):
+            h, w = rng.integers(20, 60, size=2)
+            pixels = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+            save_png(pixels, data / c / f"{i}.png")
+    out = tmp_path / "m.h5"
+    run_extract(ExtractConfig(str(data), "mobilenetv2", weights="none", input_size="48",
+                              pooling="avg", batch_size=5, out=str(out), seed=3))
+    ds = keras.utils.image_dataset_from_directory(
+        data, image_size=(48, 48), shuffle=False, batch_size=64, label_mode="int")
+    x, y = next(iter(ds))
+    keras.utils.set_random_seed(3)
+    base = keras.applications.MobileNetV2(include_top=False, weights=None,
+                                          input_shape=(48, 48, 3), pooling="avg")
+    reference = base.predict(keras.applications.mobilenet_v2.preprocess_input(
+        np.array(x)), verbose=0)
+    cache = read_cache(out)
+    assert cache.paths == [Path(p).relative_to(data).as_posix() for p in ds.file_paths]
+    np.testing.assert_array_equal(cache.labels, np.array(y))
+    np.testing.assert_allclose(cache.features, reference, rtol=1e-4, atol=1e-5)
+
+
+def test_rerun_does_nothing_and_new_images_are_appended(tmp_path, probe_model):
+    data = tmp_path / "data"
+    expected = write_index_images(data, 20)
+    out = tmp_path / "c.h5"
+    run_extract(probe_config(data, probe_model, out, batch_size=8))
+    before = out.stat().st_mtime_ns
+    again = run_extract(probe_config(data, probe_model, out, batch_size=8))
+    assert again.status == "up-to-date"
+    assert out.stat().st_mtime_ns == before
+    # Ten more images: only those are extracted, and all rows stay aligned.
+    more = write_index_images(tmp_path / "more", 30)
+    for rel, i in more.items():
+        if i >= 20:
+            target = data / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(tmp_path / "more" / rel, target)
+            expected[rel] = i
+    added = run_extract(probe_config(data, probe_model, out, batch_size=8))
+    assert added.n_new_rows == 10 and added.n_rows == 30
+    check_alignment(out, expected, ["a", "b", "c"])
+
+
+def test_other_configuration_is_refused(tmp_path, probe_model):
+    data = tmp_path / "data"
+    write_index_images(data, 6)
+    out = tmp_path / "c.h5"
+    run_extract(probe_config(data, probe_model, out))
+    with pytest.raises(CacheError, match=r"pooling: cache has 'avg', this run has 'max'"):
+        run_extract(ExtractConfig(str(data), str(probe_model), pooling="max",
+                                  preprocess="none", out=str(out)))
+
+
+def test_float16_cache(tmp_path, probe_model):
+    data = tmp_path / "data"
+    expected = write_index_images(data, 12)
+    out = tmp_path / "c.h5"
+    run_extract(probe_config(data, probe_model, out, dtype="float16"))
+    with h5py.File(out) as f:
+        assert f["features"].dtype == np.float16
+    check_alignment(out, expected, ["a", "b", "c"])
+
+
+def datasets(path: Path) -> dict[str, bytes]:
+    """Every dataset of a cache as raw bytes (for byte-for-byte comparison)."""
+    out = {}
+    with h5py.File(path) as f:
+        for name in ("features", "labels", "paths", "split", "skipped/paths", "skipped/reasons"):
+            values = f[name][:]
+            out[name] = values.tobytes() if values.dtype != object else repr(list(values)).encode()
+    return out
+
+
+def extract_cmd(data: Path, out: Path, *extra: str) -> list[str]:
+    return [PYTHON, str(SCRIPTS / "extract.py"), str(data), "--base", "mobilenetv2",
+            "--weights", "none", "--input-size", "32", "--batch-size", "2",
+            "--out", str(out), "--log-every", "0.001", *extra]
+
+
+def run_until_progress(cmd: list[str], min_done: int) -> subprocess.Popen:
+    """Start ``cmd`` and return once it has logged ``min_done`` images done."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 120
+    for line in proc.stdout:
+        if line.startswith("extract: ") and "/" in line.split()[1]:
+            done = int(line.split()[1].split("/")[0])
+            if done >= min_done:
+                return proc
+        if time.monotonic() > deadline:
+            break
+    proc.kill()
+    raise AssertionError("extraction never reported progress")
+
+
+@pytest.fixture(scope="module")
+def resume_data(tmp_path_factory) -> tuple[Path, Path]:
+    """A folder of real-looking images and the cache of an uninterrupted run."""
+    root = tmp_path_factory.mktemp("resume")
+    rng = np.random.default_rng(1)
+    for c in ("p", "q"):
+        (root / "data" / c).mkdir(parents=True)
+        for i in range(120):
+            save_png(rng.integers(0, 256, (24, 24, 3), dtype=np.uint8),
+                       root / "data" / c / f"{i:03d}.png")
+    bad_files(root / "data" / "q")
+    reference = root / "reference.h5"
+    subprocess.run(extract_cmd(root / "data", reference), check=True, capture_output=True)
+    return root / "data", reference
+
+
+@pytest.mark.parametrize("how", ["SIGKILL", "SIGINT", "SIGTERM"])
+def test_interrupted_run_resumes_to_identical_cache(tmp_path, resume_data, how):
+    data, reference = resume_data
+    out = tmp_path / "c.h5"
+    proc = run_until_progress(extract_cmd(data, out), min_done=20)
+    proc.send_signal(getattr(signal, how))
+    rest = proc.communicate(timeout=60)[0]
+    assert proc.returncode != 0
+    assert not out.exists(), "an incomplete cache must never sit at the final path"
+    assert partial_path(out).exists()
+    if how != "SIGKILL":
+        assert proc.returncode == (130 if how == "SIGINT" else 143)
+        assert "Run the same command again to resume" in rest.splitlines()[-1]
+    with pytest.raises(CacheError, match="resume"):
+        read_cache(out)
+    resumed = subprocess.run(extract_cmd(data, out), capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming after" in resumed.stderr
+    assert datasets(out) == datasets(reference)
+
+
+def test_log_lines_when_not_a_terminal(resume_data, tmp_path):
+    data, _ = resume_data
+    proc = subprocess.run(extract_cmd(data, tmp_path / "c.h5"), capture_output=True, text=True)
+    lines = [ln for ln in proc.stderr.splitlines() if "img/s, ETA" in ln]
+    assert lines, proc.stderr
+    assert lines[-1].startswith("extract: ") and "/243 (" in lines[-1]
+    assert proc.stdout.strip().splitlines()[-1].startswith("extract: done.")
