@@ -1,0 +1,296 @@
+"""Train one head on a feature cache, evaluate it, and save model + metrics + config."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from sklearn.base import BaseEstimator
+from sklearn.metrics import accuracy_score, classification_report, confusion_matrix, f1_score
+from sklearn.model_selection import train_test_split
+
+from pipeline.cache import read_cache
+from pipeline.heads import head_params, make_head, save_head, write_json_atomic
+
+__all__ = ["FitConfig", "evaluate", "run_fit", "split_rows"]
+
+_SPLITS = ("train", "validation", "test")
+
+
+@dataclass
+class FitConfig:
+    """Arguments of the fit-head command, written as ``config.json`` beside the model."""
+
+    cache: str
+    head: str = "logreg"
+    out: str | None = None  # default: models/<cache file stem>-<head>
+    val_split: float = 0.2
+    seed: int = 0
+    epochs: int = 100
+    lr: float = 1e-3
+    batch_size: int = 32
+    C: float = 1.0
+    class_weight: str | None = None
+    patience: int = 10
+
+
+def _check_val_split(val_split: float) -> None:
+    if not 0 < val_split < 1:  # also rejects NaN
+        raise ValueError(
+            f"`val_split` must be between 0 and 1, exclusive. Received: val_split={val_split}"
+        )
+
+
+def _class_label(label: int, class_names: Sequence[str] | None) -> str:
+    if class_names is not None and 0 <= label < len(class_names):
+        return repr(class_names[label])
+    return f"id {label}"
+
+
+def split_rows(
+    split: np.ndarray,
+    labels: np.ndarray,
+    val_split: float,
+    seed: int,
+    *,
+    class_names: Sequence[str] | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Choose the train, validation and test rows of a cache.
+
+    When the cache records splits (its ``split`` column holds "train"/"validation"/"test"),
+    they are used as recorded and ``val_split`` is ignored, except that a cache with "train"
+    rows but no "validation" rows gets a stratified ``val_split`` of its train rows. When no
+    row records a split (all ""), a stratified, seeded ``val_split`` of all rows is the
+    validation set and the test set is empty.
+
+    Args:
+        split: per-row split names, shape ``(N,)``.
+        labels: per-row integer labels, shape ``(N,)``.
+        val_split: fraction of rows to validate on when splitting here, in (0, 1).
+        seed: random state of the stratified split.
+        class_names: optional names for ``labels``, used in error messages.
+
+    Returns:
+        ``(train_idx, val_idx, test_idx)``, each sorted.
+
+    Raises:
+        ValueError: ``val_split`` outside (0, 1), unknown or mixed split names, no training
+            rows, or a class too small to stratify.
+    """
+    _check_val_split(val_split)
+    split = np.asarray(split).astype(str)
+    labels = np.asarray(labels)
+    if len(split) != len(labels):
+        raise ValueError(
+            f"split and labels have different lengths. Received: {len(split)} and {len(labels)}"
+        )
+    names = set(np.unique(split).tolist())
+    unknown = names - {*_SPLITS, ""}
+    if unknown:
+        raise ValueError(
+            f"Unknown split names in the cache. Expected {_SPLITS} or ''. "
+            f"Received: {sorted(unknown)}"
+        )
+    if names <= {""}:
+        pool = np.arange(len(split))
+        test_idx = np.array([], dtype=np.int64)
+    else:
+        if "" in names:
+            raise ValueError(
+                "The cache mixes rows with a recorded split and rows without one "
+                f"({int(np.sum(split == ''))} rows have split ''): re-extract it."
+            )
+        if "train" not in names:
+            raise ValueError(f"The cache records splits {sorted(names)} but no 'train' rows.")
+        test_idx = np.flatnonzero(split == "test")
+        if "validation" in names:
+            return np.flatnonzero(split == "train"), np.flatnonzero(split == "validation"), test_idx
+        pool = np.flatnonzero(split == "train")
+    train_idx, val_idx = _stratified_split(pool, labels[pool], val_split, seed, class_names)
+    return train_idx, val_idx, test_idx
+
+
+def _stratified_split(
+    rows: np.ndarray,
+    labels: np.ndarray,
+    val_split: float,
+    seed: int,
+    class_names: Sequence[str] | None,
+) -> tuple[np.ndarray, np.ndarray]:
+    values, counts = np.unique(labels, return_counts=True)
+    if counts.size and counts.min() < 2:
+        small = int(values[np.argmin(counts)])
+        raise ValueError(
+            f"Cannot split stratified: class {_class_label(small, class_names)} has only "
+            f"{counts.min()} row(s); every class needs at least 2. Add images of it or "
+            "record a train/validation split in the data folder."
+        )
+    # Check what train_test_split would reject, so the message says what to change.
+    n_val = int(np.ceil(val_split * len(rows)))
+    if n_val < len(values) or len(rows) - n_val < len(values):
+        raise ValueError(
+            f"Cannot split {len(rows)} rows of {len(values)} classes stratified with "
+            f"val_split={val_split}: both parts need at least one row per class. "
+            "Choose another val_split or add rows."
+        )
+    train_idx, val_idx = train_test_split(
+        rows, test_size=val_split, stratify=labels, random_state=seed
+    )
+    return np.sort(train_idx), np.sort(val_idx)
+
+
+def evaluate(
+    estimator: BaseEstimator, X: np.ndarray, y: np.ndarray, class_names: Sequence[str]
+) -> dict[str, Any]:
+    """Accuracy, macro-F1, per-class precision/recall/F1 and confusion matrix of a fitted head.
+
+    Args:
+        estimator: a fitted head predicting integer labels.
+        X: features.
+        y: integer labels indexing ``class_names``.
+        class_names: names of all classes of the cache.
+
+    Returns:
+        JSON-safe dict with keys ``accuracy``, ``macro_f1``, ``per_class`` (name ->
+        precision, recall, f1-score, support) and ``confusion_matrix`` (rows: true class,
+        columns: predicted class, both in ``class_names`` order).
+    """
+    ids = list(range(len(class_names)))
+    pred = estimator.predict(X)
+    report = classification_report(
+        y, pred, labels=ids, target_names=list(class_names), output_dict=True, zero_division=0
+    )
+    return {
+        "accuracy": float(accuracy_score(y, pred)),
+        # labels=present classes only: a class absent from this split would score F1=0.
+        "macro_f1": float(f1_score(y, pred, labels=np.unique(y), average="macro", zero_division=0)),
+        "per_class": {name: report[name] for name in class_names},
+        "confusion_matrix": confusion_matrix(y, pred, labels=ids).tolist(),
+    }
+
+
+def run_fit(config: FitConfig) -> tuple[Path, dict[str, Any]]:
+    """Train one head on a feature cache, evaluate it and save everything needed to reuse it.
+
+    Protocol:
+        1. Build the head from ``config`` (unknown head or bad argument fails here, before
+           the cache is read).
+        2. Read the whole cache; an incomplete or damaged cache raises CacheError.
+        3. Refuse features containing NaN or infinity (names the count and the first path).
+        4. Split rows with :func:`split_rows`: the cache's recorded train/validation/test
+           split, else a stratified seeded ``val_split`` with no test set.
+        5. Refuse training rows of a single class.
+        6. Fit on the train rows (the dense head early-stops on the validation rows) and
+           time the fit.
+        7. Evaluate on the validation rows, and on the test rows when there are any.
+        8. Write to the out folder, each file atomically: the model (:func:`save_head`),
+           ``metrics.json`` and ``config.json``; print a short report.
+
+    Args:
+        config: what to train and where to write it.
+
+    Returns:
+        ``(out_dir, metrics)``, metrics as written to ``metrics.json``.
+
+    Raises:
+        ValueError: a bad argument, unusable features or labels.
+        pipeline.cache.CacheError: the cache is missing, incomplete or damaged.
+    """
+    _check_val_split(config.val_split)
+    estimator = make_head(
+        config.head,
+        C=config.C,
+        class_weight=config.class_weight,
+        epochs=config.epochs,
+        lr=config.lr,
+        batch_size=config.batch_size,
+        patience=config.patience,
+        random_state=config.seed,
+    )
+    cache_path = Path(config.cache)
+    out_dir = (
+        Path(config.out) if config.out else Path("models") / f"{cache_path.stem}-{config.head}"
+    )
+
+    cache = read_cache(cache_path)
+    class_names = cache.class_names
+    n = len(cache.labels)
+    if n == 0:
+        raise ValueError(f"{cache_path} holds no rows: nothing to train on.")
+    labels = cache.labels
+    if labels.min() < 0 or labels.max() >= len(class_names):
+        raise ValueError(
+            f"{cache_path} has labels outside 0..{len(class_names) - 1} "
+            f"(class_names={class_names}). Received: labels in {labels.min()}..{labels.max()}"
+        )
+    # float16 caches are widened once here; Keras and scikit-learn both want float32.
+    X = np.asarray(cache.features, dtype=np.float32)
+    bad = np.flatnonzero(~np.isfinite(X.reshape(n, -1)).all(axis=1))
+    if bad.size:
+        raise ValueError(
+            f"{bad.size} of {n} rows in {cache_path} have NaN or infinite features "
+            f"(first: {cache.paths[bad[0]]}). Re-extract the cache; with float16 caches, "
+            "large activations overflow: extract with dtype float32."
+        )
+
+    train, val, test = split_rows(
+        cache.split, labels, config.val_split, config.seed, class_names=class_names
+    )
+    train_classes = np.unique(labels[train])
+    if train_classes.size < 2:
+        raise ValueError(
+            f"The training rows of {cache_path} hold only one class "
+            f"({_class_label(int(train_classes[0]), class_names)}); a classifier needs at "
+            "least two."
+        )
+
+    fit_kwargs: dict[str, Any] = {}
+    if config.head == "dense":
+        # Early stopping can only score rows of classes the head learns.
+        seen = np.isin(labels[val], train_classes)
+        fit_kwargs["validation_data"] = (X[val][seen], labels[val][seen])
+    start = time.perf_counter()
+    estimator.fit(X[train], labels[train], **fit_kwargs)
+    fit_seconds = time.perf_counter() - start
+
+    metrics: dict[str, Any] = {
+        "head": config.head,
+        "params": head_params(estimator),
+        "cache": str(cache_path),
+        "cache_attrs": cache.attrs,
+        "class_names": list(class_names),
+        "split_source": "recorded" if np.any(cache.split != "") else "stratified",
+        "n_train": int(train.size),
+        "n_val": int(val.size),
+        "n_test": int(test.size),
+        "fit_seconds": fit_seconds,
+        **evaluate(estimator, X[val], labels[val], class_names),
+    }
+    if hasattr(estimator, "history_"):
+        metrics["epochs_run"] = len(estimator.history_.get("loss", []))
+    if test.size:
+        metrics["test"] = evaluate(estimator, X[test], labels[test], class_names)
+
+    save_head(estimator, out_dir)
+    write_json_atomic(out_dir / "metrics.json", metrics)
+    write_json_atomic(out_dir / "config.json", dataclasses.asdict(config))
+    _print_report(metrics, out_dir)
+    return out_dir, metrics
+
+
+def _print_report(metrics: dict[str, Any], out_dir: Path) -> None:
+    print(
+        f"head={metrics['head']}  n_train={metrics['n_train']}  n_val={metrics['n_val']}  "
+        f"n_test={metrics['n_test']}  fit {metrics['fit_seconds']:.2f} s"
+    )
+    for part, m in (("validation", metrics), ("test", metrics.get("test"))):
+        if m is None:
+            continue
+        print(f"{part}: accuracy={m['accuracy']:.4f}  macro-F1={m['macro_f1']:.4f}")
+        f1s = "  ".join(f"{name} {v['f1-score']:.3f}" for name, v in m["per_class"].items())
+        print(f"  per-class F1: {f1s}")

@@ -1,0 +1,211 @@
+"""Heads: construction, argument errors, the scikit-learn contract, save/load round trips."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from helpers_fit import blobs
+from sklearn.base import clone, is_classifier
+from sklearn.linear_model import LogisticRegression
+from sklearn.svm import SVC, LinearSVC
+
+from pipeline.heads import (
+    HEADS,
+    DenseHead,
+    head_name,
+    head_params,
+    load_head,
+    make_head,
+    save_head,
+)
+
+# Few epochs at a high learning rate keep the Keras tests fast (each epoch costs ~0.1 s of
+# Keras overhead on CPU); the blobs are separable long before.
+FAST = {"epochs": 10, "lr": 1e-2}
+
+
+def test_unknown_head_names_the_choices_and_the_value():
+    with pytest.raises(ValueError, match=r"Expected one of .*'svm'.*Received: head='xgboost'"):
+        make_head("xgboost")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"C": -1.0}, r"`C`.*Received: C=-1.0"),
+        ({"C": 0.0}, r"Received: C=0.0"),
+        ({"C": float("nan")}, r"Received: C=nan"),
+        ({"epochs": 0}, r"`epochs`.*Received: epochs=0"),
+        ({"epochs": 2.5}, r"Received: epochs=2.5"),
+        ({"lr": 0.0}, r"`lr`.*Received: lr=0.0"),
+        ({"batch_size": 0}, r"`batch_size`.*Received: batch_size=0"),
+        ({"patience": -1}, r"`patience`.*Received: patience=-1"),
+        ({"class_weight": "auto"}, r"`class_weight`.*Received: class_weight='auto'"),
+    ],
+)
+@pytest.mark.parametrize("name", ["dense", "logreg"])
+def test_bad_arguments_are_rejected_with_received_value(name, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        make_head(name, **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("name", "clf_type", "expected"),
+    [
+        ("logreg", LogisticRegression, {"clf__C": 2.0, "clf__max_iter": 2000}),
+        ("linear-svm", LinearSVC, {"clf__C": 2.0}),
+        ("svm", SVC, {"clf__C": 2.0, "clf__kernel": "rbf", "clf__gamma": "scale"}),
+    ],
+)
+def test_sklearn_heads_are_flatten_scale_clf_pipelines(name, clf_type, expected):
+    head = make_head(name, C=2.0, class_weight="balanced", random_state=7)
+    assert [step for step, _ in head.steps] == ["flatten", "scale", "clf"]
+    assert isinstance(head.named_steps["clf"], clf_type)
+    params = head.get_params()
+    for key, value in expected.items():
+        assert params[key] == value, key
+    assert params["clf__class_weight"] == "balanced"
+    assert params["clf__random_state"] == 7
+    assert head_name(head) == name
+    assert head_params(head)["clf__C"] == 2.0
+
+
+def test_make_head_dense_passes_arguments():
+    head = make_head("dense", epochs=5, lr=0.01, batch_size=8, patience=2, random_state=3)
+    assert isinstance(head, DenseHead)
+    assert head.get_params() == {
+        "hidden": 256,
+        "dropout": 0.5,
+        "epochs": 5,
+        "lr": 0.01,
+        "batch_size": 8,
+        "patience": 2,
+        "class_weight": None,
+        "random_state": 3,
+        "verbose": 0,
+    }
+    assert head_name(head) == "dense"
+
+
+def test_dense_head_follows_the_sklearn_contract():
+    head = DenseHead(epochs=3)
+    assert is_classifier(head)
+    assert clone(head).get_params() == head.get_params()
+    assert not hasattr(head, "classes_")  # __init__ learns nothing
+    X, y = blobs(30, 3)
+    assert head.fit(X, y) is head
+
+
+def test_dense_classes_order_matches_proba_columns():
+    X, y = blobs(60, 3, seed=1)
+    names = np.array(["zebra", "ant", "moth"])[y]
+    head = DenseHead(**FAST).fit(X, names)
+    assert head.classes_.tolist() == ["ant", "moth", "zebra"]
+    proba = head.predict_proba(X)
+    assert proba.shape == (len(X), 3)
+    np.testing.assert_allclose(proba.sum(axis=1), 1.0, rtol=1e-5)
+    np.testing.assert_array_equal(head.predict(X), head.classes_[proba.argmax(axis=1)])
+    assert (head.predict(X) == names).mean() >= 0.95
+
+
+def test_dense_two_classes_use_one_sigmoid_unit():
+    X, y = blobs(60, 2, seed=2)
+    head = DenseHead(**FAST).fit(X, y)
+    assert head.model_.output_shape == (None, 1)
+    proba = head.predict_proba(X)
+    assert proba.shape == (len(X), 2)
+    np.testing.assert_allclose(proba.sum(axis=1), 1.0, rtol=1e-5)
+    assert (head.predict(X) == y).mean() >= 0.95
+
+
+def test_dense_without_validation_data_holds_out_part_and_early_stops():
+    X, y = blobs(50, 3, seed=3)
+    head = DenseHead(epochs=100, lr=0.05, patience=1).fit(X, y)
+    assert "val_loss" in head.history_
+    assert len(head.history_["loss"]) < 100
+
+
+def test_dense_with_too_few_rows_trains_without_early_stopping():
+    X, y = blobs(2, 3, seed=4)  # one row per class cannot go to a validation part
+    head = DenseHead(epochs=4).fit(X, y)
+    assert "val_loss" not in head.history_
+    assert len(head.history_["loss"]) == 4
+
+
+def test_dense_is_seeded():
+    X, y = blobs(30, 3, seed=5)
+    a = DenseHead(epochs=3, random_state=1).fit(X, y).predict_proba(X)
+    b = DenseHead(epochs=3, random_state=1).fit(X, y).predict_proba(X)
+    c = DenseHead(epochs=3, random_state=2).fit(X, y).predict_proba(X)
+    np.testing.assert_array_equal(a, b)
+    assert not np.allclose(a, c)
+
+
+def test_dense_balanced_class_weight_trains_on_imbalanced_data():
+    X, y = blobs(60, 2, seed=6)
+    keep = np.concatenate([np.flatnonzero(y == 0), np.flatnonzero(y == 1)[:8]])
+    head = DenseHead(class_weight="balanced", **FAST).fit(X[keep], y[keep])
+    assert (head.predict(X) == y).mean() >= 0.95
+
+
+def test_dense_rejects_bad_input():
+    X, y = blobs(10, 2)
+    with pytest.raises(ValueError, match=r"Received: dropout=1.0"):
+        DenseHead(dropout=1.0).fit(X, y)
+    with pytest.raises(ValueError, match=r"at least two classes.*Received: classes=\[0\]"):
+        DenseHead(epochs=1).fit(X, np.zeros(len(X), dtype=int))
+    with pytest.raises(ValueError, match=r"validation_data.*Received: \[7\]"):
+        DenseHead(epochs=1).fit(X, y, validation_data=(X[:2], np.array([0, 7])))
+    head = DenseHead(epochs=1).fit(X, y)
+    with pytest.raises(ValueError, match=r"Expected features of shape \(n, 16\)"):
+        head.predict(X[:, :8])
+
+
+def _outputs(head, X):
+    """Everything a head can say about X, for round-trip comparisons."""
+    out = {"predict": head.predict(X)}
+    for method in ("predict_proba", "decision_function"):
+        if hasattr(head, method):
+            out[method] = getattr(head, method)(X)
+    return out
+
+
+@pytest.mark.parametrize("name", HEADS)
+def test_saved_head_reloads_and_predicts_identically(tmp_path, name):
+    X, y = blobs(40, 3, seed=7)
+    head = make_head(name, **FAST).fit(X, y)
+    model_path = save_head(head, tmp_path / "out")
+    expected_file = "model.keras" if name == "dense" else "model.joblib"
+    assert model_path == tmp_path / "out" / expected_file
+    # Atomic writes leave no temporary files behind.
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(
+        [expected_file, "head.json"]
+    )
+    assert json.loads((tmp_path / "out" / "head.json").read_text())["kind"] == name
+
+    loaded = load_head(tmp_path / "out")
+    assert type(loaded) is type(head)
+    before, after = _outputs(head, X), _outputs(loaded, X)
+    assert before.keys() == after.keys()
+    assert len(before) >= 2  # predictions and scores are both compared
+    for key in before:
+        np.testing.assert_array_equal(after[key], before[key], err_msg=key)
+    np.testing.assert_array_equal(loaded.classes_, head.classes_)
+
+
+@pytest.mark.parametrize("name", ["logreg", "dense"])
+def test_unpooled_feature_maps_fit_and_round_trip(tmp_path, name):
+    X, y = blobs(40, 3, shape=(2, 2, 4), seed=8)
+    head = make_head(name, **FAST).fit(X, y)
+    assert (head.predict(X) == y).mean() >= 0.95
+    with pytest.raises(ValueError):  # a map of another size is not silently flattened
+        head.predict(X[:, :1])
+    save_head(head, tmp_path)
+    np.testing.assert_array_equal(load_head(tmp_path).predict(X), head.predict(X))
+
+
+def test_load_head_from_an_empty_folder_says_what_is_missing(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"head\.json is missing"):
+        load_head(tmp_path)
