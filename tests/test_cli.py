@@ -53,3 +53,20 @@ def test_script_reports_one_line_without_traceback(data, tmp_path):
     help_proc = subprocess.run([PYTHON, str(SCRIPTS / "extract.py"), "--help"],
                                capture_output=True, text=True, timeout=60)
     assert help_proc.returncode == 0 and "--pooling" in help_proc.stdout
+
+
+def test_fit_head_errors_are_one_line(tmp_path, capsys):
+    from helpers_fit import blobs, make_cache
+
+    from pipeline.cli import fit_head_main
+
+    X, y = blobs(n_per_class=10, n_classes=2, shape=(4,))
+    cache = make_cache(tmp_path / "c.h5", X, y)
+    assert fit_head_main([str(cache), "--head", "forest"]) == 2
+    assert "Received: head='forest'" in capsys.readouterr().err
+    assert fit_head_main([str(tmp_path / "missing.h5")]) == 2
+    assert "Cache file not found" in capsys.readouterr().err
+    out = tmp_path / "m"
+    assert fit_head_main([str(cache), "--head", "logreg", "--out", str(out)]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith("fit_head: done.") and str(out) in last
