@@ -7,8 +7,9 @@ progress (bars and log lines), cli (argparse for every command), demo.
 
 import os
 
-# TensorFlow's C++ INFO/WARNING chatter buries the progress lines of batch jobs;
-# errors still show. Users can override by setting the variable themselves.
+# Quiets TensorFlow's C++ INFO/WARNING logs from kernels (retracing, oneDNN notes) in the
+# progress output of batch jobs; the few lines TF 2.21 prints while loading, before its
+# logger reads this setting, still appear. Users can override it.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 __version__ = "0.1.0"
