@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -256,6 +256,8 @@ def decode_image(path: str | os.PathLike) -> np.ndarray:
         raise
     except Image.DecompressionBombError as exc:
         raise ImageReadError(f"possible decompression bomb: {exc}") from exc
+    except UnidentifiedImageError as exc:
+        raise ImageReadError("cannot decode image: not an image format Pillow or TF reads") from exc
     except Exception as exc:  # noqa: BLE001 - any decoder failure is a skip reason
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ImageReadError(f"cannot decode image: {reason}") from exc
