@@ -25,6 +25,7 @@ __all__ = [
     "FeatureModel",
     "WeightsUnavailableError",
     "build_feature_model",
+    "feature_model_from_attrs",
     "check_pooling",
     "check_preprocess",
     "default_input_size",
@@ -121,6 +122,45 @@ def _registry() -> dict[str, BaseSpec]:
     return specs
 
 
+def feature_model_from_attrs(attrs: dict[str, Any]) -> FeatureModel:
+    """Rebuild the exact feature model a cache (or a head trained on it) was made with.
+
+    Files recorded by path (a ``.keras`` base, a local weights file) must still hash to
+    the recorded sha256, so a changed file can never silently produce other features.
+
+    Raises:
+        ValueError: a recorded file is missing or changed.
+    """
+    base = attrs["base"]
+    weights: str | None = attrs["weights"]
+    if base.startswith("file:"):
+        base, weights = _verified(attrs["base_path"], attrs["base_sha256"], "base"), None
+    elif weights.startswith("sha256:"):
+        weights = _verified(attrs["weights_path"], weights.removeprefix("sha256:"), "weights")
+    return build_feature_model(
+        base,
+        weights=weights,
+        input_size=tuple(attrs["input_size"]),
+        layer=attrs["layer"],
+        pooling=attrs["pooling"],
+        preprocess_mode=attrs["preprocess"] if base.endswith(".keras") else None,
+        seed=int(attrs.get("seed", 0)),
+    )
+
+
+def _verified(path: str, sha256: str, what: str) -> str:
+    if not path or not Path(path).is_file():
+        raise ValueError(
+            f"The {what} file this cache was made with is gone. Received: {what}_path={path!r}"
+        )
+    if file_sha256(path) != sha256:
+        raise ValueError(
+            f"The {what} file {path} changed since the cache was made (sha256 differs): "
+            "its features would not match. Re-extract or restore the file."
+        )
+    return path
+
+
 def resolve_base(name: str) -> BaseSpec:
     """Look up a keras.applications base by case-insensitive name (vgg16, ResNet50, ...).
 
@@ -194,6 +234,12 @@ class FeatureModel:
     def feature_shape(self) -> tuple[int, ...]:
         """Shape of one row of features."""
         return tuple(int(d) for d in self.model.output_shape[1:])
+
+    def features(self, images: np.ndarray) -> np.ndarray:
+        """Features of a batch of RGB images in 0..255 (float32; preprocessed in place)."""
+        if len(images) == 0:
+            return np.zeros((0, *self.feature_shape), np.float32)
+        return np.asarray(self.model.predict_on_batch(preprocess(images, self.preprocess)))
 
 
 _URL = re.compile(r"https?://\S+?\.h5")
@@ -334,7 +380,8 @@ def build_feature_model(
             )
         model, size = _load_saved_base(path, input_size)
         mode = preprocess_mode or "none"
-        attrs.update(base=f"file:{path.name}", base_sha256=file_sha256(path), weights="saved")
+        attrs.update(base=f"file:{path.name}", base_sha256=file_sha256(path), weights="saved",
+                     base_path=str(path.resolve()), weights_path="")
     else:
         spec = resolve_base(base)
         if preprocess_mode not in (None, spec.preprocess):
@@ -347,10 +394,11 @@ def build_feature_model(
         model = _build_application(spec, weights, size, seed)
         mode = spec.preprocess
         if weights in ("imagenet", "none"):
-            recorded = weights
+            recorded, weights_path = weights, ""
         else:
-            recorded = f"sha256:{file_sha256(weights)}"
-        attrs.update(base=spec.name, base_sha256="", weights=recorded)
+            recorded, weights_path = f"sha256:{file_sha256(weights)}", str(Path(weights).resolve())
+        attrs.update(base=spec.name, base_sha256="", weights=recorded, base_path="",
+                     weights_path=weights_path)
     model.trainable = False
     cut = _cut(model, layer)
     feature = _pool(cut, pooling)
@@ -359,5 +407,6 @@ def build_feature_model(
         pooling=pooling,
         input_size=[int(size[0]), int(size[1])],
         preprocess=mode,
+        seed=int(seed),
     )
     return FeatureModel(feature, attrs, (int(size[0]), int(size[1])), mode)

@@ -57,6 +57,7 @@ IDENTITY_KEYS = (
     "interpolation",
     "preprocess",
     "dtype",
+    "seed",
     "class_names",
 )
 _STR = h5py.string_dtype("utf-8")

@@ -10,7 +10,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,7 +38,14 @@ from pipeline.images import (
 )
 from pipeline.progress import Progress, format_duration
 
-__all__ = ["ExtractConfig", "ExtractInterrupted", "ExtractResult", "run_extract"]
+__all__ = [
+    "DecodedBatch",
+    "ExtractConfig",
+    "ExtractInterrupted",
+    "ExtractResult",
+    "decoded_batches",
+    "run_extract",
+]
 
 DTYPES = ("float32", "float16")
 FLOAT16_MAX = float(np.finfo(np.float16).max)
@@ -173,29 +180,65 @@ class _BackgroundWriter:
             raise self.error
 
 
-def _decoded(
-    records: list[ImageRecord], decode: Callable[[ImageRecord], np.ndarray], workers: int,
-    window: int,
-) -> Iterator[tuple[ImageRecord, np.ndarray | ImageReadError]]:
-    """Decode ``records`` in threads, ``window`` ahead, yielding results in input order."""
+@dataclass
+class DecodedBatch:
+    """Up to ``batch_size`` readable images and the unreadable files met on the way.
+
+    ``indices`` and ``skipped`` index the ``paths`` given to :func:`decoded_batches`.
+    """
+
+    indices: list[int]
+    images: np.ndarray  # (n, H, W, 3) float32 RGB in 0..255, not yet preprocessed
+    skipped: list[tuple[int, str]]
+
+
+def decoded_batches(
+    paths: Sequence[Path],
+    *,
+    size: tuple[int, int],
+    interpolation: str = "bilinear",
+    batch_size: int = 32,
+    workers: int = 0,
+) -> Iterator[DecodedBatch]:
+    """Decode and resize ``paths`` in threads, ahead of use, and yield them in order.
+
+    Every readable file lands in exactly one batch, in input order; every full batch has
+    ``batch_size`` images, so batches are the same whichever file a run starts from. The
+    last batch holds the tail (and may hold only skipped files).
+    """
+    workers = workers or min(8, os.cpu_count() or 1)
+    window = 2 * batch_size + workers
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode")
-    pending: deque[tuple[ImageRecord, Future]] = deque()
-    upcoming = iter(records)
+    pending: deque[tuple[int, Future]] = deque()
+    upcoming = iter(range(len(paths)))
+
+    def submit(i: int) -> None:
+        pending.append((i, pool.submit(load_image, paths[i], size, interpolation)))
+
+    indices: list[int] = []
+    images: list[np.ndarray] = []
+    skipped: list[tuple[int, str]] = []
     try:
-        for record in upcoming:
-            pending.append((record, pool.submit(decode, record)))
+        for i in upcoming:
+            submit(i)
             if len(pending) >= window:
                 break
         while pending:
-            record, future = pending.popleft()
+            i, future = pending.popleft()
             following = next(upcoming, None)
             if following is not None:
-                pending.append((following, pool.submit(decode, following)))
+                submit(following)
             try:
-                result: np.ndarray | ImageReadError = future.result()
+                images.append(future.result())
+                indices.append(i)
             except ImageReadError as exc:
-                result = exc
-            yield record, result
+                skipped.append((i, str(exc)))
+            if len(images) == batch_size:
+                yield DecodedBatch(indices, np.stack(images), skipped)
+                indices, images, skipped = [], [], []
+        if images or skipped:
+            stacked = np.stack(images) if images else np.zeros((0, *size, 3), np.float32)
+            yield DecodedBatch(indices, stacked, skipped)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
 
@@ -233,8 +276,8 @@ def _open_writer(
     return CacheWriter.create(out, attrs=attrs, feature_shape=feature_shape, dtype=dtype), "new"
 
 
-def _forward(feature_model: FeatureModel, batch: list[np.ndarray], dtype: str) -> np.ndarray:
-    features = np.asarray(feature_model.model.predict_on_batch(np.stack(batch)))
+def _stored(features: np.ndarray, dtype: str) -> np.ndarray:
+    """Features cast to the cache dtype; refuses values float16 would turn into inf."""
     if dtype == "float16":
         peak = float(np.max(np.abs(features))) if features.size else 0.0
         if np.isfinite(peak) and peak > FLOAT16_MAX:
@@ -338,42 +381,36 @@ def _extract_loop(
     todo: list[ImageRecord],
 ) -> ExtractResult:
     """Decode ahead in threads, forward full batches, commit from a writer thread."""
-    size = feature_model.input_size
-    mode = feature_model.preprocess
-
-    def decode(record: ImageRecord) -> np.ndarray:
-        return _preprocessed(index.root / record.path, size, config.interpolation, mode)
-
-    workers = config.workers or min(8, os.cpu_count() or 1)
-    window = 2 * config.batch_size + workers
     start = time.monotonic()
     first_row = writer.n_rows
     new_skipped: list[tuple[str, str]] = []
-    batch: list[np.ndarray] = []
-    batch_records: list[ImageRecord] = []
-    skipped: list[tuple[str, str]] = []
-    empty = np.zeros((0, *feature_model.feature_shape), dtype=config.dtype)
     background = _BackgroundWriter(writer)
     progress = Progress(len(todo), "extract", log_every=config.log_every)
     previous = _install_sigterm()
+    batches = decoded_batches(
+        [index.root / r.path for r in todo],
+        size=feature_model.input_size,
+        interpolation=config.interpolation,
+        batch_size=config.batch_size,
+        workers=config.workers,
+    )
     try:
         try:
-            for record, result in _decoded(todo, decode, workers, window):
-                if isinstance(result, ImageReadError):
-                    skipped.append((record.path, str(result)))
-                    new_skipped.append(skipped[-1])
-                else:
-                    batch.append(result)
-                    batch_records.append(record)
-                progress.update(1)
-                if len(batch) == config.batch_size:
-                    _put(background, _forward(feature_model, batch, config.dtype),
-                         batch_records, skipped)
-                    batch, batch_records, skipped = [], [], []
-            if batch or skipped:
-                features = _forward(feature_model, batch, config.dtype) if batch else empty
-                _put(background, features, batch_records, skipped)
+            for batch in batches:
+                records = [todo[i] for i in batch.indices]
+                skipped = [(todo[i].path, reason) for i, reason in batch.skipped]
+                features = _stored(feature_model.features(batch.images), config.dtype)
+                background.put(
+                    features,
+                    [r.label for r in records],
+                    [r.path for r in records],
+                    [r.split for r in records],
+                    skipped,
+                )
+                new_skipped.extend(skipped)
+                progress.update(len(records) + len(skipped))
         finally:
+            batches.close()
             progress.close()
             _restore_sigterm(previous)
             background.close()
@@ -391,27 +428,6 @@ def _extract_loop(
     _report_skipped(new_skipped)
     return ExtractResult(path, "extracted", n_rows, n_rows - first_row, n_skipped, new_skipped,
                          feature_model.feature_shape, config.dtype, seconds)
-
-
-def _preprocessed(path: Path, size: tuple[int, int], interpolation: str, mode: str) -> np.ndarray:
-    from pipeline.bases import preprocess
-
-    return preprocess(load_image(path, size, interpolation), mode)
-
-
-def _put(
-    background: _BackgroundWriter,
-    features: np.ndarray,
-    records: list[ImageRecord],
-    skipped: list[tuple[str, str]],
-) -> None:
-    background.put(
-        features,
-        [r.label for r in records],
-        [r.path for r in records],
-        [r.split for r in records],
-        list(skipped),
-    )
 
 
 def _install_sigterm() -> Any:

@@ -127,3 +127,25 @@ def test_imagenet_offline_names_the_file_to_place(tmp_path):
     assert "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5" in last
     assert "keras_home/models/" in last and "--weights" in last
     assert "Traceback" not in proc.stderr
+
+
+def test_feature_model_rebuilds_from_recorded_attrs(tmp_path, probe_model):
+    import shutil
+
+    from pipeline.bases import feature_model_from_attrs
+
+    x = np.random.default_rng(0).uniform(0, 255, (2, 32, 32, 3)).astype(np.float32)
+    named = build_feature_model("mobilenetv2", weights="none", input_size=(32, 32), seed=4)
+    again = feature_model_from_attrs(named.attrs)
+    np.testing.assert_array_equal(again.features(x.copy()), named.features(x.copy()))
+
+    base = tmp_path / "probe.keras"
+    shutil.copy(probe_model, base)
+    saved = build_feature_model(str(base), pooling="avg", preprocess_mode="scale")
+    rebuilt = feature_model_from_attrs(saved.attrs)
+    assert rebuilt.preprocess == "scale"
+    np.testing.assert_array_equal(rebuilt.features(x[:, :8, :8].copy()),
+                                  saved.features(x[:, :8, :8].copy()))
+    base.write_bytes(base.read_bytes() + b"tampered")
+    with pytest.raises(ValueError, match="changed since the cache was made"):
+        feature_model_from_attrs(saved.attrs)
