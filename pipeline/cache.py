@@ -8,6 +8,9 @@ Layout (schema_version 1), one HDF5 file per (data folder, base configuration):
     split          (N,) UTF-8, "train" | "validation" | "test" | "" (no split recorded)
     skipped/paths  (M,) UTF-8, unreadable files
     skipped/reasons(M,) UTF-8, why each was skipped
+    augmented/features (A, ...) randomly augmented passes of training rows (extract --augment)
+    augmented/source   (A,) int64, the row each augmented copy was made from
+    augmented/pass     (A,) int64, which pass (0..K-1) made it
 
 Row i of features, labels, paths and split always belongs to the same file.
 
@@ -154,14 +157,20 @@ class Cache:
     class_names: list[str]
     attrs: dict[str, Any]
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    augmented_features: np.ndarray | None = None
+    augmented_source: np.ndarray | None = None
+    augmented_pass: np.ndarray | None = None
 
 
-def read_cache(path: str | os.PathLike, *, require_complete: bool = True) -> Cache:
+def read_cache(
+    path: str | os.PathLike, *, require_complete: bool = True, augmented: bool = False
+) -> Cache:
     """Read a whole cache into memory.
 
     Args:
         path: the ``.h5`` file written by extract.
         require_complete: refuse a cache whose extraction has not finished.
+        augmented: also read the augmented copies (extract --augment).
 
     Raises:
         CacheError: the file is missing, unreadable, incomplete or not of this schema.
@@ -204,6 +213,11 @@ def read_cache(path: str | os.PathLike, *, require_complete: bool = True) -> Cac
                     )
                 ),
             )
+            if augmented:
+                m = int(attrs.get("n_augmented", 0))
+                cache.augmented_features = f["augmented/features"][:m]
+                cache.augmented_source = f["augmented/source"][:m]
+                cache.augmented_pass = f["augmented/pass"][:m]
         except (KeyError, OSError) as exc:
             raise CacheError(f"{path} is damaged ({exc}): delete it and re-extract.") from exc
     return cache
@@ -222,6 +236,7 @@ class CacheWriter:
         self.attrs = _decode_attrs(f.attrs)
         self.n_rows = int(self.attrs.get("n_rows", 0))
         self.n_skipped = int(self.attrs.get("n_skipped", 0))
+        self.n_augmented = int(self.attrs.get("n_augmented", 0))
 
     @classmethod
     def create(
@@ -250,6 +265,15 @@ class CacheWriter:
         f.create_dataset("labels", shape=(0,), maxshape=(None,), dtype="int64", chunks=vec_chunk)
         for name in ("paths", "split", "skipped/paths", "skipped/reasons"):
             f.create_dataset(name, shape=(0,), maxshape=(None,), dtype=_STR, chunks=vec_chunk)
+        f.create_dataset(
+            "augmented/features",
+            shape=(0, *feature_shape),
+            maxshape=(None, *feature_shape),
+            dtype=np_dtype,
+            chunks=(rows, *feature_shape),
+        )
+        for name in ("augmented/source", "augmented/pass"):
+            f.create_dataset(name, shape=(0,), maxshape=(None,), dtype="int64", chunks=vec_chunk)
         for key, value in attrs.items():
             f.attrs[key] = _encode_attr(value)
         f.attrs["schema_version"] = SCHEMA_VERSION
@@ -257,6 +281,7 @@ class CacheWriter:
         f.attrs["complete"] = False
         f.attrs["n_rows"] = 0
         f.attrs["n_skipped"] = 0
+        f.attrs["n_augmented"] = 0
         f.flush()
         return cls(final, f)
 
@@ -272,11 +297,47 @@ class CacheWriter:
             f[name].resize(writer.n_rows, axis=0)
         for name in ("skipped/paths", "skipped/reasons"):
             f[name].resize(writer.n_skipped, axis=0)
+        for name in ("augmented/features", "augmented/source", "augmented/pass"):
+            f[name].resize(writer.n_augmented, axis=0)
         return writer
 
     def done_paths(self) -> set[str]:
         """Paths already committed, as rows or as skipped files."""
         return _done_paths(self._f)
+
+    def rows(self) -> tuple[list[str], list[str]]:
+        """Committed ``paths`` and ``split`` columns."""
+        n = self.n_rows
+        return list(self._f["paths"].asstr()[:n]), list(self._f["split"].asstr()[:n])
+
+    def augmented_pairs(self) -> set[tuple[int, int]]:
+        """Committed augmented copies as (source row, pass) pairs."""
+        n = self.n_augmented
+        return set(zip(self._f["augmented/source"][:n].tolist(),
+                       self._f["augmented/pass"][:n].tolist(), strict=True))
+
+    def append_augmented(
+        self, features: np.ndarray, source: Sequence[int], passes: Sequence[int]
+    ) -> None:
+        """Write augmented copies of committed rows, then commit."""
+        f = self._f
+        start, stop = self.n_augmented, self.n_augmented + len(source)
+        for name, values in (
+            ("augmented/features", features),
+            ("augmented/source", np.asarray(source, dtype=np.int64)),
+            ("augmented/pass", np.asarray(passes, dtype=np.int64)),
+        ):
+            f[name].resize(stop, axis=0)
+            f[name][start:stop] = values
+        self.n_augmented = stop
+        f.attrs["n_augmented"] = stop  # the commit record, written last
+        f.flush()
+
+    def set_attrs(self, **attrs: Any) -> None:
+        """Update root attributes (JSON-encoding lists and dicts)."""
+        for key, value in attrs.items():
+            self._f.attrs[key] = _encode_attr(value)
+            self.attrs[key] = value
 
     def append(
         self,

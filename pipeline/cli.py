@@ -40,6 +40,8 @@ def extract_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=0, help="decode threads (0: auto)")
     p.add_argument("--log-every", type=float, default=30.0,
                    help="seconds between progress lines when not on a terminal")
+    p.add_argument("--augment", type=int, default=0, metavar="K",
+                   help="also store K seeded augmented passes of every training image")
     return p
 
 
@@ -61,6 +63,8 @@ def fit_head_parser() -> argparse.ArgumentParser:
     p.add_argument("--patience", type=int, default=10, help="dense head early stopping")
     p.add_argument("--C", type=float, default=1.0, help="inverse regularisation (sklearn heads)")
     p.add_argument("--class-weight", default=None, help="balanced (default: none)")
+    p.add_argument("--use-augmented", action="store_true",
+                   help="train on originals + augmented copies (extract --augment K)")
     return p
 
 

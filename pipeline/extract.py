@@ -12,12 +12,14 @@ import time
 from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from pipeline.augment import AugmentSpec, augment_batch, batch_seed
 from pipeline.bases import FeatureModel, build_feature_model, check_pooling, check_preprocess
 from pipeline.cache import (
     CacheError,
@@ -69,6 +71,7 @@ class ExtractConfig:
     seed: int = 0
     workers: int = 0
     log_every: float = 30.0
+    augment: int = 0
 
 
 @dataclass
@@ -129,6 +132,8 @@ def _validate(config: ExtractConfig) -> tuple[int, int] | None:
         raise ValueError(f"`batch_size` must be >= 1. Received: batch_size={config.batch_size}")
     if config.workers < 0:
         raise ValueError(f"`workers` must be >= 0 (0: auto). Received: workers={config.workers}")
+    if config.augment < 0:
+        raise ValueError(f"`augment` must be >= 0. Received: augment={config.augment}")
     if config.log_every <= 0:
         raise ValueError(f"`log_every` must be > 0. Received: log_every={config.log_every}")
     return parse_size(config.input_size)
@@ -161,16 +166,17 @@ class _BackgroundWriter:
             if item is None:
                 return
             if self.error is None:
+                method, args = item
                 try:
-                    self._writer.append(*item)
+                    getattr(self._writer, method)(*args)
                 except BaseException as exc:  # noqa: BLE001 - re-raised in the main thread
                     self.error = exc
 
-    def put(self, *batch: Any) -> None:
-        """Queue one batch for commit; re-raise a failure of an earlier commit."""
+    def put(self, method: str, *args: Any) -> None:
+        """Queue ``writer.<method>(*args)`` (one committed batch); re-raise an earlier failure."""
         if self.error is not None:
             raise self.error
-        self._queue.put(batch)
+        self._queue.put((method, args))
 
     def close(self) -> None:
         """Commit everything queued, then stop."""
@@ -298,9 +304,10 @@ def run_extract(config: ExtractConfig) -> ExtractResult:
     append to a complete one, or create it; a cache of another configuration is
     refused); then decode images in threads, run full batches of readable images through
     the model and commit each batch (rows + files skipped on the way) from a writer
-    thread. Batches are formed the same way on a resume, so an interrupted run finishes
-    byte-identical to an uninterrupted one. Ctrl-C / SIGTERM commit what is done and
-    raise :class:`ExtractInterrupted`.
+    thread. With ``augment=K``, K seeded augmented passes of every training row follow
+    (only the passes not yet stored). Batches are formed the same way on a resume, so an
+    interrupted run finishes byte-identical to an uninterrupted one. Ctrl-C / SIGTERM
+    commit what is done and raise :class:`ExtractInterrupted`.
 
     Raises:
         ValueError: a bad argument or folder (Keras-style message).
@@ -333,44 +340,79 @@ def run_extract(config: ExtractConfig) -> ExtractResult:
     )
     out = Path(config.out) if config.out else default_out(config.data_dir, attrs)
     feature_shape = feature_model.feature_shape
+    listed = {r.path for r in index.records}
     if out.exists() and not partial_path(out).exists():
         old = read_attrs(out)
-        if old.get("complete") and not identity_differences(old, attrs):
-            done = committed_paths(out)
-            if done == {r.path for r in index.records}:
-                return ExtractResult(out, "up-to-date", int(old["n_rows"]), 0,
-                                     int(old["n_skipped"]), feature_shape=feature_shape,
-                                     dtype=config.dtype)
+        if (
+            old.get("complete")
+            and not identity_differences(old, attrs)
+            and committed_paths(out) == listed
+            and int(old.get("augment_passes", 0)) >= config.augment
+        ):
+            return ExtractResult(out, "up-to-date", int(old["n_rows"]), 0,
+                                 int(old["n_skipped"]), feature_shape=feature_shape,
+                                 dtype=config.dtype)
     writer, mode = _open_writer(out, attrs, feature_shape, config.dtype)
     try:
-        done = writer.done_paths()
-        listed = {r.path for r in index.records}
-        gone = sorted(done - listed)
+        gone = sorted(writer.done_paths() - listed)
         if gone:
             raise CacheError(
                 f"{len(gone)} images in {out} are no longer in {index.root} (first: "
                 f"{gone[0]!r}). Re-extract to a new --out (or delete {out})."
             )
+        start = time.monotonic()
+        first_row = writer.n_rows
+        done = writer.done_paths()
         todo = [r for r in index.records if r.path not in done]
-        if not todo:  # a run killed after its last commit, before the rename
-            n_rows, n_skipped = writer.n_rows, writer.n_skipped
-            return ExtractResult(writer.finish(), "extracted", n_rows, 0, n_skipped,
-                                 feature_shape=feature_shape, dtype=config.dtype)
-        row_mb = np.prod(feature_shape) * np.dtype(config.dtype).itemsize * len(todo) / 1e6
-        verb = f"resuming after {writer.n_rows} rows" if mode == "resume" else "starting"
-        print(
-            f"extract: {verb}; {len(todo)} images to do ({len(index.records)} in "
-            f"{len(index.class_names)} classes, layout {index.layout}) -> {out}\n"
-            f"extract: base {attrs['base']} (weights {attrs['weights']}), layer "
-            f"{attrs['layer']}, pooling {attrs['pooling']}, input {size or attrs['input_size']}, "
-            f"preprocess {attrs['preprocess']}; features {feature_shape} {config.dtype}, "
-            f"~{row_mb:.1f} MB to write",
-            file=sys.stderr,
-            flush=True,
-        )
-        return _extract_loop(config, index, feature_model, writer, todo)
+        new_skipped: list[tuple[str, str]] = []
+        if todo:
+            row_mb = np.prod(feature_shape) * np.dtype(config.dtype).itemsize * len(todo) / 1e6
+            verb = f"resuming after {writer.n_rows} rows" if mode == "resume" else "starting"
+            print(
+                f"extract: {verb}; {len(todo)} images to do ({len(index.records)} in "
+                f"{len(index.class_names)} classes, layout {index.layout}) -> {out}\n"
+                f"extract: base {attrs['base']} (weights {attrs['weights']}), layer "
+                f"{attrs['layer']}, pooling {attrs['pooling']}, input "
+                f"{feature_model.input_size}, preprocess {attrs['preprocess']}; features "
+                f"{feature_shape} {config.dtype}, ~{row_mb:.1f} MB to write",
+                file=sys.stderr,
+                flush=True,
+            )
+            new_skipped = _extract_loop(config, index, feature_model, writer, todo)
+        # New rows of a cache that already holds K passes get those K passes too.
+        passes = max(config.augment, int(writer.attrs.get("augment_passes", 0)))
+        if passes:
+            _augment_loop(config, index, feature_model, writer, passes)
+        seconds = time.monotonic() - start
+        n_rows, n_skipped = writer.n_rows, writer.n_skipped
+        path = writer.finish()
     finally:
         writer.close()
+    _report_skipped(new_skipped)
+    return ExtractResult(path, "extracted", n_rows, n_rows - first_row, n_skipped, new_skipped,
+                         feature_shape, config.dtype, seconds)
+
+
+@contextmanager
+def _committing(writer: CacheWriter) -> Iterator[_BackgroundWriter]:
+    """A writer thread for the body; Ctrl-C / SIGTERM stop after committing what is queued."""
+    background = _BackgroundWriter(writer)
+    previous = _install_sigterm()
+    try:
+        try:
+            yield background
+        finally:
+            _restore_sigterm(previous)
+            background.close()
+    except KeyboardInterrupt as exc:
+        code = 143 if isinstance(exc, _Terminated) else 130
+        what = "SIGTERM" if code == 143 else "Ctrl-C"
+        raise ExtractInterrupted(
+            f"extract: interrupted by {what}; {writer.n_rows} rows and {writer.n_augmented} "
+            f"augmented copies committed in {writer.partial}. Run the same command again "
+            "to resume.",
+            code,
+        ) from None
 
 
 def _extract_loop(
@@ -379,14 +421,13 @@ def _extract_loop(
     feature_model: FeatureModel,
     writer: CacheWriter,
     todo: list[ImageRecord],
-) -> ExtractResult:
-    """Decode ahead in threads, forward full batches, commit from a writer thread."""
-    start = time.monotonic()
-    first_row = writer.n_rows
+) -> list[tuple[str, str]]:
+    """Decode ahead in threads, forward full batches, commit from a writer thread.
+
+    Returns:
+        The files skipped by this run, with their reasons.
+    """
     new_skipped: list[tuple[str, str]] = []
-    background = _BackgroundWriter(writer)
-    progress = Progress(len(todo), "extract", log_every=config.log_every)
-    previous = _install_sigterm()
     batches = decoded_batches(
         [index.root / r.path for r in todo],
         size=feature_model.input_size,
@@ -394,13 +435,15 @@ def _extract_loop(
         batch_size=config.batch_size,
         workers=config.workers,
     )
-    try:
+    progress = Progress(len(todo), "extract", log_every=config.log_every)
+    with _committing(writer) as background:
         try:
             for batch in batches:
                 records = [todo[i] for i in batch.indices]
                 skipped = [(todo[i].path, reason) for i, reason in batch.skipped]
                 features = _stored(feature_model.features(batch.images), config.dtype)
                 background.put(
+                    "append",
                     features,
                     [r.label for r in records],
                     [r.path for r in records],
@@ -412,22 +455,76 @@ def _extract_loop(
         finally:
             batches.close()
             progress.close()
-            _restore_sigterm(previous)
-            background.close()
-    except KeyboardInterrupt as exc:
-        code = 143 if isinstance(exc, _Terminated) else 130
-        what = "SIGTERM" if code == 143 else "Ctrl-C"
-        raise ExtractInterrupted(
-            f"extract: interrupted by {what}; {writer.n_rows} rows committed in "
-            f"{writer.partial}. Run the same command again to resume.",
-            code,
-        ) from None
-    seconds = time.monotonic() - start
-    n_rows, n_skipped = writer.n_rows, writer.n_skipped
-    path = writer.finish()
-    _report_skipped(new_skipped)
-    return ExtractResult(path, "extracted", n_rows, n_rows - first_row, n_skipped, new_skipped,
-                         feature_model.feature_shape, config.dtype, seconds)
+    return new_skipped
+
+
+def _augment_loop(
+    config: ExtractConfig,
+    index: ImageIndex,
+    feature_model: FeatureModel,
+    writer: CacheWriter,
+    passes: int,
+) -> None:
+    """Store the missing augmented passes 0..K-1 of every training row.
+
+    Each batch of rows is decoded once and run through every pass it lacks; pass ``k`` of
+    a batch is transformed with ``batch_seed(seed, k, first row)``, so a re-run, a resume
+    or a later K (2 -> 5) produces exactly the copies a single run would have.
+    """
+    spec = AugmentSpec()
+    recorded = writer.attrs.get("augment")
+    if writer.n_augmented and recorded not in (None, "", spec.to_dict()):
+        raise CacheError(
+            f"{writer.final} holds augmented copies made with {recorded}; this run would use "
+            f"{spec.to_dict()}. Use another --out."
+        )
+    paths, splits = writer.rows()
+    pairs = writer.augmented_pairs()
+    k_all = range(passes)
+    # Training rows: the "train" split, or every row when the folder records no split
+    # (fit_head then only uses copies of the rows it trains on).
+    todo = [
+        row for row, split in enumerate(splits)
+        if split in ("train", "") and any((row, k) not in pairs for k in k_all)
+    ]
+    writer.set_attrs(augment=spec.to_dict(), augment_passes=passes)
+    if not todo:
+        return
+    print(f"extract: augmenting {len(todo)} training images, passes 0..{passes - 1}",
+          file=sys.stderr, flush=True)
+    batches = decoded_batches(
+        [index.root / paths[row] for row in todo],
+        size=feature_model.input_size,
+        interpolation=config.interpolation,
+        batch_size=config.batch_size,
+        workers=config.workers,
+    )
+    progress = Progress(len(todo), "augment", log_every=config.log_every)
+    with _committing(writer) as background:
+        try:
+            for batch in batches:
+                if batch.skipped:
+                    i, reason = batch.skipped[0]
+                    raise CacheError(
+                        f"{paths[todo[i]]} was readable when extracted but not now ({reason}): "
+                        "the data folder changed. Re-extract to a new --out."
+                    )
+                rows = [todo[i] for i in batch.indices]
+                features, sources, passes = [], [], []
+                for k in k_all:
+                    chosen = [j for j, row in enumerate(rows) if (row, k) not in pairs]
+                    if not chosen:
+                        continue
+                    seed = batch_seed(config.seed, k, rows[chosen[0]])
+                    images = augment_batch(batch.images[chosen], spec, seed)
+                    features.append(_stored(feature_model.features(images), config.dtype))
+                    sources.extend(rows[j] for j in chosen)
+                    passes.extend([k] * len(chosen))
+                background.put("append_augmented", np.concatenate(features), sources, passes)
+                progress.update(len(rows))
+        finally:
+            batches.close()
+            progress.close()
 
 
 def _install_sigterm() -> Any:

@@ -37,6 +37,7 @@ class FitConfig:
     C: float = 1.0
     class_weight: str | None = None
     patience: int = 10
+    use_augmented: bool = False
 
 
 def _check_val_split(val_split: float) -> None:
@@ -217,7 +218,7 @@ def run_fit(config: FitConfig) -> tuple[Path, dict[str, Any]]:
         Path(config.out) if config.out else Path("models") / f"{cache_path.stem}-{config.head}"
     )
 
-    cache = read_cache(cache_path)
+    cache = read_cache(cache_path, augmented=config.use_augmented)
     class_names = cache.class_names
     n = len(cache.labels)
     if n == 0:
@@ -249,13 +250,17 @@ def run_fit(config: FitConfig) -> tuple[Path, dict[str, Any]]:
             "least two."
         )
 
+    X_train, y_train = X[train], labels[train]
+    n_augmented = 0
+    if config.use_augmented:
+        X_train, y_train, n_augmented = _with_augmented(cache, train, X_train, y_train)
     fit_kwargs: dict[str, Any] = {}
     if config.head == "dense":
         # Early stopping can only score rows of classes the head learns.
         seen = np.isin(labels[val], train_classes)
         fit_kwargs["validation_data"] = (X[val][seen], labels[val][seen])
     start = time.perf_counter()
-    estimator.fit(X[train], labels[train], **fit_kwargs)
+    estimator.fit(X_train, y_train, **fit_kwargs)
     fit_seconds = time.perf_counter() - start
 
     metrics: dict[str, Any] = {
@@ -266,6 +271,7 @@ def run_fit(config: FitConfig) -> tuple[Path, dict[str, Any]]:
         "class_names": list(class_names),
         "split_source": "recorded" if np.any(cache.split != "") else "stratified",
         "n_train": int(train.size),
+        "n_train_augmented": n_augmented,
         "n_val": int(val.size),
         "n_test": int(test.size),
         "fit_seconds": fit_seconds,
@@ -283,10 +289,30 @@ def run_fit(config: FitConfig) -> tuple[Path, dict[str, Any]]:
     return out_dir, metrics
 
 
+def _with_augmented(
+    cache: Any, train: np.ndarray, X_train: np.ndarray, y_train: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """Training rows plus the augmented copies of exactly those rows (never of validation
+    or test rows, so validation stays on originals only)."""
+    if cache.augmented_source is None or cache.augmented_source.size == 0:
+        raise ValueError(
+            f"{cache.attrs.get('data_dir', 'the cache')}: the cache holds no augmented "
+            "copies: extract with --augment K first. Received: use_augmented=True"
+        )
+    keep = np.isin(cache.augmented_source, train)
+    source = cache.augmented_source[keep]
+    extra = np.asarray(cache.augmented_features[keep], dtype=np.float32)
+    if not np.isfinite(extra.reshape(len(extra), -1)).all():
+        raise ValueError("Augmented features hold NaN or infinite values: re-extract.")
+    return (np.concatenate([X_train, extra]), np.concatenate([y_train, cache.labels[source]]),
+            int(keep.sum()))
+
+
 def _print_report(metrics: dict[str, Any], out_dir: Path) -> None:
     print(
         f"head={metrics['head']}  n_train={metrics['n_train']}  n_val={metrics['n_val']}  "
-        f"n_test={metrics['n_test']}  fit {metrics['fit_seconds']:.2f} s"
+        f"n_test={metrics['n_test']}  augmented={metrics['n_train_augmented']}  "
+        f"fit {metrics['fit_seconds']:.2f} s"
     )
     for part, m in (("validation", metrics), ("test", metrics.get("test"))):
         if m is None:
