@@ -33,11 +33,15 @@ class AugmentSpec:
 
     def __post_init__(self) -> None:
         if self.flip not in FLIPS:
-            raise ValueError(f"`flip` must be one of {FLIPS}. Received: flip={self.flip!r}")
+            raise ValueError(
+                f"`augment_flip` must be one of {FLIPS}. Received: augment_flip={self.flip!r}"
+            )
         for name in ("rotation", "zoom", "translation"):
             value = getattr(self, name)
             if not 0 <= value < 1:
-                raise ValueError(f"`{name}` must be in [0, 1). Received: {name}={value}")
+                raise ValueError(
+                    f"`augment_{name}` must be in [0, 1). Received: augment_{name}={value}"
+                )
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form, recorded in the cache."""

@@ -11,7 +11,7 @@ import sys
 import traceback
 from collections.abc import Callable, Sequence
 
-__all__ = ["demo_main", "extract_main", "fit_head_main"]
+__all__ = ["demo_main", "extract_main", "fit_head_main", "predict_main"]
 
 
 def extract_parser() -> argparse.ArgumentParser:
@@ -42,6 +42,13 @@ def extract_parser() -> argparse.ArgumentParser:
                    help="seconds between progress lines when not on a terminal")
     p.add_argument("--augment", type=int, default=0, metavar="K",
                    help="also store K seeded augmented passes of every training image")
+    p.add_argument("--augment-flip", default="horizontal",
+                   help="horizontal | vertical | horizontal_and_vertical | none")
+    p.add_argument("--augment-rotation", type=float, default=0.05,
+                   help="max rotation, fraction of a turn (0.05 = 18 degrees)")
+    p.add_argument("--augment-zoom", type=float, default=0.1, help="max zoom, fraction")
+    p.add_argument("--augment-translation", type=float, default=0.1,
+                   help="max shift, fraction of the side")
     return p
 
 
@@ -65,6 +72,34 @@ def fit_head_parser() -> argparse.ArgumentParser:
     p.add_argument("--class-weight", default=None, help="balanced (default: none)")
     p.add_argument("--use-augmented", action="store_true",
                    help="train on originals + augmented copies (extract --augment K)")
+    p.add_argument("--export", default=None, metavar="FILE.keras",
+                   help="dense head: also save base + head as one end-to-end model "
+                   "(FILE.keras + FILE.json)")
+    return p
+
+
+def predict_parser() -> argparse.ArgumentParser:
+    """Arguments of ``predict.py``."""
+    p = argparse.ArgumentParser(
+        prog="predict.py",
+        description="Predict the class of images with a fit_head or finetune model, using the "
+        "base, size and preprocessing recorded with it; or export a dense head and its base "
+        "as one .keras model.",
+    )
+    p.add_argument("model", help="fit_head/finetune output folder, or an exported FILE.keras")
+    p.add_argument("images", nargs="*", metavar="IMAGES_OR_DIR",
+                   help="image files and/or folders (walked recursively, sorted)")
+    p.add_argument("--out", default="predictions.csv",
+                   help="CSV to write (default: predictions.csv); unreadable files go to "
+                   "<stem>.skipped.csv")
+    p.add_argument("--top-k", type=int, default=None, help="add top1..topK class/value columns")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--workers", type=int, default=0, help="decode threads (0: auto)")
+    p.add_argument("--log-every", type=float, default=30.0,
+                   help="seconds between progress lines when not on a terminal")
+    p.add_argument("--export", default=None, metavar="FILE.keras",
+                   help="save the dense head + frozen base as one end-to-end model "
+                   "(FILE.keras + FILE.json); no images needed")
     return p
 
 
@@ -109,17 +144,51 @@ def extract_main(argv: Sequence[str] | None = None) -> int:
 def fit_head_main(argv: Sequence[str] | None = None) -> int:
     """``fit_head.py``: cache -> trained head + metrics."""
     args = fit_head_parser().parse_args(argv)
+    options = vars(args)
+    export = options.pop("export")  # not a FitConfig field: done after the fit
 
     def command() -> int:
         from pipeline.fit import FitConfig, run_fit
 
-        out_dir, metrics = run_fit(FitConfig(**vars(args)))
+        if export is not None:
+            from pipeline.predict import check_exportable
+
+            check_exportable(args.head)  # before training, not after
+        out_dir, metrics = run_fit(FitConfig(**options))
         print(
             f"fit_head: done. {args.head}: validation accuracy {metrics['accuracy']:.4f}, "
             f"macro-F1 {metrics['macro_f1']:.4f}, fit {metrics['fit_seconds']:.2f} s; "
             f"model, metrics.json and config.json in {out_dir}/",
             flush=True,
         )
+        if export is not None:
+            from pipeline.predict import export_model
+
+            path = export_model(out_dir, export)
+            print(f"fit_head: exported base + head to {path} (+ {path.with_suffix('.json')})",
+                  flush=True)
+        return 0
+
+    return _run(command)
+
+
+def predict_main(argv: Sequence[str] | None = None) -> int:
+    """``predict.py``: model + images -> predictions CSV; or ``--export`` a dense head."""
+    args = predict_parser().parse_args(argv)
+    options = vars(args)
+    export = options.pop("export")
+
+    def command() -> int:
+        from pipeline.predict import PredictConfig, export_model, run_predict
+
+        if export is not None:
+            path = export_model(args.model, export)
+            print(f"predict: exported base + head to {path} (+ {path.with_suffix('.json')})",
+                  flush=True)
+            if not args.images:
+                return 0
+        result = run_predict(PredictConfig(**options))
+        print(result.summary(), flush=True)
         return 0
 
     return _run(command)

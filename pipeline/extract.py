@@ -72,6 +72,15 @@ class ExtractConfig:
     workers: int = 0
     log_every: float = 30.0
     augment: int = 0
+    augment_flip: str = "horizontal"
+    augment_rotation: float = 0.05
+    augment_zoom: float = 0.1
+    augment_translation: float = 0.1
+
+    def augment_spec(self) -> AugmentSpec:
+        """The augmentation of ``--augment`` passes (validated)."""
+        return AugmentSpec(self.augment_flip, self.augment_rotation, self.augment_zoom,
+                           self.augment_translation)
 
 
 @dataclass
@@ -134,6 +143,7 @@ def _validate(config: ExtractConfig) -> tuple[int, int] | None:
         raise ValueError(f"`workers` must be >= 0 (0: auto). Received: workers={config.workers}")
     if config.augment < 0:
         raise ValueError(f"`augment` must be >= 0. Received: augment={config.augment}")
+    config.augment_spec()
     if config.log_every <= 0:
         raise ValueError(f"`log_every` must be > 0. Received: log_every={config.log_every}")
     return parse_size(config.input_size)
@@ -471,7 +481,7 @@ def _augment_loop(
     a batch is transformed with ``batch_seed(seed, k, first row)``, so a re-run, a resume
     or a later K (2 -> 5) produces exactly the copies a single run would have.
     """
-    spec = AugmentSpec()
+    spec = config.augment_spec()
     recorded = writer.attrs.get("augment")
     if writer.n_augmented and recorded not in (None, "", spec.to_dict()):
         raise CacheError(

@@ -105,5 +105,5 @@ def test_augment_batch_is_a_pure_function_of_seed():
     np.testing.assert_array_equal(a, augment_batch(x.copy(), AugmentSpec(), 5))
     assert not np.array_equal(a, augment_batch(x.copy(), AugmentSpec(), 6))
     assert batch_seed(0, 1, 2) == batch_seed(0, 1, 2) != batch_seed(0, 2, 2)
-    with pytest.raises(ValueError, match="Received: flip='diagonal'"):
+    with pytest.raises(ValueError, match="Received: augment_flip='diagonal'"):
         AugmentSpec(flip="diagonal")
