@@ -20,7 +20,14 @@ from typing import Any
 import numpy as np
 
 from pipeline.augment import AugmentSpec, augment_batch, batch_seed
-from pipeline.bases import FeatureModel, build_feature_model, check_pooling, check_preprocess
+from pipeline.bases import (
+    FeatureModel,
+    build_feature_model,
+    check_pooling,
+    check_preprocess,
+    file_sha256,
+    resolve_base,
+)
 from pipeline.cache import (
     CacheError,
     CacheWriter,
@@ -149,15 +156,58 @@ def _validate(config: ExtractConfig) -> tuple[int, int] | None:
     return parse_size(config.input_size)
 
 
-def default_out(data_dir: str, attrs: dict[str, Any]) -> Path:
-    """``cache/<data>-<base>-<HxW>-<layer>-<pooling>.h5``: one file per configuration."""
-    base = attrs["base"].removeprefix("file:").removesuffix(".keras").removesuffix(".h5")
-    h, w = attrs["input_size"]
-    parts = [Path(data_dir).resolve().name, base.lower(), f"{h}x{w}", attrs["layer"]]
-    if attrs["weights"] == "none":
+def default_out(config: ExtractConfig, input_size: tuple[int, int]) -> Path:
+    """``cache/<data>-<base>-<HxW>-<layer|top>[-random]-<pooling>.h5``: one file per setup.
+
+    Built from the arguments alone (no model needed), so an up-to-date check can find the
+    cache before paying for building the base.
+    """
+    base = Path(config.base).stem if _is_file_base(config.base) else config.base
+    h, w = input_size
+    parts = [Path(config.data_dir).resolve().name, base.lower(), f"{h}x{w}", config.layer or "top"]
+    if config.weights == "none":
         parts.append("random")
-    parts.append(attrs["pooling"])
+    parts.append(config.pooling)
     return Path("cache") / ("-".join(parts) + ".h5")
+
+
+def _is_file_base(base: str) -> bool:
+    return base.endswith((".keras", ".h5")) or Path(base).is_file()
+
+
+# ExtractConfig fields that decide what the features are: a complete cache made with the
+# same values (and unchanged files) is up to date without building the model.
+_FEATURE_FIELDS = (
+    "base", "weights", "input_size", "layer", "pooling", "preprocess", "interpolation",
+    "dtype", "seed", "augment_flip", "augment_rotation", "augment_zoom", "augment_translation",
+)
+
+
+def _up_to_date(config: ExtractConfig, index: ImageIndex, out: Path) -> ExtractResult | None:
+    """The result of a run with nothing to do, decided from the cache's records alone."""
+    if not out.exists() or partial_path(out).exists():
+        return None
+    old = read_attrs(out)
+    recorded = old.get("config") or {}
+    same = (
+        old.get("complete")
+        and all(recorded.get(k) == getattr(config, k) for k in _FEATURE_FIELDS)
+        and old.get("class_names") == index.class_names
+        and int(old.get("augment_passes", 0)) >= config.augment
+    )
+    if not same:
+        return None
+    # Same arguments, but a file behind them may have changed.
+    if old.get("base_sha256") and file_sha256(config.base) != old["base_sha256"]:
+        return None
+    if str(old.get("weights")).startswith("sha256:") and (
+        f"sha256:{file_sha256(config.weights)}" != old["weights"]
+    ):
+        return None
+    if committed_paths(out) != {r.path for r in index.records}:
+        return None
+    return ExtractResult(out, "up-to-date", int(old["n_rows"]), 0, int(old["n_skipped"]),
+                         dtype=config.dtype)
 
 
 class _BackgroundWriter:
@@ -326,6 +376,11 @@ def run_extract(config: ExtractConfig) -> ExtractResult:
     """
     size = _validate(config)
     index: ImageIndex = index_images(config.data_dir)
+    out = Path(config.out) if config.out else None
+    if out is None and (size or not _is_file_base(config.base)):
+        out = default_out(config, size or (resolve_base(config.base).default_size,) * 2)
+    if out is not None and (result := _up_to_date(config, index, out)) is not None:
+        return result
     feature_model = build_feature_model(
         config.base,
         weights=config.weights,
@@ -348,20 +403,9 @@ def run_extract(config: ExtractConfig) -> ExtractResult:
         data_dir=str(index.root.resolve()),
         config=dataclasses.asdict(config),
     )
-    out = Path(config.out) if config.out else default_out(config.data_dir, attrs)
+    out = out or default_out(config, feature_model.input_size)
     feature_shape = feature_model.feature_shape
     listed = {r.path for r in index.records}
-    if out.exists() and not partial_path(out).exists():
-        old = read_attrs(out)
-        if (
-            old.get("complete")
-            and not identity_differences(old, attrs)
-            and committed_paths(out) == listed
-            and int(old.get("augment_passes", 0)) >= config.augment
-        ):
-            return ExtractResult(out, "up-to-date", int(old["n_rows"]), 0,
-                                 int(old["n_skipped"]), feature_shape=feature_shape,
-                                 dtype=config.dtype)
     writer, mode = _open_writer(out, attrs, feature_shape, config.dtype)
     try:
         gone = sorted(writer.done_paths() - listed)

@@ -207,3 +207,21 @@ def test_log_lines_when_not_a_terminal(resume_data, tmp_path):
     assert lines, proc.stderr
     assert lines[-1].startswith("extract: ") and "/243 (" in lines[-1]
     assert proc.stdout.strip().splitlines()[-1].startswith("extract: done.")
+
+
+def test_changed_base_file_is_never_up_to_date(tmp_path, probe_model):
+    import shutil
+
+    import keras
+
+    data = tmp_path / "data"
+    write_index_images(data, 6)
+    base = tmp_path / "base.keras"
+    shutil.copy(probe_model, base)
+    out = tmp_path / "c.h5"
+    run_extract(probe_config(data, base, out))
+    model = keras.models.load_model(base)
+    model.layers[-1].set_weights([w * 2 for w in model.layers[-1].get_weights()])
+    model.save(base)
+    with pytest.raises(CacheError, match="base_sha256"):
+        run_extract(probe_config(data, base, out))
