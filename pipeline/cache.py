@@ -246,36 +246,39 @@ class CacheWriter:
         attrs: dict[str, Any],
         feature_shape: Sequence[int],
         dtype: str,
+        compression: str = "none",
     ) -> CacheWriter:
-        """Start a new partial cache for ``final`` (overwrites an old partial file)."""
+        """Start a new partial cache for ``final`` (overwrites an old partial file).
+
+        ``compression`` (none | lzf | gzip) applies to the feature datasets: lzf is fast,
+        gzip smaller; both are lossless and read transparently by any h5py.
+        """
         final = Path(final)
         final.parent.mkdir(parents=True, exist_ok=True)
         f = h5py.File(partial_path(final), "w")
         feature_shape = tuple(int(d) for d in feature_shape)
         np_dtype = np.dtype(dtype)
         rows = chunk_rows(feature_shape, np_dtype.itemsize)
-        f.create_dataset(
-            "features",
-            shape=(0, *feature_shape),
-            maxshape=(None, *feature_shape),
-            dtype=np_dtype,
-            chunks=(rows, *feature_shape),
-        )
+        feature_options: dict[str, Any] = {
+            "shape": (0, *feature_shape),
+            "maxshape": (None, *feature_shape),
+            "dtype": np_dtype,
+            "chunks": (rows, *feature_shape),
+            "compression": None if compression == "none" else compression,
+        }
+        if compression != "none":
+            feature_options["shuffle"] = True  # byte-shuffle: floats compress far better
+        f.create_dataset("features", **feature_options)
         vec_chunk = (max(rows, 1024),)
         f.create_dataset("labels", shape=(0,), maxshape=(None,), dtype="int64", chunks=vec_chunk)
         for name in ("paths", "split", "skipped/paths", "skipped/reasons"):
             f.create_dataset(name, shape=(0,), maxshape=(None,), dtype=_STR, chunks=vec_chunk)
-        f.create_dataset(
-            "augmented/features",
-            shape=(0, *feature_shape),
-            maxshape=(None, *feature_shape),
-            dtype=np_dtype,
-            chunks=(rows, *feature_shape),
-        )
+        f.create_dataset("augmented/features", **feature_options)
         for name in ("augmented/source", "augmented/pass"):
             f.create_dataset(name, shape=(0,), maxshape=(None,), dtype="int64", chunks=vec_chunk)
         for key, value in attrs.items():
             f.attrs[key] = _encode_attr(value)
+        f.attrs["compression"] = compression
         f.attrs["schema_version"] = SCHEMA_VERSION
         f.attrs["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
         f.attrs["complete"] = False

@@ -35,6 +35,7 @@ def extract_parser() -> argparse.ArgumentParser:
     p.add_argument("--interpolation", default="bilinear", help="resize method (default: bilinear)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--dtype", default="float32", help="float32 | float16")
+    p.add_argument("--compression", default="none", help="none | lzf | gzip (lossless)")
     p.add_argument("--out", default=None, help="cache file (default: cache/<data>-<base>-...h5)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=0, help="decode threads (0: auto)")

@@ -57,6 +57,7 @@ __all__ = [
 ]
 
 DTYPES = ("float32", "float16")
+COMPRESSIONS = ("none", "lzf", "gzip")
 FLOAT16_MAX = float(np.finfo(np.float16).max)
 
 
@@ -78,6 +79,7 @@ class ExtractConfig:
     seed: int = 0
     workers: int = 0
     log_every: float = 30.0
+    compression: str = "none"
     augment: int = 0
     augment_flip: str = "horizontal"
     augment_rotation: float = 0.05
@@ -148,6 +150,9 @@ def _validate(config: ExtractConfig) -> tuple[int, int] | None:
         raise ValueError(f"`batch_size` must be >= 1. Received: batch_size={config.batch_size}")
     if config.workers < 0:
         raise ValueError(f"`workers` must be >= 0 (0: auto). Received: workers={config.workers}")
+    if config.compression not in COMPRESSIONS:
+        raise ValueError(f"`compression` must be one of {COMPRESSIONS}. "
+                         f"Received: compression={config.compression!r}")
     if config.augment < 0:
         raise ValueError(f"`augment` must be >= 0. Received: augment={config.augment}")
     config.augment_spec()
@@ -310,7 +315,8 @@ def decoded_batches(
 
 
 def _open_writer(
-    out: Path, attrs: dict[str, Any], feature_shape: tuple[int, ...], dtype: str
+    out: Path, attrs: dict[str, Any], feature_shape: tuple[int, ...], dtype: str,
+    compression: str,
 ) -> tuple[CacheWriter, str]:
     """Resume ``<out>.partial``, reopen a complete ``out`` for appending, or start anew."""
     partial = partial_path(out)
@@ -339,7 +345,9 @@ def _open_writer(
         if existing == out:
             os.replace(out, partial)
         return CacheWriter.resume(out), "resume"
-    return CacheWriter.create(out, attrs=attrs, feature_shape=feature_shape, dtype=dtype), "new"
+    writer = CacheWriter.create(out, attrs=attrs, feature_shape=feature_shape, dtype=dtype,
+                                compression=compression)
+    return writer, "new"
 
 
 def _stored(features: np.ndarray, dtype: str) -> np.ndarray:
@@ -406,7 +414,7 @@ def run_extract(config: ExtractConfig) -> ExtractResult:
     out = out or default_out(config, feature_model.input_size)
     feature_shape = feature_model.feature_shape
     listed = {r.path for r in index.records}
-    writer, mode = _open_writer(out, attrs, feature_shape, config.dtype)
+    writer, mode = _open_writer(out, attrs, feature_shape, config.dtype, config.compression)
     try:
         gone = sorted(writer.done_paths() - listed)
         if gone:

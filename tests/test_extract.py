@@ -225,3 +225,17 @@ def test_changed_base_file_is_never_up_to_date(tmp_path, probe_model):
     model.save(base)
     with pytest.raises(CacheError, match="base_sha256"):
         run_extract(probe_config(data, base, out))
+
+
+@pytest.mark.parametrize("compression", ["lzf", "gzip"])
+def test_compressed_cache_holds_the_same_features(tmp_path, probe_model, compression):
+    data = tmp_path / "data"
+    write_index_images(data, 12)
+    plain, packed = tmp_path / "plain.h5", tmp_path / "packed.h5"
+    run_extract(probe_config(data, probe_model, plain))
+    run_extract(probe_config(data, probe_model, packed, compression=compression))
+    with h5py.File(packed) as f:
+        assert f["features"].compression == compression
+    np.testing.assert_array_equal(read_cache(packed).features, read_cache(plain).features)
+    with pytest.raises(ValueError, match="Received: compression='zip'"):
+        run_extract(probe_config(data, probe_model, tmp_path / "x.h5", compression="zip"))
