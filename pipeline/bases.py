@@ -35,6 +35,8 @@ __all__ = [
 ]
 
 POOLINGS = ("flatten", "avg", "max", "none")
+PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
+JIT_MODES = ("auto", "on", "off")
 PREPROCESS_MODES = ("none", "scale", "tf", "caffe", "torch")
 
 # What each keras.applications module's preprocess_input does, as an imagenet_utils mode.
@@ -145,6 +147,7 @@ def feature_model_from_attrs(attrs: dict[str, Any]) -> FeatureModel:
         pooling=attrs["pooling"],
         preprocess_mode=attrs["preprocess"] if base.endswith(".keras") else None,
         seed=int(attrs.get("seed", 0)),
+        precision=attrs.get("precision", "float32"),
     )
 
 
@@ -239,7 +242,9 @@ class FeatureModel:
         """Features of a batch of RGB images in 0..255 (float32; preprocessed in place)."""
         if len(images) == 0:
             return np.zeros((0, *self.feature_shape), np.float32)
-        return np.asarray(self.model.predict_on_batch(preprocess(images, self.preprocess)))
+        features = self.model.predict_on_batch(preprocess(images, self.preprocess))
+        # Mixed-precision bases return float16/bfloat16: store float32 (or the cache dtype).
+        return np.asarray(features, dtype=np.float32)
 
 
 _URL = re.compile(r"https?://\S+?\.h5")
@@ -347,6 +352,8 @@ def build_feature_model(
     pooling: str = "avg",
     preprocess_mode: str | None = None,
     seed: int = 0,
+    precision: str = "float32",
+    jit: str = "auto",
 ) -> FeatureModel:
     """Build the frozen feature extractor and the attributes that define its features.
 
@@ -360,6 +367,11 @@ def build_feature_model(
         preprocess_mode: for ``.keras`` bases (default ``none``); named bases use their
             own application's ``preprocess_input`` and refuse another.
         seed: seeds random weights.
+        precision: ``float32``, or a Keras mixed policy for the GPU box (``mixed_float16``
+            on NVIDIA GPUs, ``mixed_bfloat16`` on TPUs and recent CPUs); features are stored
+            as float32 either way.
+        jit: XLA for the forward pass: ``auto`` (Keras' choice: on with a GPU under
+            TensorFlow, always under JAX), ``on`` or ``off``.
 
     Raises:
         ValueError: any bad argument, with the value received.
@@ -368,6 +380,12 @@ def build_feature_model(
     check_pooling(pooling)
     if preprocess_mode is not None:
         check_preprocess(preprocess_mode)
+    if precision not in PRECISIONS:
+        raise ValueError(
+            f"`precision` must be one of {PRECISIONS}. Received: precision={precision!r}"
+        )
+    if jit not in JIT_MODES:
+        raise ValueError(f"`jit` must be one of {JIT_MODES}. Received: jit={jit!r}")
     attrs: dict[str, Any] = {}
     if base.endswith((".keras", ".h5")) or Path(base).is_file():
         path = Path(base)
@@ -377,6 +395,11 @@ def build_feature_model(
             raise ValueError(
                 "A .keras base carries its own weights: leave --weights unset. "
                 f"Received: weights={weights!r}"
+            )
+        if precision != "float32":
+            raise ValueError(
+                "A saved .keras base keeps the dtype policy it was saved with; mixed "
+                f"precision applies to keras.applications bases. Received: precision={precision!r}"
             )
         model, size = _load_saved_base(path, input_size)
         mode = preprocess_mode or "none"
@@ -391,7 +414,14 @@ def build_feature_model(
             )
         weights = weights or "imagenet"
         size = input_size or (spec.default_size, spec.default_size)
-        model = _build_application(spec, weights, size, seed)
+        import keras
+
+        previous = keras.config.dtype_policy()
+        keras.config.set_dtype_policy(precision)
+        try:
+            model = _build_application(spec, weights, size, seed)
+        finally:
+            keras.config.set_dtype_policy(previous)
         mode = spec.preprocess
         if weights in ("imagenet", "none"):
             recorded, weights_path = weights, ""
@@ -402,11 +432,14 @@ def build_feature_model(
     model.trainable = False
     cut = _cut(model, layer)
     feature = _pool(cut, pooling)
+    if jit != "auto":
+        feature.jit_compile = jit == "on"
     attrs.update(
         layer=cut.layers[-1].name,
         pooling=pooling,
         input_size=[int(size[0]), int(size[1])],
         preprocess=mode,
         seed=int(seed),
+        precision=precision,
     )
     return FeatureModel(feature, attrs, (int(size[0]), int(size[1])), mode)

@@ -60,6 +60,7 @@ IDENTITY_KEYS = (
     "interpolation",
     "preprocess",
     "dtype",
+    "precision",
     "seed",
     "class_names",
 )

@@ -36,6 +36,10 @@ def extract_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--dtype", default="float32", help="float32 | float16")
     p.add_argument("--compression", default="none", help="none | lzf | gzip (lossless)")
+    p.add_argument("--mixed-precision", action="store_true",
+                   help="run the base in mixed_float16 (GPU); features stored as --dtype")
+    p.add_argument("--jit", default="auto",
+                   help="XLA for the forward pass: auto (Keras' choice) | on | off")
     p.add_argument("--out", default=None, help="cache file (default: cache/<data>-<base>-...h5)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=0, help="decode threads (0: auto)")

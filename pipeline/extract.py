@@ -80,6 +80,8 @@ class ExtractConfig:
     workers: int = 0
     log_every: float = 30.0
     compression: str = "none"
+    mixed_precision: bool = False
+    jit: str = "auto"
     augment: int = 0
     augment_flip: str = "horizontal"
     augment_rotation: float = 0.05
@@ -184,7 +186,8 @@ def _is_file_base(base: str) -> bool:
 # same values (and unchanged files) is up to date without building the model.
 _FEATURE_FIELDS = (
     "base", "weights", "input_size", "layer", "pooling", "preprocess", "interpolation",
-    "dtype", "seed", "augment_flip", "augment_rotation", "augment_zoom", "augment_translation",
+    "dtype", "seed", "mixed_precision", "augment_flip", "augment_rotation", "augment_zoom",
+    "augment_translation",
 )
 
 
@@ -397,6 +400,8 @@ def run_extract(config: ExtractConfig) -> ExtractResult:
         pooling=config.pooling,
         preprocess_mode=config.preprocess,
         seed=config.seed,
+        precision="mixed_float16" if config.mixed_precision else "float32",
+        jit=config.jit,
     )
     import keras
 

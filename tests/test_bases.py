@@ -149,3 +149,22 @@ def test_feature_model_rebuilds_from_recorded_attrs(tmp_path, probe_model):
     base.write_bytes(base.read_bytes() + b"tampered")
     with pytest.raises(ValueError, match="changed since the cache was made"):
         feature_model_from_attrs(saved.attrs)
+
+
+def test_mixed_precision_and_jit_forward_pass():
+    """The GPU-box switches build and run on CPU too; features come back as float32."""
+    x = np.random.default_rng(0).uniform(0, 255, (2, 32, 32, 3)).astype(np.float32)
+    plain = build_feature_model("mobilenetv2", weights="none", input_size=(32, 32),
+                                layer="block_2_add", pooling="avg", seed=3)
+    mixed = build_feature_model("mobilenetv2", weights="none", input_size=(32, 32),
+                                layer="block_2_add", pooling="avg", seed=3,
+                                precision="mixed_bfloat16", jit="on")
+    assert mixed.attrs["precision"] == "mixed_bfloat16"
+    a, b = plain.features(x.copy()), mixed.features(x.copy())
+    assert b.dtype == np.float32
+    np.testing.assert_allclose(a, b, rtol=0.1, atol=0.1)
+    import keras
+
+    assert keras.config.dtype_policy().name == "float32", "global policy must be restored"
+    with pytest.raises(ValueError, match="Received: jit='yes'"):
+        build_feature_model("mobilenetv2", weights="none", input_size=(32, 32), jit="yes")
