@@ -22,6 +22,7 @@ method, so pixels equal ``image_dataset_from_directory``'s for every file Keras 
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import os
 import re
@@ -39,9 +40,11 @@ __all__ = [
     "ImageReadError",
     "ImageRecord",
     "decode_image",
+    "has_tensorflow",
     "index_images",
     "load_image",
     "parse_size",
+    "resize_bilinear",
 ]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -241,7 +244,7 @@ def decode_image(path: str | os.PathLike) -> np.ndarray:
                     "possible decompression bomb"
                 )
             orientation = int(im.getexif().get(0x0112, 1) or 1)
-            if im.format in _TF_FORMATS and im.mode in _TF_MODES:
+            if im.format in _TF_FORMATS and im.mode in _TF_MODES and has_tensorflow():
                 pixels = None
             else:
                 im.load()
@@ -263,17 +266,56 @@ def decode_image(path: str | os.PathLike) -> np.ndarray:
         raise ImageReadError(f"cannot decode image: {reason}") from exc
 
 
+def has_tensorflow() -> bool:
+    """Whether TensorFlow is installed (a JAX- or torch-only GPU box has none)."""
+    return importlib.util.find_spec("tensorflow") is not None
+
+
+def resize_bilinear(pixels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """``tf.image.resize(method="bilinear")`` in NumPy: half-pixel centres, no antialiasing.
+
+    The decode path for machines without TensorFlow; equal to TF's kernel to float32
+    rounding (tests/test_images.py).
+    """
+    x = pixels.astype(np.float32)
+
+    def axis_weights(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        centre = (np.arange(n_out, dtype=np.float32) + 0.5) * np.float32(n_in / n_out) - 0.5
+        floor = np.floor(centre)
+        lower = np.clip(floor, 0, n_in - 1).astype(np.int64)
+        upper = np.clip(np.ceil(centre), 0, n_in - 1).astype(np.int64)
+        return lower, upper, (centre - floor).astype(np.float32)
+
+    y0, y1, wy = axis_weights(x.shape[0], size[0])
+    x0, x1, wx = axis_weights(x.shape[1], size[1])
+    wx = wx[None, :, None]
+    top = x[y0][:, x0] + (x[y0][:, x1] - x[y0][:, x0]) * wx
+    bottom = x[y1][:, x0] + (x[y1][:, x1] - x[y1][:, x0]) * wx
+    return top + (bottom - top) * wy[:, None, None]
+
+
 def load_image(
     path: str | os.PathLike, size: tuple[int, int], interpolation: str = "bilinear"
 ) -> np.ndarray:
     """Decode and resize one image to (H, W, 3) float32 in 0..255, as Keras does.
 
+    Without TensorFlow, Pillow decodes every format and :func:`resize_bilinear` resizes
+    (bilinear only), so the pipeline also runs on a JAX- or torch-only machine.
+
     Raises:
         ImageReadError: see :func:`decode_image`.
+        ValueError: an interpolation other than bilinear without TensorFlow.
     """
+    pixels = decode_image(path)
+    if not has_tensorflow():
+        if interpolation != "bilinear":
+            raise ValueError(
+                "Without TensorFlow only bilinear resizing is available. "
+                f"Received: interpolation={interpolation!r}"
+            )
+        return resize_bilinear(pixels, size)
     import tensorflow as tf  # Keras' resize kernel; imported late to keep the CLI fast
 
-    pixels = decode_image(path)
     resized = tf.image.resize(pixels, size, method=interpolation)
     # A writable copy: preprocessing works in place.
     return np.array(resized, dtype=np.float32)

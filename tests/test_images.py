@@ -172,3 +172,28 @@ def test_parse_size():
     for bad in ("0", "abc", "12x", "-3"):
         with pytest.raises(ValueError, match="input_size"):
             parse_size(bad)
+
+
+@pytest.mark.parametrize("shape, size", [((31, 45), (19, 27)), ((8, 8), (32, 32)),
+                                         ((375, 500), (224, 224)), ((1, 7), (3, 2))])
+def test_numpy_bilinear_equals_tf_resize(shape, size):
+    import tensorflow as tf
+
+    from pipeline.images import resize_bilinear
+
+    x = np.random.default_rng(0).integers(0, 256, (*shape, 3), dtype=np.uint8)
+    np.testing.assert_allclose(resize_bilinear(x, size), tf.image.resize(x, size).numpy(),
+                               atol=1e-4)
+
+
+def test_pipeline_without_tensorflow_reads_the_same_pixels(tmp_path, monkeypatch):
+    """A JAX- or torch-only box (no TF) decodes with Pillow and resizes in NumPy."""
+    import pipeline.images
+
+    pixels = np.random.default_rng(1).integers(0, 256, (30, 41, 3), dtype=np.uint8)
+    save_png(pixels, tmp_path / "x.png")
+    with_tf = load_image(tmp_path / "x.png", (20, 16))
+    monkeypatch.setattr(pipeline.images, "has_tensorflow", lambda: False)
+    np.testing.assert_allclose(load_image(tmp_path / "x.png", (20, 16)), with_tf, atol=1e-4)
+    with pytest.raises(ValueError, match="Received: interpolation='area'"):
+        load_image(tmp_path / "x.png", (20, 16), "area")
