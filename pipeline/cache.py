@@ -164,7 +164,11 @@ class Cache:
 
 
 def read_cache(
-    path: str | os.PathLike, *, require_complete: bool = True, augmented: bool = False
+    path: str | os.PathLike,
+    *,
+    require_complete: bool = True,
+    augmented: bool = False,
+    features: bool = True,
 ) -> Cache:
     """Read a whole cache into memory.
 
@@ -172,6 +176,8 @@ def read_cache(
         path: the ``.h5`` file written by extract.
         require_complete: refuse a cache whose extraction has not finished.
         augmented: also read the augmented copies (extract --augment).
+        features: read the feature matrix; False leaves ``features`` empty (0 rows) for
+            out-of-core use, with only the small columns in memory.
 
     Raises:
         CacheError: the file is missing, unreadable, incomplete or not of this schema.
@@ -200,7 +206,7 @@ def read_cache(
         n = int(attrs.get("n_rows", 0))
         try:
             cache = Cache(
-                features=f["features"][:n],
+                features=f["features"][: n if features else 0],
                 labels=f["labels"][:n],
                 paths=list(f["paths"].asstr()[:n]),
                 split=np.asarray(f["split"].asstr()[:n], dtype=object),

@@ -11,7 +11,7 @@ import sys
 import traceback
 from collections.abc import Callable, Sequence
 
-__all__ = ["demo_main", "extract_main", "fit_head_main", "predict_main"]
+__all__ = ["demo_main", "extract_main", "finetune_main", "fit_head_main", "predict_main"]
 
 
 def extract_parser() -> argparse.ArgumentParser:
@@ -77,6 +77,9 @@ def fit_head_parser() -> argparse.ArgumentParser:
     p.add_argument("--class-weight", default=None, help="balanced (default: none)")
     p.add_argument("--use-augmented", action="store_true",
                    help="train on originals + augmented copies (extract --augment K)")
+    p.add_argument("--stream", action="store_true",
+                   help="out of core: read features from HDF5 in batches (dense, logreg and "
+                   "linear-svm; the linear heads become SGD, at most 10 passes)")
     p.add_argument("--export", default=None, metavar="FILE.keras",
                    help="dense head: also save base + head as one end-to-end model "
                    "(FILE.keras + FILE.json)")
@@ -106,6 +109,48 @@ def predict_parser() -> argparse.ArgumentParser:
                    help="save the dense head + frozen base as one end-to-end model "
                    "(FILE.keras + FILE.json); no images needed")
     return p
+
+
+def finetune_parser() -> argparse.ArgumentParser:
+    """Arguments of ``finetune.py``."""
+    p = argparse.ArgumentParser(
+        prog="finetune.py",
+        description="Unfreeze the top of the base and train it with the dense head on the "
+        "images (augmented; SGD, small learning rate), warm-started from a fit_head dense "
+        "head, or from a fresh head warmed up on a cache. Saves an end-to-end model.",
+    )
+    p.add_argument("source", help="fit_head output folder with a dense head, or a cache .h5 "
+                   "(a fresh dense head is warmed up on it first)")
+    p.add_argument("--unfreeze-from", default=None, metavar="LAYER",
+                   help="train this base layer and everything above it")
+    p.add_argument("--unfreeze-top-blocks", default=None, metavar="N", type=_blocks,
+                   help="train the top N blocks as the base names them (VGG block5_*, "
+                   "ResNet conv5_*, ...), or 'all'")
+    p.add_argument("--out", default=None,
+                   help="output folder (default: models/<head folder|cache>-finetuned)")
+    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--lr", type=float, default=1e-4, help="SGD learning rate (momentum 0.9)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--patience", type=int, default=5, help="early stopping on val_loss")
+    p.add_argument("--warmup-epochs", type=int, default=50,
+                   help="with a cache: epochs of the fresh head on the cached features")
+    p.add_argument("--val-split", type=float, default=0.2,
+                   help="with a cache that records no split (a head folder records its own)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cache", default=None, help="the head's cache (default: as recorded)")
+    p.add_argument("--data-dir", default=None,
+                   help="where the images are now (default: as the cache recorded)")
+    return p
+
+
+def _blocks(value: str) -> int | str:
+    """``--unfreeze-top-blocks``: an integer or 'all' (range checked against the base)."""
+    if value.strip().lower() == "all":
+        return "all"
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected N or 'all', got {value!r}") from None
 
 
 def _run(command: Callable[[], int]) -> int:
@@ -194,6 +239,27 @@ def predict_main(argv: Sequence[str] | None = None) -> int:
                 return 0
         result = run_predict(PredictConfig(**options))
         print(result.summary(), flush=True)
+        return 0
+
+    return _run(command)
+
+
+def finetune_main(argv: Sequence[str] | None = None) -> int:
+    """``finetune.py``: head folder or cache -> fine-tuned end-to-end model + metrics."""
+    args = finetune_parser().parse_args(argv)
+
+    def command() -> int:
+        from pipeline.finetune import FinetuneConfig, run_finetune
+
+        out_dir, metrics = run_finetune(FinetuneConfig(**vars(args)))
+        print(
+            f"finetune: done. validation accuracy {metrics['val_accuracy_before']:.4f} -> "
+            f"{metrics['val_accuracy_after']:.4f} after {metrics['epochs_run']} epochs "
+            f"({metrics['unfrozen_layers']} layers trained from "
+            f"{metrics['first_unfrozen_layer']!r}, fit {metrics['fit_seconds']:.1f} s); "
+            f"model.keras, head.json, metrics.json and config.json in {out_dir}/",
+            flush=True,
+        )
         return 0
 
     return _run(command)

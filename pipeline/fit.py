@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import h5py
 import numpy as np
 from sklearn.base import BaseEstimator
 from sklearn.metrics import accuracy_score, classification_report, confusion_matrix, f1_score
@@ -16,6 +17,7 @@ from sklearn.model_selection import train_test_split
 
 from pipeline.cache import read_cache
 from pipeline.heads import head_params, make_head, save_head, write_json_atomic
+from pipeline.stream import STREAM_HEADS
 
 __all__ = ["FitConfig", "evaluate", "run_fit", "split_rows"]
 
@@ -38,6 +40,7 @@ class FitConfig:
     class_weight: str | None = None
     patience: int = 10
     use_augmented: bool = False
+    stream: bool = False
 
 
 def _check_val_split(val_split: float) -> None:
@@ -146,7 +149,12 @@ def _stratified_split(
 
 
 def evaluate(
-    estimator: BaseEstimator, X: np.ndarray, y: np.ndarray, class_names: Sequence[str]
+    estimator: BaseEstimator,
+    X: np.ndarray | None,
+    y: np.ndarray,
+    class_names: Sequence[str],
+    *,
+    pred: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """Accuracy, macro-F1, per-class precision/recall/F1 and confusion matrix of a fitted head.
 
@@ -155,6 +163,7 @@ def evaluate(
         X: features.
         y: integer labels indexing ``class_names``.
         class_names: names of all classes of the cache.
+        pred: predictions already made (out of core); then ``X`` is not used.
 
     Returns:
         JSON-safe dict with keys ``accuracy``, ``macro_f1``, ``per_class`` (name ->
@@ -162,7 +171,8 @@ def evaluate(
         columns: predicted class, both in ``class_names`` order).
     """
     ids = list(range(len(class_names)))
-    pred = estimator.predict(X)
+    if pred is None:
+        pred = estimator.predict(X)
     report = classification_report(
         y, pred, labels=ids, target_names=list(class_names), output_dict=True, zero_division=0
     )
@@ -218,7 +228,15 @@ def run_fit(config: FitConfig) -> tuple[Path, dict[str, Any]]:
         Path(config.out) if config.out else Path("models") / f"{cache_path.stem}-{config.head}"
     )
 
-    cache = read_cache(cache_path, augmented=config.use_augmented)
+    if config.stream and config.head not in STREAM_HEADS:
+        raise ValueError(
+            f"`stream` supports the heads {STREAM_HEADS} (RBF SVMs need all rows in memory). "
+            f"Received: head={config.head!r}"
+        )
+    if config.stream and config.use_augmented:
+        raise ValueError("`stream` and `use_augmented` cannot be combined yet. "
+                         "Received: stream=True, use_augmented=True")
+    cache = read_cache(cache_path, augmented=config.use_augmented, features=not config.stream)
     class_names = cache.class_names
     n = len(cache.labels)
     if n == 0:
@@ -231,8 +249,9 @@ def run_fit(config: FitConfig) -> tuple[Path, dict[str, Any]]:
         )
     # float16 caches are widened once here; Keras and scikit-learn both want float32.
     X = np.asarray(cache.features, dtype=np.float32)
-    bad = np.flatnonzero(~np.isfinite(X.reshape(n, -1)).all(axis=1))
-    if bad.size:
+    # Streamed heads check each batch as they read it instead.
+    bad = np.flatnonzero(~np.isfinite(X.reshape(len(X), -1)).all(axis=1)) if n == len(X) else []
+    if len(bad):
         raise ValueError(
             f"{bad.size} of {n} rows in {cache_path} have NaN or infinite features "
             f"(first: {cache.paths[bad[0]]}). Re-extract the cache; with float16 caches, "
@@ -250,18 +269,32 @@ def run_fit(config: FitConfig) -> tuple[Path, dict[str, Any]]:
             "least two."
         )
 
-    X_train, y_train = X[train], labels[train]
     n_augmented = 0
-    if config.use_augmented:
-        X_train, y_train, n_augmented = _with_augmented(cache, train, X_train, y_train)
-    fit_kwargs: dict[str, Any] = {}
-    if config.head == "dense":
-        # Early stopping can only score rows of classes the head learns.
-        seen = np.isin(labels[val], train_classes)
-        fit_kwargs["validation_data"] = (X[val][seen], labels[val][seen])
     start = time.perf_counter()
-    estimator.fit(X_train, y_train, **fit_kwargs)
+    if config.stream:
+        estimator = _fit_streaming(config, cache, train, val)
+    else:
+        X_train, y_train = X[train], labels[train]
+        if config.use_augmented:
+            X_train, y_train, n_augmented = _with_augmented(cache, train, X_train, y_train)
+        fit_kwargs: dict[str, Any] = {}
+        if config.head == "dense":
+            # Early stopping can only score rows of classes the head learns.
+            seen = np.isin(labels[val], train_classes)
+            fit_kwargs["validation_data"] = (X[val][seen], labels[val][seen])
+        estimator.fit(X_train, y_train, **fit_kwargs)
     fit_seconds = time.perf_counter() - start
+
+    def scores(rows: np.ndarray) -> dict[str, Any]:
+        if not config.stream:
+            return evaluate(estimator, X[rows], labels[rows], class_names)
+        from pipeline.stream import open_features, predict_rows
+
+        f, features = open_features(cache_path)
+        with f:
+            rows = np.sort(rows)
+            pred = predict_rows(estimator, features, rows, max(config.batch_size, 1024))
+        return evaluate(estimator, None, labels[rows], class_names, pred=pred)
 
     metrics: dict[str, Any] = {
         "head": config.head,
@@ -275,18 +308,37 @@ def run_fit(config: FitConfig) -> tuple[Path, dict[str, Any]]:
         "n_val": int(val.size),
         "n_test": int(test.size),
         "fit_seconds": fit_seconds,
-        **evaluate(estimator, X[val], labels[val], class_names),
+        "stream": config.stream,
+        **scores(val),
     }
     if hasattr(estimator, "history_"):
         metrics["epochs_run"] = len(estimator.history_.get("loss", []))
     if test.size:
-        metrics["test"] = evaluate(estimator, X[test], labels[test], class_names)
+        metrics["test"] = scores(test)
 
     save_head(estimator, out_dir)
     write_json_atomic(out_dir / "metrics.json", metrics)
     write_json_atomic(out_dir / "config.json", dataclasses.asdict(config))
     _print_report(metrics, out_dir)
     return out_dir, metrics
+
+
+# Linear heads trained out of core make at most this many passes over the cache.
+STREAM_SGD_PASSES = 10
+
+
+def _fit_streaming(config: FitConfig, cache: Any, train: np.ndarray, val: np.ndarray) -> Any:
+    """Fit ``config.head`` from the cache file in batches (``--stream``)."""
+    from pipeline.stream import fit_streaming
+
+    with h5py.File(config.cache, "r") as f:
+        feature_shape = tuple(f["features"].shape[1:])
+    epochs = config.epochs if config.head == "dense" else min(config.epochs, STREAM_SGD_PASSES)
+    return fit_streaming(
+        config.head, config.cache, labels=cache.labels, paths=cache.paths, train=train, val=val,
+        feature_shape=feature_shape, epochs=epochs, lr=config.lr, batch_size=config.batch_size,
+        patience=config.patience, C=config.C, class_weight=config.class_weight, seed=config.seed,
+    )
 
 
 def _with_augmented(

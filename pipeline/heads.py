@@ -1,11 +1,12 @@
 """Classifier heads on cached bottleneck features, behind one scikit-learn estimator interface.
 
-Four heads, all trained by ``fit(X, y)`` and used by ``predict(X)``:
+Five heads, all trained by ``fit(X, y)`` and used by ``predict(X)``:
 
     dense        Keras: Flatten -> Dense(256, relu) -> Dropout(0.5) -> softmax (Chollet's head)
     logreg       flatten -> StandardScaler -> LogisticRegression
     linear-svm   flatten -> StandardScaler -> LinearSVC
     svm          flatten -> StandardScaler -> SVC(kernel="rbf")
+    knn          flatten -> StandardScaler -> KNeighborsClassifier(n_neighbors=5)
 
 ``X`` may be pooled vectors ``(N, d)`` or unpooled maps ``(N, h, w, c)``: every head flattens.
 A fitted head is saved to a folder with :func:`save_head` and read back with :func:`load_head`.
@@ -24,8 +25,9 @@ import joblib
 import keras
 import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin
-from sklearn.linear_model import LogisticRegression
+from sklearn.linear_model import LogisticRegression, SGDClassifier
 from sklearn.model_selection import train_test_split
+from sklearn.neighbors import KNeighborsClassifier
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import FunctionTransformer, StandardScaler
 from sklearn.svm import SVC, LinearSVC
@@ -43,7 +45,7 @@ __all__ = [
     "write_json_atomic",
 ]
 
-HEADS = ("dense", "logreg", "linear-svm", "svm")
+HEADS = ("dense", "logreg", "linear-svm", "svm", "knn")
 _HEAD_FORMAT_VERSION = 1
 # Share of the training rows DenseHead holds out for early stopping when given no validation data.
 _INTERNAL_VAL_FRACTION = 0.1
@@ -84,10 +86,15 @@ def _flatten(X: Any) -> np.ndarray:
     return X.reshape(len(X), -1)
 
 
+def flatten_step() -> FunctionTransformer:
+    """The pipelines' first step: (N, ...) features -> (N, D) rows (picklable)."""
+    return FunctionTransformer(_flatten)
+
+
 def _sklearn_pipeline(clf: BaseEstimator) -> Pipeline:
     return Pipeline(
         [
-            ("flatten", FunctionTransformer(_flatten)),
+            ("flatten", flatten_step()),
             ("scale", StandardScaler()),
             ("clf", clf),
         ]
@@ -107,8 +114,9 @@ def make_head(
 ) -> BaseEstimator:
     """Build an unfitted classifier head by name.
 
-    Arguments a head does not use are ignored: ``C`` by ``dense``; ``epochs``, ``lr``,
-    ``batch_size`` and ``patience`` by the scikit-learn heads.
+    Arguments a head does not use are ignored: ``C`` by ``dense`` and ``knn``; ``epochs``,
+    ``lr``, ``batch_size`` and ``patience`` by the scikit-learn heads; ``class_weight`` and
+    ``random_state`` by ``knn`` (its neighbours vote unweighted and it draws nothing).
 
     Args:
         name: one of ``HEADS``.
@@ -151,6 +159,8 @@ def make_head(
         )
     elif name == "linear-svm":
         clf = LinearSVC(C=C, class_weight=class_weight, random_state=random_state)
+    elif name == "knn":
+        clf = KNeighborsClassifier(n_neighbors=5)
     else:
         clf = SVC(
             kernel="rbf", C=C, gamma="scale", class_weight=class_weight, random_state=random_state
@@ -233,10 +243,16 @@ class DenseHead(ClassifierMixin, BaseEstimator):
             )
         return np.searchsorted(self.classes_, y)
 
+    def _trunk(self, feature_shape: tuple[int, ...]) -> list[keras.layers.Layer]:
+        # The layers between the input and the hidden Dense layer; a subclass may put a
+        # whole convnet here (compare's from-scratch baseline) and keep fit/predict as is.
+        return [keras.layers.Flatten(name="flatten")] if len(feature_shape) > 1 else []
+
     def _build(self, feature_shape: tuple[int, ...], n_classes: int) -> keras.Model:
-        layers: list[keras.layers.Layer] = [keras.Input(shape=feature_shape)]
-        if len(feature_shape) > 1:
-            layers.append(keras.layers.Flatten(name="flatten"))
+        layers: list[keras.layers.Layer] = [
+            keras.Input(shape=feature_shape),
+            *self._trunk(feature_shape),
+        ]
         layers += [
             keras.layers.Dense(self.hidden, activation="relu", name="hidden"),
             keras.layers.Dropout(self.dropout, name="dropout"),
@@ -338,6 +354,51 @@ class DenseHead(ClassifierMixin, BaseEstimator):
         self.history_ = {k: [float(v) for v in vals] for k, vals in history.history.items()}
         return self
 
+    def fit_batches(
+        self,
+        train: Any,
+        *,
+        classes: np.ndarray,
+        feature_shape: tuple[int, ...],
+        validation: Any = None,
+        y_for_weights: np.ndarray | None = None,
+    ) -> DenseHead:
+        """Train from batches that never sit in memory together (``fit_head --stream``).
+
+        Args:
+            train: a ``keras.utils.PyDataset`` of (features, class index) batches; class
+                indices as float32 for two classes (sigmoid output).
+            classes: the labels the indices stand for, sorted.
+            feature_shape: shape of one row.
+            validation: an optional PyDataset like ``train`` for early stopping.
+            y_for_weights: training class indices, for ``class_weight="balanced"``.
+
+        Returns:
+            self.
+        """
+        _check_head_args(class_weight=self.class_weight, epochs=self.epochs, lr=self.lr,
+                         batch_size=self.batch_size, patience=self.patience)
+        self.classes_ = np.asarray(classes)
+        self.feature_shape_ = tuple(int(d) for d in feature_shape)
+        self.n_features_in_ = int(np.prod(self.feature_shape_))
+        if self.random_state is not None:
+            keras.utils.set_random_seed(int(self.random_state))
+        model = self._build(self.feature_shape_, len(self.classes_))
+        weights = None
+        if self.class_weight == "balanced" and y_for_weights is not None:
+            w = compute_class_weight("balanced", classes=np.arange(len(self.classes_)),
+                                     y=y_for_weights)
+            weights = {i: float(v) for i, v in enumerate(w)}
+        callbacks = []
+        if validation is not None:
+            callbacks.append(keras.callbacks.EarlyStopping(
+                monitor="val_loss", patience=self.patience, restore_best_weights=True))
+        history = model.fit(train, validation_data=validation, epochs=self.epochs,
+                            class_weight=weights, callbacks=callbacks, verbose=self.verbose)
+        self.model_ = model
+        self.history_ = {k: [float(v) for v in vals] for k, vals in history.history.items()}
+        return self
+
     def predict_proba(self, X: Any) -> np.ndarray:
         """Class probabilities, columns in ``classes_`` order.
 
@@ -389,7 +450,14 @@ def head_name(estimator: BaseEstimator) -> str:
     if isinstance(estimator, DenseHead):
         return "dense"
     clf = estimator.named_steps.get("clf") if isinstance(estimator, Pipeline) else None
-    for cls, name in ((LogisticRegression, "logreg"), (LinearSVC, "linear-svm"), (SVC, "svm")):
+    if isinstance(clf, SGDClassifier):  # fit_head --stream: out-of-core linear heads
+        return "logreg" if clf.loss == "log_loss" else "linear-svm"
+    for cls, name in (
+        (LogisticRegression, "logreg"),
+        (LinearSVC, "linear-svm"),
+        (SVC, "svm"),
+        (KNeighborsClassifier, "knn"),
+    ):
         if isinstance(clf, cls):
             return name
     raise ValueError(f"Not a head built by make_head. Received: {type(estimator).__name__}")
