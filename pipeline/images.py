@@ -41,6 +41,7 @@ __all__ = [
     "ImageRecord",
     "decode_image",
     "has_tensorflow",
+    "image_files",
     "index_images",
     "load_image",
     "parse_size",
@@ -120,8 +121,8 @@ def _visible(name: str) -> bool:
     return not name.startswith(".")
 
 
-def _class_files(class_dir: Path) -> list[Path]:
-    """Image files under one class folder, in Keras' sorted-walk order."""
+def image_files(class_dir: Path) -> list[Path]:
+    """Image files under a folder, in Keras' sorted-walk order (hidden ones skipped)."""
     files = []
     # os.walk does not follow symlinked folders by default: Keras' follow_links=False.
     for root, dirs, names in sorted(os.walk(class_dir), key=lambda item: item[0]):
@@ -175,7 +176,7 @@ def index_images(data_dir: str | os.PathLike) -> ImageIndex:
             class_dir = group_dir / class_name
             if not class_dir.is_dir():
                 continue
-            for path in _class_files(class_dir):
+            for path in image_files(class_dir):
                 rel = path.relative_to(root).as_posix()
                 records.append(ImageRecord(rel, class_ids[class_name], split))
     if not records:

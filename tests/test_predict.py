@@ -1,0 +1,309 @@
+"""predict: new images through the recorded base + head equal the cached-feature predictions;
+export: base + head as one safe .keras model; combine: preprocessing as Keras layers."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+from conftest import PYTHON, SCRIPTS, bad_files, write_index_images
+
+from pipeline.bases import PREPROCESS_MODES, build_feature_model, preprocess
+from pipeline.cache import read_cache
+from pipeline.cli import fit_head_main, predict_main
+from pipeline.combine import end_to_end_model, preprocessing_layers
+from pipeline.extract import ExtractConfig, run_extract
+from pipeline.fit import FitConfig, run_fit
+from pipeline.heads import HEADS, load_head
+from pipeline.images import load_image
+from pipeline.predict import PredictConfig, export_model, run_predict, skipped_path
+
+# Equality here is "same computation, maybe another batch split": float32 round-off only.
+TOL = {"rtol": 1e-4, "atol": 1e-5}
+# Two datasets: 3 classes through caffe preprocessing into a float32 cache; 2 classes
+# (sigmoid dense head, one-column SVM scores) through torch preprocessing into float16.
+SETUPS = {
+    "3-class": {"classes": ("ant", "bee", "cat"), "preprocess": "caffe", "dtype": "float32"},
+    "2-class": {"classes": ("dog", "eel"), "preprocess": "torch", "dtype": "float16"},
+}
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory, probe_model):
+    """{setup: (data dir, cache path, {head: model dir})}: real caches and every head."""
+    out = {}
+    for name, setup in SETUPS.items():
+        root = tmp_path_factory.mktemp(name)
+        data = root / "data"
+        write_index_images(data, 24, classes=setup["classes"])
+        cache = root / "cache.h5"
+        run_extract(ExtractConfig(str(data), str(probe_model), pooling="avg",
+                                  preprocess=setup["preprocess"], dtype=setup["dtype"],
+                                  out=str(cache), batch_size=5))
+        heads = {}
+        for head in HEADS:
+            heads[head], _ = run_fit(FitConfig(str(cache), head=head, out=str(root / head),
+                                               epochs=3, lr=1e-2))
+        out[name] = (data, cache, heads)
+    return out
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def predict(model, images, out, **kwargs) -> tuple[list[dict[str, str]], object]:
+    result = run_predict(PredictConfig(str(model), [str(i) for i in images], str(out), **kwargs))
+    return read_csv(out), result
+
+
+def cached_predictions(cache_path: Path, model_dir: Path) -> tuple[dict, np.ndarray, np.ndarray]:
+    """What fit_head's head says on the cached features: {path: row}, classes, values."""
+    cache = read_cache(cache_path)
+    head = load_head(model_dir)
+    X = np.asarray(cache.features, dtype=np.float32)
+    if hasattr(head, "predict_proba"):
+        values = head.predict_proba(X)
+    else:
+        values = head.decision_function(X)
+        values = np.stack([-values, values], axis=1) if values.ndim == 1 else values
+    rows = {path: i for i, path in enumerate(cache.paths)}
+    names = [cache.class_names[c] for c in head.predict(X)]
+    return rows, np.asarray(names), values
+
+
+@pytest.mark.parametrize("setup", list(SETUPS))
+@pytest.mark.parametrize("head", HEADS)
+def test_predictions_equal_cached_feature_predictions(models, tmp_path, setup, head):
+    data, cache, heads = models[setup]
+    rows, names, values = cached_predictions(cache, heads[head])
+    predicted, result = predict(heads[head], [data], tmp_path / "p.csv", batch_size=7)
+    assert result.n_predicted == len(rows) == len(predicted) and not result.skipped
+    prefix = "score" if head in ("linear-svm", "svm") else "p"
+    classes = SETUPS[setup]["classes"]
+    assert list(predicted[0]) == ["path", "predicted", *(f"{prefix}_{c}" for c in classes)]
+    for row in predicted:
+        i = rows[Path(row["path"]).relative_to(data).as_posix()]
+        assert row["predicted"] == names[i]
+        got = [float(row[f"{prefix}_{c}"]) for c in classes]
+        np.testing.assert_allclose(got, values[i], **TOL)
+
+
+def test_top_k_columns_rank_the_values(models, tmp_path):
+    data, _, heads = models["3-class"]
+    rows, _ = predict(heads["logreg"], [data], tmp_path / "p.csv", top_k=2)
+    assert list(rows[0])[-4:] == ["top1_class", "top1_p", "top2_class", "top2_p"]
+    for row in rows:
+        probs = {c: float(row[f"p_{c}"]) for c in SETUPS["3-class"]["classes"]}
+        ranked = sorted(probs, key=probs.get, reverse=True)
+        assert [row["top1_class"], row["top2_class"]] == ranked[:2]
+        assert row["top1_class"] == row["predicted"]
+        assert float(row["top1_p"]) == probs[ranked[0]]
+
+
+def test_unreadable_files_are_listed_and_shift_no_rows(models, tmp_path, capsys):
+    data, _, heads = models["3-class"]
+    clean, _ = predict(heads["svm"], [data], tmp_path / "clean.csv")
+    mixed = tmp_path / "mixed"
+    shutil.copytree(data, mixed)
+    expected_reasons = bad_files(mixed / "bee")
+    (mixed / ".hidden.png").write_bytes(b"")  # hidden: never listed
+    (mixed / "notes.txt").write_text("not an image extension")  # ignored in a folder walk
+    out = tmp_path / "mixed.csv"
+    rows, result = predict(heads["svm"], [mixed], out, batch_size=4)
+    assert [r["path"] for r in rows] == [r["path"].replace(str(data), str(mixed)) for r in clean]
+    for got, want in zip(rows, clean, strict=True):
+        assert {k: v for k, v in got.items() if k != "path"} == {
+            k: v for k, v in want.items() if k != "path"
+        }
+    listed = {Path(r["path"]).name: r["reason"] for r in read_csv(skipped_path(out))}
+    assert set(listed) == set(expected_reasons)
+    for name, fragment in expected_reasons.items():
+        assert fragment in listed[name]
+    assert result.skipped_out == tmp_path / "mixed.skipped.csv"
+    err = capsys.readouterr().err
+    assert "skipped 3 unreadable files" in err and "zero.png" in err
+    # A later clean run to the same --out drops the stale list.
+    predict(heads["svm"], [data], out)
+    assert not skipped_path(out).exists()
+
+
+def test_files_and_folders_mix_in_the_order_given(models, tmp_path):
+    data, _, heads = models["2-class"]
+    one = sorted((data / "eel").iterdir())[0]
+    rows, _ = predict(heads["logreg"], [one, data / "dog", one], tmp_path / "p.csv")
+    dogs = sorted(str(p) for p in (data / "dog").iterdir())
+    assert [r["path"] for r in rows] == [str(one), *dogs, str(one)]
+
+
+@pytest.mark.parametrize("setup", list(SETUPS))
+def test_exported_model_equals_predict(models, tmp_path, setup):
+    data, _, heads = models[setup]
+    bottleneck, _ = predict(heads["dense"], [data], tmp_path / "dense.csv")
+    exported = export_model(heads["dense"], tmp_path / "export" / "head.keras")
+    meta = json.loads(exported.with_suffix(".json").read_text())
+    assert meta["kind"] == "end-to-end" and meta["input_size"] == [8, 8]
+    end_to_end, result = predict(exported, [data], tmp_path / "e2e.csv")
+    assert result.kind == "end-to-end"
+    assert [r["path"] for r in end_to_end] == [r["path"] for r in bottleneck]
+    assert [r["predicted"] for r in end_to_end] == [r["predicted"] for r in bottleneck]
+    columns = [c for c in bottleneck[0] if c.startswith("p_")]
+    got = np.array([[float(r[c]) for c in columns] for r in end_to_end])
+    want = np.array([[float(r[c]) for c in columns] for r in bottleneck])
+    np.testing.assert_allclose(got, want, **TOL)
+
+    # The file alone: plain Keras, safe_mode, usable as a layer of a larger model.
+    model = keras.models.load_model(exported, safe_mode=True, compile=False)
+    images = np.stack([load_image(r["path"], (8, 8)) for r in bottleneck])
+    inputs = keras.Input((8, 8, 3))
+    outer = keras.Model(inputs, keras.layers.Identity()(model(inputs)))
+    probs = np.asarray(outer.predict_on_batch(images))
+    if probs.shape[1] == 1:
+        probs = np.concatenate([1 - probs, probs], axis=1)
+    np.testing.assert_allclose(probs, want, **TOL)
+
+
+def test_finetune_layout_folder_is_read(models, tmp_path):
+    """A finetune output folder: model.keras + head.json (end-to-end) + metrics.json."""
+    data, _, heads = models["3-class"]
+    exported = export_model(heads["dense"], tmp_path / "e.keras")
+    meta = json.loads(exported.with_suffix(".json").read_text())
+    folder = tmp_path / "finetuned"
+    folder.mkdir()
+    shutil.copy(exported, folder / "model.keras")
+    attrs = meta.pop("cache_attrs")
+    (folder / "head.json").write_text(json.dumps(meta))
+    (folder / "metrics.json").write_text(json.dumps({"cache_attrs": attrs}))
+    from_file, _ = predict(exported, [data], tmp_path / "a.csv")
+    from_folder, _ = predict(folder, [data], tmp_path / "b.csv")
+    from_model_file, _ = predict(folder / "model.keras", [data], tmp_path / "c.csv")
+    assert from_file == from_folder == from_model_file
+
+
+def test_export_refuses_other_heads_and_bad_names(models, tmp_path, capsys):
+    _, cache, heads = models["3-class"]
+    with pytest.raises(ValueError, match="Received: head='svm'"):
+        export_model(heads["svm"], tmp_path / "svm.keras")
+    with pytest.raises(ValueError, match="Received: export="):
+        export_model(heads["dense"], tmp_path / "dense.h5")
+    with pytest.raises(ValueError, match="would overwrite"):
+        export_model(heads["dense"], heads["dense"] / "model.keras")
+    # fit_head refuses before training: no model folder appears.
+    out = tmp_path / "never"
+    code = fit_head_main([str(cache), "--head", "logreg", "--out", str(out),
+                          "--export", str(tmp_path / "x.keras")])
+    assert code == 2 and not out.exists()
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("error: export needs")
+
+
+def test_fit_head_and_predict_export_from_the_command_line(models, tmp_path, capsys):
+    data, cache, _ = models["2-class"]
+    target = tmp_path / "fit.keras"
+    assert fit_head_main([str(cache), "--head", "dense", "--epochs", "2", "--out",
+                          str(tmp_path / "dense"), "--export", str(target)]) == 0
+    assert target.is_file() and target.with_suffix(".json").is_file()
+    again = tmp_path / "again.keras"
+    assert predict_main([str(tmp_path / "dense"), "--export", str(again)]) == 0
+    assert keras.models.load_model(again, safe_mode=True).output_shape == (None, 1)
+    out = tmp_path / "p.csv"
+    assert predict_main([str(target), str(data), "--out", str(out)]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith("predict: done. 24 images") and last.endswith(f"predictions in {out}")
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["{missing}", "{data}"], "Received: model="),
+        (["{model}"], "No images given"),
+        (["{model}", "{missing}"], "Received: images="),
+        (["{model}", "{empty}"], "Found 0 images"),
+        (["{model}", "{data}", "--top-k", "0"], "Received: top_k=0"),
+        (["{model}", "{data}", "--top-k", "4"], "Received: top_k=4"),
+        (["{model}", "{data}", "--batch-size", "0"], "Received: batch_size=0"),
+    ],
+)
+def test_cli_errors_are_one_line(models, tmp_path, capsys, args, message):
+    data, _, heads = models["3-class"]
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
+    values = {"missing": tmp_path / "nope", "data": data, "model": heads["logreg"],
+              "empty": tmp_path / "empty"}
+    argv = [a.format(**values) for a in args] + ["--out", str(tmp_path / "p.csv")]
+    assert predict_main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ") and message in err[-1]
+    assert not any("Traceback" in line for line in err)
+    assert not (tmp_path / "p.csv").exists()
+
+
+def test_script_reports_one_line(tmp_path):
+    proc = subprocess.run([PYTHON, str(SCRIPTS / "predict.py"), str(tmp_path / "nope"), "x.png"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: `model` must be")
+
+
+@pytest.mark.parametrize("mode", PREPROCESS_MODES)
+def test_preprocessing_layers_equal_preprocess(tmp_path, mode):
+    x = np.random.default_rng(0).uniform(0, 255, (2, 5, 7, 3)).astype(np.float32)
+    inputs = keras.Input((None, None, 3))
+    y = inputs
+    for layer in preprocessing_layers(mode):
+        y = layer(y)
+    model = keras.Model(inputs, y)
+    model.save(tmp_path / "p.keras")
+    loaded = keras.models.load_model(tmp_path / "p.keras", safe_mode=True)
+    assert not loaded.trainable_weights
+    got = np.asarray(loaded.predict_on_batch(x))
+    np.testing.assert_allclose(got, preprocess(x.copy(), mode), rtol=1e-6, atol=1e-5)
+
+
+def test_preprocessing_layers_refuse_unknown_mode():
+    with pytest.raises(ValueError, match="Received: preprocess='yolo'"):
+        preprocessing_layers("yolo")
+
+
+def test_end_to_end_resize_equals_decoding_at_size(tmp_path, probe_model):
+    write_index_images(tmp_path / "data", 3, classes=("a",))
+    path = sorted((tmp_path / "data" / "a").iterdir())[0]
+    feature_model = build_feature_model(str(probe_model), pooling="avg", preprocess_mode="tf")
+    head = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2, activation="softmax")])
+    fixed = end_to_end_model(feature_model, head)
+    resizing = end_to_end_model(feature_model, head, resize_to=(8, 8), name="resizing")
+    raw = np.asarray(keras.utils.load_img(path), dtype=np.float32)[None]
+    at_size = load_image(path, (8, 8))[None]
+    np.testing.assert_allclose(resizing.predict_on_batch(raw), fixed.predict_on_batch(at_size),
+                               **TOL)
+    assert len(fixed.trainable_weights) == 2  # the head's; base and preprocessing frozen
+    with pytest.raises(ValueError, match=r"Received: resize_to=\(9, 8\)"):
+        end_to_end_model(feature_model, head, resize_to=(9, 8))
+    wrong = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+    with pytest.raises(ValueError, match="Received: head_model="):
+        end_to_end_model(feature_model, wrong)
+
+
+def test_named_base_with_random_weights(tmp_path):
+    """A keras.applications base (BatchNorm, tf preprocessing) rebuilt from its seed."""
+    data = tmp_path / "data"
+    write_index_images(data, 8, classes=("a", "b"))
+    cache = tmp_path / "cache.h5"
+    run_extract(ExtractConfig(str(data), "mobilenetv2", weights="none", input_size="32",
+                              pooling="avg", out=str(cache), seed=5))
+    model_dir, _ = run_fit(FitConfig(str(cache), head="dense", out=str(tmp_path / "m"),
+                                     epochs=2, val_split=0.5))
+    rows, names, values = cached_predictions(cache, model_dir)
+    bottleneck, _ = predict(model_dir, [data], tmp_path / "p.csv")
+    exported, _ = predict(export_model(model_dir, tmp_path / "e.keras"), [data],
+                          tmp_path / "e.csv")
+    for got, end_to_end in zip(bottleneck, exported, strict=True):
+        i = rows[Path(got["path"]).relative_to(data).as_posix()]
+        assert got["predicted"] == end_to_end["predicted"] == names[i]
+        for row in (got, end_to_end):
+            np.testing.assert_allclose([float(row["p_a"]), float(row["p_b"])], values[i], **TOL)
