@@ -11,7 +11,14 @@ import sys
 import traceback
 from collections.abc import Callable, Sequence
 
-__all__ = ["demo_main", "extract_main", "finetune_main", "fit_head_main", "predict_main"]
+__all__ = [
+    "compare_main",
+    "demo_main",
+    "extract_main",
+    "finetune_main",
+    "fit_head_main",
+    "predict_main",
+]
 
 
 def extract_parser() -> argparse.ArgumentParser:
@@ -153,17 +160,50 @@ def _blocks(value: str) -> int | str:
         raise argparse.ArgumentTypeError(f"expected N or 'all', got {value!r}") from None
 
 
+def compare_parser() -> argparse.ArgumentParser:
+    """Arguments of ``compare.py``."""
+    p = argparse.ArgumentParser(
+        prog="compare.py",
+        description="Score every (cache, head) pair on the same rows and the same stratified "
+        "folds, and write a leaderboard, results.json and an HTML report with plots.",
+    )
+    p.add_argument("caches", nargs="*", metavar="CACHE.h5",
+                   help="caches of the same images (e.g. one per base), matched by path")
+    p.add_argument("--heads", default="logreg,linear-svm,svm,knn,dense",
+                   help="comma-separated heads (default: logreg,linear-svm,svm,knn,dense)")
+    p.add_argument("--cv", type=int, default=5, help="stratified folds (default: 5)")
+    p.add_argument("--sweep", action="store_true",
+                   help="choose each head's regularisation from a small grid by mean CV accuracy")
+    p.add_argument("--n-jobs", type=int, default=1,
+                   help="parallel fits over heads and folds (-1: all cores; default: 1)")
+    p.add_argument("--seed", type=int, default=0, help="folds and every head's random_state")
+    p.add_argument("--scratch", default=None, metavar="DATA_DIR",
+                   help="also train a small convnet from scratch on the cached images in "
+                   "DATA_DIR (same rows, same folds)")
+    p.add_argument("--epochs", type=int, default=100, help="dense head: maximum epochs")
+    p.add_argument("--scratch-epochs", type=int, default=50,
+                   help="scratch convnet: maximum epochs")
+    p.add_argument("--out", default=None,
+                   help="report folder (default: reports/compare-<timestamp>)")
+    p.add_argument("--history-file", default="reports/history.jsonl",
+                   help="one JSON line per run is appended here (default: reports/history.jsonl)")
+    p.add_argument("--history", action="store_true",
+                   help="print the recorded runs as a table and exit")
+    return p
+
+
 def _run(command: Callable[[], int]) -> int:
     """Turn expected failures into one clear line on stderr and an exit code."""
     from pipeline.cache import CacheError
     from pipeline.extract import ExtractInterrupted
+    from pipeline.lock import CacheLockedError
 
     try:
         return command()
     except ExtractInterrupted as exc:
         print(str(exc), file=sys.stderr)
         return exc.exit_code
-    except (ValueError, CacheError, FileNotFoundError) as exc:
+    except (ValueError, CacheError, CacheLockedError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -261,6 +301,30 @@ def finetune_main(argv: Sequence[str] | None = None) -> int:
             flush=True,
         )
         return 0
+
+    return _run(command)
+
+
+def compare_main(argv: Sequence[str] | None = None) -> int:
+    """``compare.py``: caches x heads -> leaderboard + report; ``--history`` lists past runs."""
+    parser = compare_parser()
+    args = parser.parse_args(argv)
+    options = vars(args)
+    show_history = options.pop("history")
+    options["heads"] = [h.strip() for h in args.heads.split(",") if h.strip()]
+    if not show_history and not args.caches:
+        parser.error("give at least one CACHE.h5 (or --history to list past runs)")
+
+    def command() -> int:
+        from pipeline.compare import CompareConfig, run_compare
+        from pipeline.report import format_history, read_history
+
+        if show_history:
+            print(format_history(read_history(args.history_file)), flush=True)
+            return 0
+        result = run_compare(CompareConfig(**options))
+        print(result.summary(), flush=True)
+        return 0 if result.leaderboard else 2  # nothing could run: the report says why
 
     return _run(command)
 

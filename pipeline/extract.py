@@ -45,6 +45,7 @@ from pipeline.images import (
     load_image,
     parse_size,
 )
+from pipeline.lock import CacheLock
 from pipeline.progress import Progress, format_duration
 
 __all__ = [
@@ -419,42 +420,43 @@ def run_extract(config: ExtractConfig) -> ExtractResult:
     out = out or default_out(config, feature_model.input_size)
     feature_shape = feature_model.feature_shape
     listed = {r.path for r in index.records}
-    writer, mode = _open_writer(out, attrs, feature_shape, config.dtype, config.compression)
-    try:
-        gone = sorted(writer.done_paths() - listed)
-        if gone:
-            raise CacheError(
-                f"{len(gone)} images in {out} are no longer in {index.root} (first: "
-                f"{gone[0]!r}). Re-extract to a new --out (or delete {out})."
-            )
-        start = time.monotonic()
-        first_row = writer.n_rows
-        done = writer.done_paths()
-        todo = [r for r in index.records if r.path not in done]
-        new_skipped: list[tuple[str, str]] = []
-        if todo:
-            row_mb = np.prod(feature_shape) * np.dtype(config.dtype).itemsize * len(todo) / 1e6
-            verb = f"resuming after {writer.n_rows} rows" if mode == "resume" else "starting"
-            print(
-                f"extract: {verb}; {len(todo)} images to do ({len(index.records)} in "
-                f"{len(index.class_names)} classes, layout {index.layout}) -> {out}\n"
-                f"extract: base {attrs['base']} (weights {attrs['weights']}), layer "
-                f"{attrs['layer']}, pooling {attrs['pooling']}, input "
-                f"{feature_model.input_size}, preprocess {attrs['preprocess']}; features "
-                f"{feature_shape} {config.dtype}, ~{row_mb:.1f} MB to write",
-                file=sys.stderr,
-                flush=True,
-            )
-            new_skipped = _extract_loop(config, index, feature_model, writer, todo)
-        # New rows of a cache that already holds K passes get those K passes too.
-        passes = max(config.augment, int(writer.attrs.get("augment_passes", 0)))
-        if passes:
-            _augment_loop(config, index, feature_model, writer, passes)
-        seconds = time.monotonic() - start
-        n_rows, n_skipped = writer.n_rows, writer.n_skipped
-        path = writer.finish()
-    finally:
-        writer.close()
+    with CacheLock(out):
+        writer, mode = _open_writer(out, attrs, feature_shape, config.dtype, config.compression)
+        try:
+            gone = sorted(writer.done_paths() - listed)
+            if gone:
+                raise CacheError(
+                    f"{len(gone)} images in {out} are no longer in {index.root} (first: "
+                    f"{gone[0]!r}). Re-extract to a new --out (or delete {out})."
+                )
+            start = time.monotonic()
+            first_row = writer.n_rows
+            done = writer.done_paths()
+            todo = [r for r in index.records if r.path not in done]
+            new_skipped: list[tuple[str, str]] = []
+            if todo:
+                row_mb = np.prod(feature_shape) * np.dtype(config.dtype).itemsize * len(todo) / 1e6
+                verb = f"resuming after {writer.n_rows} rows" if mode == "resume" else "starting"
+                print(
+                    f"extract: {verb}; {len(todo)} images to do ({len(index.records)} in "
+                    f"{len(index.class_names)} classes, layout {index.layout}) -> {out}\n"
+                    f"extract: base {attrs['base']} (weights {attrs['weights']}), layer "
+                    f"{attrs['layer']}, pooling {attrs['pooling']}, input "
+                    f"{feature_model.input_size}, preprocess {attrs['preprocess']}; features "
+                    f"{feature_shape} {config.dtype}, ~{row_mb:.1f} MB to write",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                new_skipped = _extract_loop(config, index, feature_model, writer, todo)
+            # New rows of a cache that already holds K passes get those K passes too.
+            passes = max(config.augment, int(writer.attrs.get("augment_passes", 0)))
+            if passes:
+                _augment_loop(config, index, feature_model, writer, passes)
+            seconds = time.monotonic() - start
+            n_rows, n_skipped = writer.n_rows, writer.n_skipped
+            path = writer.finish()
+        finally:
+            writer.close()
     _report_skipped(new_skipped)
     return ExtractResult(path, "extracted", n_rows, n_rows - first_row, n_skipped, new_skipped,
                          feature_shape, config.dtype, seconds)

@@ -239,3 +239,20 @@ def test_compressed_cache_holds_the_same_features(tmp_path, probe_model, compres
     np.testing.assert_array_equal(read_cache(packed).features, read_cache(plain).features)
     with pytest.raises(ValueError, match="Received: compression='zip'"):
         run_extract(probe_config(data, probe_model, tmp_path / "x.h5", compression="zip"))
+
+
+def test_second_writer_is_refused_and_stale_lock_taken_over(tmp_path, probe_model, capsys):
+    import os
+
+    from pipeline.lock import CacheLock, CacheLockedError
+
+    data = tmp_path / "data"
+    write_index_images(data, 6)
+    out = tmp_path / "c.h5"
+    with CacheLock(out), pytest.raises(CacheLockedError, match=f'"pid": {os.getpid()}'):
+        run_extract(probe_config(data, probe_model, out))
+    assert not (tmp_path / "c.h5.lock").exists()
+    # A lock file left by a killed run (no flock held) is stale: taken over, reported.
+    (tmp_path / "c.h5.lock").write_text('{"pid": 999999, "host": "gone"}')
+    assert run_extract(probe_config(data, probe_model, out)).n_rows == 6
+    assert "stale lock" in capsys.readouterr().err
