@@ -6,8 +6,12 @@ Layout (schema_version 1), one HDF5 file per (data folder, base configuration):
     labels         (N,) int64, index into attrs["class_names"]
     paths          (N,) UTF-8, relative to the data folder, '/'-separated
     split          (N,) UTF-8, "train" | "validation" | "test" | "" (no split recorded)
+    sha256         (N,) UTF-8, hex digest of the image file's bytes when it was extracted
+    size, mtime_ns (N,) int64, the file's size and modification time then (a cheap first
+                   check: only files whose stat changed are hashed again on a re-run)
     skipped/paths  (M,) UTF-8, unreadable files
     skipped/reasons(M,) UTF-8, why each was skipped
+    skipped/size, skipped/mtime_ns (M,) int64: a skipped file that changes is retried
     augmented/features (A, ...) randomly augmented passes of training rows (extract --augment)
     augmented/source   (A,) int64, the row each augmented copy was made from
     augmented/pass     (A,) int64, which pass (0..K-1) made it
@@ -43,8 +47,10 @@ __all__ = [
     "committed_paths",
     "identity_differences",
     "partial_path",
+    "RowState",
     "read_attrs",
     "read_cache",
+    "read_row_state",
 ]
 
 SCHEMA_VERSION = 1
@@ -65,6 +71,11 @@ IDENTITY_KEYS = (
     "class_names",
 )
 _STR = h5py.string_dtype("utf-8")
+# Per-row columns besides features and labels.
+_STR_COLUMNS = ("paths", "split", "sha256")
+_INT_COLUMNS = ("size", "mtime_ns")
+_ROW_COLUMNS = ("features", "labels", *_STR_COLUMNS, *_INT_COLUMNS)
+_SKIPPED_COLUMNS = ("skipped/paths", "skipped/reasons", "skipped/size", "skipped/mtime_ns")
 
 
 class CacheError(ValueError):
@@ -133,6 +144,35 @@ def read_attrs(path: str | os.PathLike) -> dict[str, Any]:
     """The root attributes of a cache (or partial cache), JSON values decoded."""
     with _open(Path(path), "r") as f:
         return _decode_attrs(f.attrs)
+
+
+@dataclass
+class RowState:
+    """What a cache knows about the files behind its rows and skipped entries."""
+
+    paths: list[str]
+    sha256: list[str]
+    size: np.ndarray
+    mtime_ns: np.ndarray
+    split: list[str]
+    skipped_paths: list[str]
+    skipped_size: np.ndarray
+    skipped_mtime_ns: np.ndarray
+
+
+def _row_state(f: h5py.File) -> RowState:
+    n, m = int(f.attrs.get("n_rows", 0)), int(f.attrs.get("n_skipped", 0))
+    return RowState(
+        list(f["paths"].asstr()[:n]), list(f["sha256"].asstr()[:n]), f["size"][:n],
+        f["mtime_ns"][:n], list(f["split"].asstr()[:n]), list(f["skipped/paths"].asstr()[:m]),
+        f["skipped/size"][:m], f["skipped/mtime_ns"][:m],
+    )
+
+
+def read_row_state(path: str | os.PathLike) -> RowState:
+    """The :class:`RowState` of a cache file, read without its features."""
+    with _open(Path(path), "r") as f:
+        return _row_state(f)
 
 
 def committed_paths(path: str | os.PathLike) -> set[str]:
@@ -272,17 +312,23 @@ class CacheWriter:
             "dtype": np_dtype,
             "chunks": (rows, *feature_shape),
             "compression": None if compression == "none" else compression,
+            "fletcher32": True,  # a damaged chunk fails loudly on read, never silently
         }
         if compression != "none":
             feature_options["shuffle"] = True  # byte-shuffle: floats compress far better
         f.create_dataset("features", **feature_options)
         vec_chunk = (max(rows, 1024),)
-        f.create_dataset("labels", shape=(0,), maxshape=(None,), dtype="int64", chunks=vec_chunk)
-        for name in ("paths", "split", "skipped/paths", "skipped/reasons"):
+        f.create_dataset("labels", shape=(0,), maxshape=(None,), dtype="int64", chunks=vec_chunk,
+                         fletcher32=True)
+        for name in _STR_COLUMNS + ("skipped/paths", "skipped/reasons"):
             f.create_dataset(name, shape=(0,), maxshape=(None,), dtype=_STR, chunks=vec_chunk)
+        for name in _INT_COLUMNS + ("skipped/size", "skipped/mtime_ns"):
+            f.create_dataset(name, shape=(0,), maxshape=(None,), dtype="int64", chunks=vec_chunk,
+                             fletcher32=True)
         f.create_dataset("augmented/features", **feature_options)
         for name in ("augmented/source", "augmented/pass"):
-            f.create_dataset(name, shape=(0,), maxshape=(None,), dtype="int64", chunks=vec_chunk)
+            f.create_dataset(name, shape=(0,), maxshape=(None,), dtype="int64", chunks=vec_chunk,
+                             fletcher32=True)
         for key, value in attrs.items():
             f.attrs[key] = _encode_attr(value)
         f.attrs["compression"] = compression
@@ -303,9 +349,9 @@ class CacheWriter:
         writer = cls(final, f)
         f.attrs["complete"] = False
         # Rows past n_rows were written by a batch whose commit never finished.
-        for name in ("features", "labels", "paths", "split"):
+        for name in _ROW_COLUMNS:
             f[name].resize(writer.n_rows, axis=0)
-        for name in ("skipped/paths", "skipped/reasons"):
+        for name in _SKIPPED_COLUMNS:
             f[name].resize(writer.n_skipped, axis=0)
         for name in ("augmented/features", "augmented/source", "augmented/pass"):
             f[name].resize(writer.n_augmented, axis=0)
@@ -355,35 +401,102 @@ class CacheWriter:
         labels: Sequence[int],
         paths: Sequence[str],
         splits: Sequence[str],
-        skipped: Sequence[tuple[str, str]] = (),
+        skipped: Sequence[tuple] = (),
+        *,
+        sha256: Sequence[str] | None = None,
+        size: Sequence[int] | None = None,
+        mtime_ns: Sequence[int] | None = None,
     ) -> None:
-        """Write one batch of rows (and the files skipped while making it), then commit."""
+        """Write one batch of rows (and the files skipped while making it), then commit.
+
+        ``skipped`` holds (path, reason) or (path, reason, size, mtime_ns) tuples; unknown
+        hashes and stats are stored as "" and -1.
+        """
         k = len(paths)
         if not (len(features) == len(labels) == len(splits) == k):
             raise RuntimeError("internal error: batch arrays of different lengths")
         f = self._f
         if k:
             start, stop = self.n_rows, self.n_rows + k
-            for name in ("features", "labels", "paths", "split"):
+            columns = {
+                "features": features,
+                "labels": np.asarray(labels, dtype=np.int64),
+                "paths": list(paths),
+                "split": list(splits),
+                "sha256": list(sha256) if sha256 is not None else [""] * k,
+                "size": np.asarray(size if size is not None else [-1] * k, dtype=np.int64),
+                "mtime_ns": np.asarray(mtime_ns if mtime_ns is not None else [-1] * k,
+                                       dtype=np.int64),
+            }
+            for name, values in columns.items():
                 f[name].resize(stop, axis=0)
-            f["features"][start:stop] = features
-            f["labels"][start:stop] = np.asarray(labels, dtype=np.int64)
-            f["paths"][start:stop] = list(paths)
-            f["split"][start:stop] = list(splits)
+                f[name][start:stop] = values
             self.n_rows = stop
         if skipped:
             start, stop = self.n_skipped, self.n_skipped + len(skipped)
-            for name, values in (
-                ("skipped/paths", [p for p, _ in skipped]),
-                ("skipped/reasons", [r for _, r in skipped]),
-            ):
+            full = [(*item, -1, -1)[:4] for item in skipped]
+            for j, name in enumerate(_SKIPPED_COLUMNS):
+                values = [item[j] for item in full]
                 f[name].resize(stop, axis=0)
-                f[name][start:stop] = values
+                f[name][start:stop] = np.asarray(values, dtype=np.int64) if j >= 2 else values
             self.n_skipped = stop
         # The counters are written last: they are the commit record a resume trusts.
         f.attrs["n_rows"] = self.n_rows
         f.attrs["n_skipped"] = self.n_skipped
         f.flush()
+
+    def update_stats(self, rows: Sequence[int], size: Sequence[int],
+                     mtime_ns: Sequence[int]) -> None:
+        """Record new stats for rows whose file was touched but whose bytes are the same."""
+        for row, sz, mt in zip(rows, size, mtime_ns, strict=True):
+            self._f["size"][row] = sz
+            self._f["mtime_ns"][row] = mt
+        self._f.flush()
+
+    def row_state(self) -> RowState:
+        """Paths, hashes and stats of the committed rows and skipped files."""
+        return _row_state(self._f)
+
+    def rewrite(self, keep_rows: np.ndarray, keep_skipped: np.ndarray) -> CacheWriter:
+        """A new partial cache holding only the given rows (and their augmented copies)
+        and skipped files, in their order; used when images were deleted or changed.
+
+        Returns:
+            The writer of the rewritten partial cache (this writer is closed).
+        """
+        f = self._f
+        features = f["features"]
+        tmp = self.partial.with_name(self.partial.name + ".rewrite")
+        new = CacheWriter.create(
+            tmp, attrs=dict(self.attrs), feature_shape=features.shape[1:],
+            dtype=str(features.dtype), compression=str(self.attrs.get("compression", "none")),
+        )
+        step = max(1, features.chunks[0] if features.chunks else 256)
+        keep_rows = np.asarray(keep_rows, dtype=np.int64)
+        for start in range(0, len(keep_rows), step):
+            rows = keep_rows[start : start + step]
+            new.append(
+                features[rows], f["labels"][rows], f["paths"].asstr()[rows],
+                f["split"].asstr()[rows], sha256=f["sha256"].asstr()[rows],
+                size=f["size"][rows], mtime_ns=f["mtime_ns"][rows],
+            )
+        kept = [tuple(f[name].asstr()[j] if i < 2 else int(f[name][j])
+                      for i, name in enumerate(_SKIPPED_COLUMNS)) for j in keep_skipped]
+        if kept:
+            new.append(features[:0], [], [], [], kept)
+        # Augmented copies follow their source row to its new index.
+        where = {int(row): i for i, row in enumerate(keep_rows)}
+        source = f["augmented/source"][: self.n_augmented]
+        copies = [j for j, row in enumerate(source) if int(row) in where]
+        for start in range(0, len(copies), step):
+            take = copies[start : start + step]
+            new.append_augmented(f["augmented/features"][take],
+                                 [where[int(source[j])] for j in take],
+                                 f["augmented/pass"][take])
+        new.close()
+        self.close()
+        os.replace(new.partial, self.partial)
+        return CacheWriter.resume(self.final)
 
     def _sync(self) -> None:
         self._f.flush()

@@ -31,10 +31,10 @@ from pipeline.bases import (
 from pipeline.cache import (
     CacheError,
     CacheWriter,
-    committed_paths,
     identity_differences,
     partial_path,
     read_attrs,
+    read_row_state,
 )
 from pipeline.images import (
     INTERPOLATIONS,
@@ -42,8 +42,8 @@ from pipeline.images import (
     ImageReadError,
     ImageRecord,
     index_images,
-    load_image,
     parse_size,
+    read_image,
 )
 from pipeline.lock import CacheLock
 from pipeline.progress import Progress, format_duration
@@ -108,6 +108,7 @@ class ExtractResult:
     feature_shape: tuple[int, ...] = ()
     dtype: str = "float32"
     seconds: float = 0.0
+    changes: dict[str, int] = field(default_factory=dict)
 
     def summary(self) -> str:
         """The one-line summary printed last."""
@@ -121,7 +122,9 @@ class ExtractResult:
         return (
             f"extract: done. {self.n_new_rows} new images in {format_duration(self.seconds)} "
             f"({rate:.1f} img/s); cache {self.path}: {self.n_rows} rows, features "
-            f"{self.feature_shape} {self.dtype}, {size_mb:.1f} MB, {self.n_skipped} skipped."
+            f"{self.feature_shape} {self.dtype}, {size_mb:.1f} MB, {self.n_skipped} skipped"
+            + "".join(f", {v} {k.replace('_', ' ')}" for k, v in self.changes.items() if v)
+            + "."
         )
 
 
@@ -192,7 +195,9 @@ _FEATURE_FIELDS = (
 )
 
 
-def _up_to_date(config: ExtractConfig, index: ImageIndex, out: Path) -> ExtractResult | None:
+def _up_to_date(
+    config: ExtractConfig, index: ImageIndex, out: Path, stats: dict[str, tuple[int, int]]
+) -> ExtractResult | None:
     """The result of a run with nothing to do, decided from the cache's records alone."""
     if not out.exists() or partial_path(out).exists():
         return None
@@ -213,7 +218,13 @@ def _up_to_date(config: ExtractConfig, index: ImageIndex, out: Path) -> ExtractR
         f"sha256:{file_sha256(config.weights)}" != old["weights"]
     ):
         return None
-    if committed_paths(out) != {r.path for r in index.records}:
+    state = read_row_state(out)
+    known = dict(zip(state.paths, zip(state.size.tolist(), state.mtime_ns.tolist(),
+                                      strict=True), strict=True))
+    known.update(zip(state.skipped_paths, zip(state.skipped_size.tolist(),
+                                              state.skipped_mtime_ns.tolist(), strict=True),
+                     strict=True))
+    if known != stats:  # a file added, deleted, or touched since: look closer
         return None
     return ExtractResult(out, "up-to-date", int(old["n_rows"]), 0, int(old["n_skipped"]),
                          dtype=config.dtype)
@@ -235,17 +246,17 @@ class _BackgroundWriter:
             if item is None:
                 return
             if self.error is None:
-                method, args = item
+                method, args, kwargs = item
                 try:
-                    getattr(self._writer, method)(*args)
+                    getattr(self._writer, method)(*args, **kwargs)
                 except BaseException as exc:  # noqa: BLE001 - re-raised in the main thread
                     self.error = exc
 
-    def put(self, method: str, *args: Any) -> None:
-        """Queue ``writer.<method>(*args)`` (one committed batch); re-raise an earlier failure."""
+    def put(self, method: str, *args: Any, **kwargs: Any) -> None:
+        """Queue ``writer.<method>(...)`` (one committed batch); re-raise an earlier failure."""
         if self.error is not None:
             raise self.error
-        self._queue.put((method, args))
+        self._queue.put((method, args, kwargs))
 
     def close(self) -> None:
         """Commit everything queued, then stop."""
@@ -265,6 +276,7 @@ class DecodedBatch:
     indices: list[int]
     images: np.ndarray  # (n, H, W, 3) float32 RGB in 0..255, not yet preprocessed
     skipped: list[tuple[int, str]]
+    digests: list[str] = field(default_factory=list)  # sha256 of each file's bytes
 
 
 def decoded_batches(
@@ -288,10 +300,11 @@ def decoded_batches(
     upcoming = iter(range(len(paths)))
 
     def submit(i: int) -> None:
-        pending.append((i, pool.submit(load_image, paths[i], size, interpolation)))
+        pending.append((i, pool.submit(read_image, paths[i], size, interpolation)))
 
     indices: list[int] = []
     images: list[np.ndarray] = []
+    digests: list[str] = []
     skipped: list[tuple[int, str]] = []
     try:
         for i in upcoming:
@@ -304,16 +317,19 @@ def decoded_batches(
             if following is not None:
                 submit(following)
             try:
-                images.append(future.result())
-                indices.append(i)
+                image, digest = future.result()
             except ImageReadError as exc:
                 skipped.append((i, str(exc)))
+            else:
+                images.append(image)
+                digests.append(digest)
+                indices.append(i)
             if len(images) == batch_size:
-                yield DecodedBatch(indices, np.stack(images), skipped)
-                indices, images, skipped = [], [], []
+                yield DecodedBatch(indices, np.stack(images), skipped, digests)
+                indices, images, skipped, digests = [], [], [], []
         if images or skipped:
             stacked = np.stack(images) if images else np.zeros((0, *size, 3), np.float32)
-            yield DecodedBatch(indices, stacked, skipped)
+            yield DecodedBatch(indices, stacked, skipped, digests)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
 
@@ -322,7 +338,14 @@ def _open_writer(
     out: Path, attrs: dict[str, Any], feature_shape: tuple[int, ...], dtype: str,
     compression: str,
 ) -> tuple[CacheWriter, str]:
-    """Resume ``<out>.partial``, reopen a complete ``out`` for appending, or start anew."""
+    """Resume ``<out>.partial``, reopen a complete ``out`` for appending, or start anew.
+
+    HDF5 is not crash-safe: a kill during a write can leave its metadata (free-space
+    lists, the heap of variable-length strings) damaged past the last commit. So a
+    partial cache is never appended to in place: its committed rows are read back (every
+    chunk checked by its Fletcher-32 checksum) into a fresh file, and a partial that
+    cannot be read back is set aside and extraction starts over.
+    """
     partial = partial_path(out)
     for existing in (partial, out):
         if not existing.exists():
@@ -332,12 +355,7 @@ def _open_writer(
         except CacheError:
             if existing == out:
                 raise
-            # An interrupted write can leave HDF5 metadata unreadable: keep the file for
-            # inspection, never append to it.
-            aside = existing.with_name(existing.name + f".corrupt-{int(time.time())}")
-            os.replace(existing, aside)
-            print(f"extract: {existing} is unreadable; moved to {aside}, starting over.",
-                  file=sys.stderr)
+            _set_aside(existing, "is unreadable")
             continue
         diffs = identity_differences(old, attrs)
         if diffs:
@@ -346,12 +364,24 @@ def _open_writer(
                 "Differences:\n" + "\n".join(diffs) + "\nUse another --out, or delete the "
                 "file to re-extract."
             )
-        if existing == out:
+        if existing == out:  # cleanly closed: safe to append to
             os.replace(out, partial)
-        return CacheWriter.resume(out), "resume"
+            return CacheWriter.resume(out), "resume"
+        try:
+            writer = CacheWriter.resume(out)
+            return writer.rewrite(np.arange(writer.n_rows), np.arange(writer.n_skipped)), "resume"
+        except (OSError, KeyError, ValueError, RuntimeError) as exc:
+            _set_aside(existing, f"could not be read back ({exc})")
     writer = CacheWriter.create(out, attrs=attrs, feature_shape=feature_shape, dtype=dtype,
                                 compression=compression)
     return writer, "new"
+
+
+def _set_aside(path: Path, why: str) -> None:
+    """Keep a damaged partial cache for inspection, never append to it."""
+    aside = path.with_name(path.name + f".corrupt-{int(time.time())}")
+    os.replace(path, aside)
+    print(f"extract: {path} {why}; moved to {aside}, starting over.", file=sys.stderr)
 
 
 def _stored(features: np.ndarray, dtype: str) -> np.ndarray:
@@ -388,10 +418,11 @@ def run_extract(config: ExtractConfig) -> ExtractResult:
     """
     size = _validate(config)
     index: ImageIndex = index_images(config.data_dir)
+    stats = _stats(index)
     out = Path(config.out) if config.out else None
     if out is None and (size or not _is_file_base(config.base)):
         out = default_out(config, size or (resolve_base(config.base).default_size,) * 2)
-    if out is not None and (result := _up_to_date(config, index, out)) is not None:
+    if out is not None and (result := _up_to_date(config, index, out, stats)) is not None:
         return result
     feature_model = build_feature_model(
         config.base,
@@ -419,17 +450,12 @@ def run_extract(config: ExtractConfig) -> ExtractResult:
     )
     out = out or default_out(config, feature_model.input_size)
     feature_shape = feature_model.feature_shape
-    listed = {r.path for r in index.records}
     with CacheLock(out):
         writer, mode = _open_writer(out, attrs, feature_shape, config.dtype, config.compression)
         try:
-            gone = sorted(writer.done_paths() - listed)
-            if gone:
-                raise CacheError(
-                    f"{len(gone)} images in {out} are no longer in {index.root} (first: "
-                    f"{gone[0]!r}). Re-extract to a new --out (or delete {out})."
-                )
             start = time.monotonic()
+            writer, changes = _drop_stale_rows(writer, index, stats)
+            augmented = writer.n_augmented
             first_row = writer.n_rows
             done = writer.done_paths()
             todo = [r for r in index.records if r.path not in done]
@@ -447,19 +473,106 @@ def run_extract(config: ExtractConfig) -> ExtractResult:
                     file=sys.stderr,
                     flush=True,
                 )
-                new_skipped = _extract_loop(config, index, feature_model, writer, todo)
+                new_skipped = _extract_loop(config, index, feature_model, writer, todo, stats)
             # New rows of a cache that already holds K passes get those K passes too.
             passes = max(config.augment, int(writer.attrs.get("augment_passes", 0)))
             if passes:
                 _augment_loop(config, index, feature_model, writer, passes)
             seconds = time.monotonic() - start
             n_rows, n_skipped = writer.n_rows, writer.n_skipped
+            wrote = n_rows != first_row or any(changes.values()) or writer.n_augmented != augmented
+            leaks = _leaks(writer.row_state())
+            writer.set_attrs(leaks=len(leaks))
             path = writer.finish()
         finally:
             writer.close()
     _report_skipped(new_skipped)
-    return ExtractResult(path, "extracted", n_rows, n_rows - first_row, n_skipped, new_skipped,
-                         feature_shape, config.dtype, seconds)
+    _report_leaks(leaks)
+    return ExtractResult(path, "extracted" if wrote else "up-to-date", n_rows, n_rows - first_row,
+                         n_skipped, new_skipped, feature_shape, config.dtype, seconds,
+                         changes=changes)
+
+
+def _stats(index: ImageIndex) -> dict[str, tuple[int, int]]:
+    """(size, mtime_ns) of every listed file: the cheap first test for a changed file."""
+    out = {}
+    for record in index.records:
+        try:
+            st = os.stat(index.root / record.path)
+            out[record.path] = (int(st.st_size), int(st.st_mtime_ns))
+        except OSError:
+            out[record.path] = (-1, -1)  # vanished since listing: decode will skip it
+    return out
+
+
+def _drop_stale_rows(
+    writer: CacheWriter, index: ImageIndex, stats: dict[str, tuple[int, int]]
+) -> tuple[CacheWriter, dict[str, int]]:
+    """Remove rows of deleted or changed images (and skipped entries to retry).
+
+    A row whose file's size or mtime changed is hashed again; only a different sha256
+    counts as changed, so a touched-but-identical image keeps its row. Changed images
+    are then extracted again like new ones.
+    """
+    state = writer.row_state()
+    deleted = changed = 0
+    keep_rows, touched = [], []
+    for row, path in enumerate(state.paths):
+        now = stats.get(path)
+        if now is None:
+            deleted += 1
+            continue
+        if now != (int(state.size[row]), int(state.mtime_ns[row])):
+            if _file_digest(index.root / path) != state.sha256[row]:
+                changed += 1
+                continue
+            touched.append(row)
+        keep_rows.append(row)
+    if touched:  # same bytes, new mtime: remember the new stat so the next check is cheap
+        writer.update_stats(touched, [stats[state.paths[r]][0] for r in touched],
+                            [stats[state.paths[r]][1] for r in touched])
+    keep_skipped = [
+        j for j, path in enumerate(state.skipped_paths)
+        if stats.get(path) == (int(state.skipped_size[j]), int(state.skipped_mtime_ns[j]))
+    ]
+    retried = len(state.skipped_paths) - len(keep_skipped)
+    changes = {"deleted": deleted, "changed": changed, "retried_skipped": retried}
+    if deleted or changed or retried:
+        print(f"extract: the data folder changed: {deleted} images deleted, {changed} changed, "
+              f"{retried} skipped files to retry; rewriting the cache without them.",
+              file=sys.stderr, flush=True)
+        writer = writer.rewrite(np.asarray(keep_rows, dtype=np.int64),
+                                np.asarray(keep_skipped, dtype=np.int64))
+    return writer, changes
+
+
+def _file_digest(path: Path) -> str:
+    try:
+        return file_sha256(path)
+    except OSError:
+        return ""
+
+
+def _leaks(state: Any) -> list[tuple[str, str]]:
+    """Pairs of paths with identical bytes in different splits (train vs validation/test)."""
+    first: dict[str, tuple[str, str]] = {}
+    leaks = []
+    for path, digest, split in zip(state.paths, state.sha256, state.split, strict=True):
+        if not digest or not split:
+            continue
+        seen = first.setdefault(digest, (path, split))
+        if seen[1] != split:
+            leaks.append((seen[0], path))
+    return leaks
+
+
+def _report_leaks(leaks: list[tuple[str, str]], limit: int = 10) -> None:
+    if not leaks:
+        return
+    print(f"extract: warning: {len(leaks)} images appear in two splits with identical bytes "
+          "(leakage: validation/test scores will read high):", file=sys.stderr)
+    for a, b in leaks[:limit]:
+        print(f"  {a} == {b}", file=sys.stderr)
 
 
 @contextmanager
@@ -490,6 +603,7 @@ def _extract_loop(
     feature_model: FeatureModel,
     writer: CacheWriter,
     todo: list[ImageRecord],
+    stats: dict[str, tuple[int, int]],
 ) -> list[tuple[str, str]]:
     """Decode ahead in threads, forward full batches, commit from a writer thread.
 
@@ -517,7 +631,10 @@ def _extract_loop(
                     [r.label for r in records],
                     [r.path for r in records],
                     [r.split for r in records],
-                    skipped,
+                    [(p, reason, *stats[p]) for p, reason in skipped],
+                    sha256=batch.digests,
+                    size=[stats[r.path][0] for r in records],
+                    mtime_ns=[stats[r.path][1] for r in records],
                 )
                 new_skipped.extend(skipped)
                 progress.update(len(records) + len(skipped))

@@ -22,6 +22,7 @@ method, so pixels equal ``image_dataset_from_directory``'s for every file Keras 
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import io
 import os
@@ -39,12 +40,15 @@ __all__ = [
     "ImageIndex",
     "ImageReadError",
     "ImageRecord",
+    "decode_bytes",
     "decode_image",
     "has_tensorflow",
     "image_files",
     "index_images",
     "load_image",
     "parse_size",
+    "read_image",
+    "resize",
     "resize_bilinear",
 ]
 
@@ -222,19 +226,33 @@ def _orient(pixels: np.ndarray, orientation: int) -> np.ndarray:
     return np.ascontiguousarray(op(pixels)) if op else pixels
 
 
+def _read_bytes(path: str | os.PathLike) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise ImageReadError(f"cannot read file: {exc.strerror or exc}") from exc
+
+
 def decode_image(path: str | os.PathLike) -> np.ndarray:
     """Decode one file to a (H, W, 3) uint8 RGB array, EXIF orientation applied.
+
+    Raises:
+        ImageReadError: see :func:`decode_bytes`.
+    """
+    return decode_bytes(_read_bytes(path))
+
+
+def decode_bytes(data: bytes) -> np.ndarray:
+    """Decode an encoded image to a (H, W, 3) uint8 RGB array, EXIF orientation applied.
 
     JPEG, PNG, GIF and BMP are decoded by ``tf.io.decode_image`` (Keras' own decoder);
     CMYK JPEGs and other formats Pillow reads (WebP, TIFF, ...) by Pillow.
 
     Raises:
-        ImageReadError: the file is empty, truncated, not an image or too large; the
+        ImageReadError: the data is empty, truncated, not an image or too large; the
             message is the reason recorded in the cache.
     """
-    path = Path(path)
     try:
-        data = path.read_bytes()
         if not data:
             raise ImageReadError("empty file (0 bytes)")
         # Pillow reads only the header here: format, mode, size and EXIF, no pixels yet.
@@ -304,10 +322,30 @@ def load_image(
     (bilinear only), so the pipeline also runs on a JAX- or torch-only machine.
 
     Raises:
-        ImageReadError: see :func:`decode_image`.
+        ImageReadError: see :func:`decode_bytes`.
         ValueError: an interpolation other than bilinear without TensorFlow.
     """
-    pixels = decode_image(path)
+    return resize(decode_image(path), size, interpolation)
+
+
+def read_image(
+    path: str | os.PathLike, size: tuple[int, int], interpolation: str = "bilinear"
+) -> tuple[np.ndarray, str]:
+    """:func:`load_image` plus the sha256 of the file's bytes (read once for both).
+
+    Raises:
+        ImageReadError: see :func:`decode_bytes`.
+    """
+    data = _read_bytes(path)
+    return resize(decode_bytes(data), size, interpolation), hashlib.sha256(data).hexdigest()
+
+
+def resize(pixels: np.ndarray, size: tuple[int, int], interpolation: str) -> np.ndarray:
+    """Resize decoded pixels to (H, W, 3) float32 with Keras' kernel (NumPy without TF).
+
+    Raises:
+        ValueError: an interpolation other than bilinear without TensorFlow.
+    """
     if not has_tensorflow():
         if interpolation != "bilinear":
             raise ValueError(

@@ -136,7 +136,8 @@ def datasets(path: Path) -> dict[str, bytes]:
     """Every dataset of a cache as raw bytes (for byte-for-byte comparison)."""
     out = {}
     with h5py.File(path) as f:
-        for name in ("features", "labels", "paths", "split", "skipped/paths", "skipped/reasons"):
+        for name in ("features", "labels", "paths", "split", "sha256", "skipped/paths",
+                     "skipped/reasons"):
             values = f[name][:]
             out[name] = values.tobytes() if values.dtype != object else repr(list(values)).encode()
     return out
@@ -149,7 +150,7 @@ def extract_cmd(data: Path, out: Path, *extra: str) -> list[str]:
 
 
 def run_until_progress(cmd: list[str], min_done: int) -> subprocess.Popen:
-    """Start ``cmd`` and return once it has logged ``min_done`` images done."""
+    """Start ``cmd`` and return once it has logged ``min_done`` images done (or ended)."""
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 120
     for line in proc.stdout:
@@ -158,9 +159,9 @@ def run_until_progress(cmd: list[str], min_done: int) -> subprocess.Popen:
             if done >= min_done:
                 return proc
         if time.monotonic() > deadline:
-            break
-    proc.kill()
-    raise AssertionError("extraction never reported progress")
+            proc.kill()
+            raise AssertionError("extraction never reported progress")
+    return proc  # finished before reaching min_done (a resumed run with little left)
 
 
 @pytest.fixture(scope="module")
@@ -256,3 +257,30 @@ def test_second_writer_is_refused_and_stale_lock_taken_over(tmp_path, probe_mode
     (tmp_path / "c.h5.lock").write_text('{"pid": 999999, "host": "gone"}')
     assert run_extract(probe_config(data, probe_model, out)).n_rows == 6
     assert "stale lock" in capsys.readouterr().err
+
+
+def kill_repeatedly(data: Path, out: Path, kills: int, seed: int) -> None:
+    """SIGKILL the same extraction ``kills`` times at random points, then let it finish."""
+    rng = np.random.default_rng(seed)
+    for _ in range(kills):
+        # Spread the kills over the whole run (243 files).
+        proc = run_until_progress(extract_cmd(data, out),
+                                  min_done=int(rng.integers(1, max(2, 240 // kills))))
+        time.sleep(float(rng.uniform(0, 0.3)))
+        proc.kill()
+        proc.communicate(timeout=60)
+    final = subprocess.run(extract_cmd(data, out), capture_output=True, text=True)
+    assert final.returncode == 0, final.stderr
+
+
+def test_five_random_kills_end_in_the_uninterrupted_cache(tmp_path, resume_data):
+    data, reference = resume_data
+    kill_repeatedly(data, tmp_path / "c.h5", kills=5, seed=0)
+    assert datasets(tmp_path / "c.h5") == datasets(reference)
+
+
+@pytest.mark.slow
+def test_thirty_random_kills_end_in_the_uninterrupted_cache(tmp_path, resume_data):
+    data, reference = resume_data
+    kill_repeatedly(data, tmp_path / "c.h5", kills=30, seed=1)
+    assert datasets(tmp_path / "c.h5") == datasets(reference)
