@@ -26,9 +26,11 @@ an incomplete cache.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
-from collections.abc import Sequence
+import sys
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -42,6 +44,7 @@ __all__ = [
     "SCHEMA_VERSION",
     "Cache",
     "CacheError",
+    "CacheWriteError",
     "CacheWriter",
     "chunk_rows",
     "committed_paths",
@@ -80,6 +83,41 @@ _SKIPPED_COLUMNS = ("skipped/paths", "skipped/reasons", "skipped/size", "skipped
 
 class CacheError(ValueError):
     """A cache file that cannot be used as asked (incomplete, corrupt, mismatched)."""
+
+
+class CacheWriteError(CacheError):
+    """Writing the cache failed (disk full, file size limit, I/O error)."""
+
+
+def _writing(method: Callable) -> Callable:
+    """Turn HDF5's write failures (OSError, or RuntimeError from a failed flush) into a
+    CacheWriteError that says which file and what happened."""
+
+    @functools.wraps(method)
+    def wrapper(self: CacheWriter, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(self, *args, **kwargs)
+        except (OSError, RuntimeError) as exc:
+            if isinstance(exc, RuntimeError) and "internal error" in str(exc):
+                raise
+            self.failed = True
+            _quiet_hdf5_finalizers()
+            raise CacheWriteError(f"writing {self.partial} failed: {exc}") from exc
+
+    return wrapper
+
+
+def _quiet_hdf5_finalizers() -> None:
+    """After a failed write, HDF5 retries the flush when Python frees the file at exit and
+    prints the same failure again as an 'Exception ignored' traceback; the user already
+    has the clear message, so drop those."""
+    previous = sys.unraisablehook
+
+    def hook(unraisable: Any) -> None:
+        if "h5py" not in repr(unraisable.object):
+            previous(unraisable)
+
+    sys.unraisablehook = hook
 
 
 def partial_path(path: str | os.PathLike) -> Path:
@@ -270,6 +308,41 @@ def read_cache(
     return cache
 
 
+def _copy(
+    f: h5py.File, attrs: dict[str, Any], final: Path, keep_rows: np.ndarray,
+    keep_skipped: np.ndarray,
+) -> CacheWriter:
+    """Copy the given rows, skipped entries and augmented copies of ``f`` into a new
+    partial cache for ``final``, chunk by chunk (memory stays flat)."""
+    features = f["features"]
+    new = CacheWriter.create(
+        final, attrs=attrs, feature_shape=features.shape[1:], dtype=str(features.dtype),
+        compression=str(attrs.get("compression", "none")),
+    )
+    step = max(1, features.chunks[0] if features.chunks else 256)
+    keep_rows = np.asarray(keep_rows, dtype=np.int64)
+    for start in range(0, len(keep_rows), step):
+        rows = keep_rows[start : start + step]
+        new.append(
+            features[rows], f["labels"][rows], f["paths"].asstr()[rows],
+            f["split"].asstr()[rows], sha256=f["sha256"].asstr()[rows],
+            size=f["size"][rows], mtime_ns=f["mtime_ns"][rows],
+        )
+    kept = [tuple(f[name].asstr()[j] if i < 2 else int(f[name][j])
+                  for i, name in enumerate(_SKIPPED_COLUMNS)) for j in keep_skipped]
+    if kept:
+        new.append(features[:0], [], [], [], kept)
+    # Augmented copies follow their source row to its new index.
+    where = {int(row): i for i, row in enumerate(keep_rows)}
+    source = f["augmented/source"][: int(attrs.get("n_augmented", 0))]
+    copies = [j for j, row in enumerate(source) if int(row) in where]
+    for start in range(0, len(copies), step):
+        take = copies[start : start + step]
+        new.append_augmented(f["augmented/features"][take],
+                             [where[int(source[j])] for j in take], f["augmented/pass"][take])
+    return new
+
+
 class CacheWriter:
     """Appends committed batches of rows to ``<out>.partial`` and finishes it into ``<out>``.
 
@@ -284,6 +357,7 @@ class CacheWriter:
         self.n_rows = int(self.attrs.get("n_rows", 0))
         self.n_skipped = int(self.attrs.get("n_skipped", 0))
         self.n_augmented = int(self.attrs.get("n_augmented", 0))
+        self.failed = False
 
     @classmethod
     def create(
@@ -372,6 +446,7 @@ class CacheWriter:
         return set(zip(self._f["augmented/source"][:n].tolist(),
                        self._f["augmented/pass"][:n].tolist(), strict=True))
 
+    @_writing
     def append_augmented(
         self, features: np.ndarray, source: Sequence[int], passes: Sequence[int]
     ) -> None:
@@ -389,12 +464,14 @@ class CacheWriter:
         f.attrs["n_augmented"] = stop  # the commit record, written last
         f.flush()
 
+    @_writing
     def set_attrs(self, **attrs: Any) -> None:
         """Update root attributes (JSON-encoding lists and dicts)."""
         for key, value in attrs.items():
             self._f.attrs[key] = _encode_attr(value)
             self.attrs[key] = value
 
+    @_writing
     def append(
         self,
         features: np.ndarray,
@@ -445,6 +522,7 @@ class CacheWriter:
         f.attrs["n_skipped"] = self.n_skipped
         f.flush()
 
+    @_writing
     def update_stats(self, rows: Sequence[int], size: Sequence[int],
                      mtime_ns: Sequence[int]) -> None:
         """Record new stats for rows whose file was touched but whose bytes are the same."""
@@ -457,57 +535,59 @@ class CacheWriter:
         """Paths, hashes and stats of the committed rows and skipped files."""
         return _row_state(self._f)
 
+    @_writing
     def rewrite(self, keep_rows: np.ndarray, keep_skipped: np.ndarray) -> CacheWriter:
         """A new partial cache holding only the given rows (and their augmented copies)
-        and skipped files, in their order; used when images were deleted or changed.
+        and skipped files, in their order; used when images were deleted or changed, and
+        to read a partial cache back into a fresh file before resuming it.
 
         Returns:
             The writer of the rewritten partial cache (this writer is closed).
         """
-        f = self._f
-        features = f["features"]
         tmp = self.partial.with_name(self.partial.name + ".rewrite")
-        new = CacheWriter.create(
-            tmp, attrs=dict(self.attrs), feature_shape=features.shape[1:],
-            dtype=str(features.dtype), compression=str(self.attrs.get("compression", "none")),
-        )
-        step = max(1, features.chunks[0] if features.chunks else 256)
-        keep_rows = np.asarray(keep_rows, dtype=np.int64)
-        for start in range(0, len(keep_rows), step):
-            rows = keep_rows[start : start + step]
-            new.append(
-                features[rows], f["labels"][rows], f["paths"].asstr()[rows],
-                f["split"].asstr()[rows], sha256=f["sha256"].asstr()[rows],
-                size=f["size"][rows], mtime_ns=f["mtime_ns"][rows],
-            )
-        kept = [tuple(f[name].asstr()[j] if i < 2 else int(f[name][j])
-                      for i, name in enumerate(_SKIPPED_COLUMNS)) for j in keep_skipped]
-        if kept:
-            new.append(features[:0], [], [], [], kept)
-        # Augmented copies follow their source row to its new index.
-        where = {int(row): i for i, row in enumerate(keep_rows)}
-        source = f["augmented/source"][: self.n_augmented]
-        copies = [j for j, row in enumerate(source) if int(row) in where]
-        for start in range(0, len(copies), step):
-            take = copies[start : start + step]
-            new.append_augmented(f["augmented/features"][take],
-                                 [where[int(source[j])] for j in take],
-                                 f["augmented/pass"][take])
+        counters = {"n_rows": self.n_rows, "n_skipped": self.n_skipped,
+                    "n_augmented": self.n_augmented}
+        new = _copy(self._f, {**self.attrs, **counters}, tmp, keep_rows, keep_skipped)
         new.close()
         self.close()
         os.replace(new.partial, self.partial)
         return CacheWriter.resume(self.final)
 
+    @classmethod
+    def copy_of(cls, final: str | os.PathLike) -> CacheWriter:
+        """A partial cache holding a copy of the complete cache ``final``, to append to.
+
+        ``final`` itself is not touched until the new cache is finished and renamed over
+        it, so a failure (disk full, kill) leaves the previous cache intact.
+        """
+        final = Path(final)
+        with _open(final, "r") as f:
+            attrs = _decode_attrs(f.attrs)
+            n, m = int(attrs.get("n_rows", 0)), int(attrs.get("n_skipped", 0))
+            return _copy(f, attrs, final, np.arange(n), np.arange(m))
+
     def _sync(self) -> None:
         self._f.flush()
         os.fsync(self._f.id.get_vfd_handle())
 
+    @_writing
     def close(self) -> None:
-        """Make everything committed durable and close the partial file."""
-        if self._f.id.valid:
-            self._sync()
-            self._f.close()
+        """Make everything committed durable and close the partial file.
 
+        After a failed write only a best-effort close: the first error is the one to report.
+        """
+        if not self._f.id.valid:
+            return
+        if self.failed:
+            try:
+                self._f.close()
+            except (OSError, RuntimeError):
+                pass
+            return
+        self._sync()
+        self._f.close()
+
+    @_writing
     def finish(self) -> Path:
         """Mark the cache complete and move it to its final path atomically."""
         self._f.attrs["complete"] = True

@@ -30,6 +30,7 @@ from pipeline.bases import (
 )
 from pipeline.cache import (
     CacheError,
+    CacheWriteError,
     CacheWriter,
     identity_differences,
     partial_path,
@@ -364,9 +365,8 @@ def _open_writer(
                 "Differences:\n" + "\n".join(diffs) + "\nUse another --out, or delete the "
                 "file to re-extract."
             )
-        if existing == out:  # cleanly closed: safe to append to
-            os.replace(out, partial)
-            return CacheWriter.resume(out), "resume"
+        if existing == out:  # appended to as a copy: out stays intact until the rename
+            return CacheWriter.copy_of(out), "resume"
         try:
             writer = CacheWriter.resume(out)
             return writer.rewrite(np.arange(writer.n_rows), np.arange(writer.n_skipped)), "resume"
@@ -449,6 +449,26 @@ def run_extract(config: ExtractConfig) -> ExtractResult:
         config=dataclasses.asdict(config),
     )
     out = out or default_out(config, feature_model.input_size)
+    try:
+        return _extract_into(config, index, feature_model, attrs, out, stats)
+    except (OSError, CacheWriteError) as exc:
+        raise CacheError(
+            f"Writing the cache failed ({exc}). Disk "
+            f"full? Committed rows are kept in {partial_path(out)}"
+            + (f" and {out} is unchanged" if out.exists() else "")
+            + "; free some space and run the same command again to resume."
+        ) from exc
+
+
+def _extract_into(
+    config: ExtractConfig,
+    index: ImageIndex,
+    feature_model: FeatureModel,
+    attrs: dict[str, Any],
+    out: Path,
+    stats: dict[str, tuple[int, int]],
+) -> ExtractResult:
+    """Open the cache under its lock, bring it up to date, finish it (see run_extract)."""
     feature_shape = feature_model.feature_shape
     with CacheLock(out):
         writer, mode = _open_writer(out, attrs, feature_shape, config.dtype, config.compression)

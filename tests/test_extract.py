@@ -284,3 +284,34 @@ def test_thirty_random_kills_end_in_the_uninterrupted_cache(tmp_path, resume_dat
     data, reference = resume_data
     kill_repeatedly(data, tmp_path / "c.h5", kills=30, seed=1)
     assert datasets(tmp_path / "c.h5") == datasets(reference)
+
+
+def test_disk_full_keeps_the_previous_cache_and_says_so(tmp_path, probe_model):
+    """A size limit (RLIMIT_FSIZE) stands in for a full disk while new images are added."""
+    import resource
+
+    data = tmp_path / "data"
+    write_index_images(data, 30)
+    out = tmp_path / "c.h5"
+    run_extract(probe_config(data, probe_model, out))
+    before = out.read_bytes()
+    more = write_index_images(tmp_path / "more", 60)
+    for rel, i in more.items():
+        if i >= 30:
+            (data / rel).parent.mkdir(parents=True, exist_ok=True)
+            os.replace(tmp_path / "more" / rel, data / rel)
+    limit = len(before) + 4096
+
+    def cap() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of being killed
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    proc = subprocess.run(
+        [PYTHON, str(SCRIPTS / "extract.py"), str(data), "--base", str(probe_model),
+         "--pooling", "avg", "--out", str(out), "--batch-size", "4"],
+        capture_output=True, text=True, preexec_fn=cap, timeout=120,
+    )
+    assert proc.returncode == 2, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "Disk full?" in last and "is unchanged" in last and "Traceback" not in proc.stderr
+    assert out.read_bytes() == before
