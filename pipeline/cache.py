@@ -48,6 +48,7 @@ __all__ = [
     "CacheWriter",
     "chunk_rows",
     "committed_paths",
+    "open_cache",
     "identity_differences",
     "partial_path",
     "RowState",
@@ -168,14 +169,56 @@ def identity_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     return diffs
 
 
-def _open(path: Path, mode: str) -> h5py.File:
+def open_cache(path: str | os.PathLike, **kwargs: Any) -> h5py.File:
+    """Open a cache read-only (h5py keyword arguments allowed), checked as :func:`read_cache`.
+
+    Raises:
+        CacheError: unreadable, or holding links to data outside the file.
+    """
+    return _open(Path(path), "r", **kwargs)
+
+
+def _open(path: Path, mode: str, **kwargs: Any) -> h5py.File:
+    """Open a cache; refuse anything that would make HDF5 read outside this file."""
     try:
-        return h5py.File(path, mode)
+        f = h5py.File(path, mode, **kwargs)
     except OSError as exc:
         raise CacheError(
             f"Cannot open {path} as an HDF5 feature cache ({exc}). The file is truncated, "
             "corrupt or not a cache: delete it and re-extract."
         ) from exc
+    try:
+        _check_self_contained(f, path)
+    except BaseException:
+        f.close()
+        raise
+    return f
+
+
+def _check_self_contained(f: h5py.File, path: Path) -> None:
+    """External links, external raw storage and virtual datasets point HDF5 at other
+    files; this tool never writes them, so a cache holding one was not made by it."""
+    foreign: list[str] = []
+
+    def visit(group: h5py.Group, prefix: str) -> None:
+        for name in group:
+            link = group.get(name, getlink=True)
+            full = f"{prefix}{name}"
+            if isinstance(link, (h5py.ExternalLink, h5py.SoftLink)):
+                foreign.append(f"{full} ({type(link).__name__})")
+                continue
+            item = group[name]
+            if isinstance(item, h5py.Group):
+                visit(item, f"{full}/")
+            elif item.external or item.is_virtual:
+                foreign.append(f"{full} ({'external storage' if item.external else 'virtual'})")
+
+    visit(f, "")
+    if foreign:
+        raise CacheError(
+            f"{path} holds links to data outside the file, which this tool never writes: "
+            f"{', '.join(foreign[:5])}. Refusing to read it."
+        )
 
 
 def read_attrs(path: str | os.PathLike) -> dict[str, Any]:
@@ -303,7 +346,7 @@ def read_cache(
                 cache.augmented_features = f["augmented/features"][:m]
                 cache.augmented_source = f["augmented/source"][:m]
                 cache.augmented_pass = f["augmented/pass"][:m]
-        except (KeyError, OSError) as exc:
+        except (KeyError, OSError, RuntimeError) as exc:
             raise CacheError(f"{path} is damaged ({exc}): delete it and re-extract.") from exc
     return cache
 

@@ -9,13 +9,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import h5py
 import numpy as np
 from sklearn.base import BaseEstimator
 from sklearn.metrics import accuracy_score, classification_report, confusion_matrix, f1_score
 from sklearn.model_selection import train_test_split
 
-from pipeline.cache import read_cache
+from pipeline.cache import open_cache, read_cache
 from pipeline.heads import head_params, make_head, save_head, write_json_atomic
 from pipeline.stream import STREAM_HEADS
 
@@ -331,7 +330,7 @@ def _fit_streaming(config: FitConfig, cache: Any, train: np.ndarray, val: np.nda
     """Fit ``config.head`` from the cache file in batches (``--stream``)."""
     from pipeline.stream import fit_streaming
 
-    with h5py.File(config.cache, "r") as f:
+    with open_cache(config.cache) as f:
         feature_shape = tuple(f["features"].shape[1:])
     epochs = config.epochs if config.head == "dense" else min(config.epochs, STREAM_SGD_PASSES)
     return fit_streaming(

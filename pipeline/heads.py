@@ -34,6 +34,8 @@ from sklearn.svm import SVC, LinearSVC
 from sklearn.utils.class_weight import compute_class_weight
 from sklearn.utils.validation import check_is_fitted
 
+from pipeline.bases import file_sha256
+
 __all__ = [
     "HEADS",
     "DenseHead",
@@ -565,6 +567,8 @@ def save_head(estimator: BaseEstimator, out_dir: str | os.PathLike) -> Path:
         model_path = _replace_atomically(
             out_dir / "model.joblib", lambda tmp: joblib.dump(estimator, tmp)
         )
+        # Checked before unpickling in load_head: a pickle runs code when loaded.
+        meta["model_sha256"] = file_sha256(model_path)
     write_json_atomic(out_dir / "head.json", meta)
     return model_path
 
@@ -573,7 +577,8 @@ def load_head(out_dir: str | os.PathLike) -> BaseEstimator:
     """Load a head saved by :func:`save_head`, fitted and ready to predict.
 
     The Keras model loads with ``safe_mode=True`` (no arbitrary code). A ``model.joblib``
-    is a pickle: load only folders you trust.
+    is a pickle: it is unpickled only if its sha256 equals the one recorded at save time,
+    so a file swapped or edited afterwards is refused.
 
     Args:
         out_dir: the folder given to :func:`save_head`.
@@ -602,7 +607,15 @@ def load_head(out_dir: str | os.PathLike) -> BaseEstimator:
     if kind not in HEADS:
         raise ValueError(f"{meta_path}: unknown head. Expected one of {HEADS}. Received: {kind!r}")
     if kind != "dense":
-        return joblib.load(out_dir / "model.joblib")
+        model_path = out_dir / "model.joblib"
+        expected = meta.get("model_sha256")
+        if not expected or file_sha256(model_path) != expected:
+            raise ValueError(
+                f"{model_path} does not match the sha256 recorded in {meta_path} when it was "
+                "saved: refusing to unpickle a file that changed (a pickle can run code). "
+                "Re-run fit_head to rebuild it."
+            )
+        return joblib.load(model_path)
     head = DenseHead(**meta["params"])
     head.model_ = keras.models.load_model(out_dir / "model.keras", safe_mode=True, compile=False)
     head.classes_ = np.asarray(meta["classes"])

@@ -26,7 +26,9 @@ CHUNK_CACHE_BYTES = 32 << 20
 
 def open_features(path: str | Path) -> tuple[h5py.File, h5py.Dataset]:
     """Open a cache read-only with a bounded chunk cache; return (file, features)."""
-    f = h5py.File(path, "r", rdcc_nbytes=CHUNK_CACHE_BYTES)
+    from pipeline.cache import open_cache
+
+    f = open_cache(path, rdcc_nbytes=CHUNK_CACHE_BYTES)
     return f, f["features"]
 
 
