@@ -419,6 +419,7 @@ def run_extract(config: ExtractConfig) -> ExtractResult:
     size = _validate(config)
     index: ImageIndex = index_images(config.data_dir)
     stats = _stats(index)
+    _report_ignored(index.ignored)
     out = Path(config.out) if config.out else None
     if out is None and (size or not _is_file_base(config.base)):
         out = default_out(config, size or (resolve_base(config.base).default_size,) * 2)
@@ -584,6 +585,16 @@ def _leaks(state: Any) -> list[tuple[str, str]]:
         if seen[1] != split:
             leaks.append((seen[0], path))
     return leaks
+
+
+def _report_ignored(ignored: list[str], limit: int = 10) -> None:
+    if not ignored:
+        return
+    print(f"extract: ignored {len(ignored)} entries of the data folder:", file=sys.stderr)
+    for entry in ignored[:limit]:
+        print(f"  {entry}", file=sys.stderr)
+    if len(ignored) > limit:
+        print(f"  ... and {len(ignored) - limit} more", file=sys.stderr)
 
 
 def _report_leaks(leaks: list[tuple[str, str]], limit: int = 10) -> None:

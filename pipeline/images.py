@@ -7,11 +7,13 @@ Two layouts, as in Keras and in Chollet's 2016 post:
                                                   ("val" is read as "validation")
 
 Class ids are the sorted class folder names (in the split layout: the union over all
-splits). Order is Keras' ``image_dataset_from_directory(shuffle=False)`` order: classes
-in id order, then files by sorted folder walk. Policy, the same as Keras where Keras has
-one: files and folders whose name starts with "." are ignored; symlinked files are read,
-symlinked folders are not followed; files directly in DATA_DIR (no class folder) are
-ignored and reported; other extensions are ignored.
+splits); an empty class folder keeps its id, so emptying one never shifts the others.
+Order is Keras' ``image_dataset_from_directory(shuffle=False)`` order: classes in id
+order, then files by sorted folder walk. Policy, the same as Keras where Keras has one:
+files and folders whose name starts with "." are ignored; nested folders belong to their
+class; symlinked folders are not followed (no loops); symlinked files are read when
+their target is inside DATA_DIR and ignored otherwise; files directly in DATA_DIR are
+ignored. Every ignored entry is listed with its reason (``ImageIndex.ignored``).
 
 Decoding: JPEG, PNG, GIF and BMP go through ``tf.io.decode_image`` like Keras (grayscale
 replicated, alpha dropped, palette expanded, 16-bit reduced to 8-bit, first GIF frame);
@@ -127,20 +129,32 @@ def _visible(name: str) -> bool:
 
 def image_files(class_dir: Path) -> list[Path]:
     """Image files under a folder, in Keras' sorted-walk order (hidden ones skipped)."""
-    files = []
-    # os.walk does not follow symlinked folders by default: Keras' follow_links=False.
-    for root, dirs, names in sorted(os.walk(class_dir), key=lambda item: item[0]):
-        dirs[:] = [d for d in dirs if _visible(d)]
-        if not all(_visible(part) for part in Path(root).relative_to(class_dir).parts):
+    return _walk(class_dir)[0]
+
+
+def _walk(folder: Path) -> tuple[list[Path], list[Path]]:
+    """(image files, symlinked folders not followed) under ``folder``, sorted-walk order."""
+    files, linked = [], []
+    # os.walk does not follow symlinked folders (Keras' follow_links=False): no loops.
+    for root, dirs, names in sorted(os.walk(folder), key=lambda item: item[0]):
+        if not all(_visible(part) for part in Path(root).relative_to(folder).parts):
             continue
+        linked += [Path(root) / d for d in sorted(dirs) if (Path(root) / d).is_symlink()]
         for name in sorted(names):
             if _visible(name) and name.lower().endswith(IMAGE_EXTENSIONS):
                 files.append(Path(root) / name)
-    return files
+    return files, linked
 
 
 def _subdirs(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_dir() and _visible(p.name))
+    return sorted(
+        p for p in folder.iterdir() if p.is_dir() and not p.is_symlink() and _visible(p.name)
+    )
+
+
+def _outside(path: Path, root: Path) -> bool:
+    """A symlink whose target lies outside the data folder."""
+    return path.is_symlink() and root.resolve() not in path.resolve().parents
 
 
 def index_images(data_dir: str | os.PathLike) -> ImageIndex:
@@ -153,7 +167,10 @@ def index_images(data_dir: str | os.PathLike) -> ImageIndex:
     if not root.is_dir():
         raise ValueError(f"`data_dir` is not a folder. Received: data_dir={str(data_dir)!r}")
     top = _subdirs(root)
-    ignored = [p.name for p in root.iterdir() if p.is_file() and _visible(p.name)]
+    ignored = [f"{p.name} (file outside any class folder)" for p in root.iterdir()
+               if p.is_file() and _visible(p.name)]
+    ignored += [f"{p.name} (symlinked folder: not followed)" for p in root.iterdir()
+                if p.is_symlink() and p.is_dir() and _visible(p.name)]
     split_dirs = [d for d in top if d.name.lower() in SPLIT_FOLDERS]
     if split_dirs and len(split_dirs) == len(top):
         layout = "splits"
@@ -180,8 +197,14 @@ def index_images(data_dir: str | os.PathLike) -> ImageIndex:
             class_dir = group_dir / class_name
             if not class_dir.is_dir():
                 continue
-            for path in image_files(class_dir):
+            files, linked = _walk(class_dir)
+            ignored += [f"{p.relative_to(root).as_posix()} (symlinked folder: not followed)"
+                        for p in linked]
+            for path in files:
                 rel = path.relative_to(root).as_posix()
+                if _outside(path, root):
+                    ignored.append(f"{rel} (symlink to a file outside the data folder)")
+                    continue
                 records.append(ImageRecord(rel, class_ids[class_name], split))
     if not records:
         raise ValueError(

@@ -60,7 +60,7 @@ def test_extension_case_hidden_files_and_root_files(tmp_path):
     Image.new("RGB", (4, 4)).save(tmp_path / "stray.png")
     index = index_images(tmp_path)
     assert [r.path for r in index.records] == ["a/x.JPG", "a/y.Png", "a/z.jpeg"]
-    assert index.ignored == ["stray.png"]
+    assert index.ignored == ["stray.png (file outside any class folder)"]
 
 
 def test_missing_and_empty_folders_are_clear_errors(tmp_path):
