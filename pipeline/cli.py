@@ -139,6 +139,8 @@ def finetune_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=1e-4, help="SGD learning rate (momentum 0.9)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--patience", type=int, default=5, help="early stopping on val_loss")
+    p.add_argument("--augment-flip", default="horizontal", help="random flips of the training "
+                   "images: horizontal | vertical | horizontal_and_vertical | none")
     p.add_argument("--warmup-epochs", type=int, default=50,
                    help="with a cache: epochs of the fresh head on the cached features")
     p.add_argument("--val-split", type=float, default=0.2,
