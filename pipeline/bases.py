@@ -26,6 +26,7 @@ __all__ = [
     "WeightsUnavailableError",
     "build_feature_model",
     "feature_model_from_attrs",
+    "layer_index",
     "check_pooling",
     "check_preprocess",
     "default_input_size",
@@ -307,19 +308,29 @@ def _load_saved_base(path: Path, size: tuple[int, int] | None) -> tuple[Any, tup
     return model, fixed
 
 
+def layer_index(model: Any, name: str, argument: str = "layer") -> int:
+    """Position of the layer called ``name`` in ``model.layers``.
+
+    Raises:
+        ValueError: no such layer; the message names ``argument`` and close names.
+    """
+    names = [lyr.name for lyr in model.layers]
+    if name not in names:
+        close = difflib.get_close_matches(name, names, n=5, cutoff=0.5)
+        hint = f" Close names: {', '.join(close)}." if close else ""
+        raise ValueError(
+            f"`{argument}` must name a layer of {model.name} ({len(names)} layers, "
+            f"{names[0]!r} .. {names[-1]!r}).{hint} Received: {argument}={name!r}"
+        )
+    return names.index(name)
+
+
 def _cut(model: Any, layer: str | None) -> Any:
     import keras
 
     if layer is None:
         return model
-    names = [lyr.name for lyr in model.layers]
-    if layer not in names:
-        close = difflib.get_close_matches(layer, names, n=5, cutoff=0.5)
-        hint = f" Close names: {', '.join(close)}." if close else ""
-        raise ValueError(
-            f"`layer` must name a layer of {model.name} ({len(names)} layers, last: "
-            f"{names[-1]!r}).{hint} Received: layer={layer!r}"
-        )
+    layer_index(model, layer)
     return keras.Model(model.inputs, model.get_layer(layer).output, name=f"{model.name}_cut")
 
 

@@ -17,7 +17,6 @@ Inception ``mixed9``, Xception ``block14_*``, ...): :func:`block_of`, :func:`unf
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
 import re
 import sys
@@ -32,7 +31,7 @@ import keras
 import numpy as np
 
 from pipeline.augment import AugmentSpec, augmentation_layers
-from pipeline.bases import feature_model_from_attrs
+from pipeline.bases import feature_model_from_attrs, layer_index
 from pipeline.cache import Cache, CacheError, identity_differences, read_cache
 from pipeline.combine import end_to_end_model, preprocessing_layers
 from pipeline.fit import split_rows
@@ -221,15 +220,7 @@ def set_trainable(model: Any, start: str) -> list[str]:
     Raises:
         ValueError: ``start`` is not a layer of ``model``.
     """
-    names = [lyr.name for lyr in model.layers]
-    if start not in names:
-        close = difflib.get_close_matches(start, names, n=5, cutoff=0.5)
-        hint = f" Close names: {', '.join(close)}." if close else ""
-        raise ValueError(
-            f"`unfreeze_from` must name a layer of the base ({len(names)} layers, "
-            f"{names[0]!r} .. {names[-1]!r}).{hint} Received: unfreeze_from={start!r}"
-        )
-    index = names.index(start)
+    index = layer_index(model, start, "unfreeze_from")
     model.trainable = True  # the containers must be trainable for their layers to count
     for i, layer in enumerate(model.layers):
         layer.trainable = i >= index
