@@ -11,6 +11,7 @@ import difflib
 import hashlib
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -24,6 +25,9 @@ __all__ = [
     "BaseSpec",
     "FeatureModel",
     "WeightsUnavailableError",
+    "block_of",
+    "block_owners",
+    "blocks_of",
     "build_feature_model",
     "feature_model_from_attrs",
     "layer_index",
@@ -82,6 +86,73 @@ _DEFAULT_SIZES = {
     "EfficientNetV2M": 480,
     "EfficientNetV2L": 480,
 }
+
+
+# (pattern, block name template), tried in order. Group 1 is the block's number or name.
+# Inception and InceptionResNet name only a block's closing layers (mixed9, block35_1_*):
+# the unnamed layers before them belong to them (see block_owners).
+_BLOCK_PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (
+    (re.compile(r"^(block\d+_\d+)(?:_|$)"), "{}"),  # InceptionResNetV2 block35_1_mixed
+    (re.compile(r"^block(\d+)[a-z]?(?:_|$)"), "block{}"),  # VGG, Xception, EfficientNet
+    (re.compile(r"^block_(\d+)(?:_|$)"), "block_{}"),  # MobileNetV2
+    (re.compile(r"^(expanded_conv(?:_\d+)?)(?:_|$)"), "{}"),  # MobileNetV2/V3 first blocks
+    (re.compile(r"^(?:conv|pool)(\d+)(?:_|$)"), "conv{}"),  # ResNet, DenseNet (+ transitions)
+    (re.compile(r"^conv_(?:dw|pw|pad)_(\d+)(?:_|$)"), "conv_{}"),  # MobileNet (v1)
+    (re.compile(r"^(mixed_?\d+[a-z]?)$"), "{}"),  # InceptionV3 mixed9, InceptionResNet mixed_6a
+    (re.compile(r"_stage_(\d+)_"), "stage_{}"),  # ConvNeXt
+)
+
+
+def block_of(layer_name: str) -> str | None:
+    """The block a layer belongs to by its name, as the architecture names its blocks.
+
+    Examples: ``block5_conv1`` -> ``block5`` (VGG16), ``conv5_block1_1_conv`` -> ``conv5``
+    (ResNet50, DenseNet; the ``pool4_*`` transition after a stage -> ``conv4``),
+    ``block_16_expand`` -> ``block_16`` (MobileNetV2), ``block7a_expand_conv`` -> ``block7``
+    (EfficientNet), ``mixed9`` -> ``mixed9`` (InceptionV3), ``block14_sepconv1`` ->
+    ``block14`` (Xception). Layers above the last block (``Conv_1``, ``top_conv``,
+    ``out_relu``, pooling) and generically named ones (``conv2d_85``) give None.
+
+    Args:
+        layer_name: a Keras layer name.
+
+    Returns:
+        The block name, or None when the name does not tell.
+    """
+    for pattern, template in _BLOCK_PATTERNS:
+        match = pattern.search(layer_name)
+        if match:
+            return template.format(match.group(1))
+    return None
+
+
+def block_owners(names: Sequence[str]) -> list[str | None]:
+    """The block of each layer; an unnamed layer belongs to the next named block.
+
+    Inception names only a block's closing concatenation (``mixed9``) and Xception leaves
+    its shortcut convolutions unnamed, so a generic name inherits the block that follows
+    it. Unnamed layers after the last block (the top) stay None.
+    """
+    owners = [block_of(name) for name in names]
+    following: str | None = None
+    for i in range(len(owners) - 1, -1, -1):
+        if owners[i] is None:
+            owners[i] = following
+        else:
+            following = owners[i]
+    return owners
+
+
+def blocks_of(model: Any) -> list[str]:
+    """The blocks of a model, bottom to top, from its layer names (see :func:`block_of`).
+
+    Args:
+        model: a Keras model (anything with ``.layers`` whose items have ``.name``).
+
+    Returns:
+        Block names in order of first appearance; empty when the names tell none.
+    """
+    return list(dict.fromkeys(o for o in block_owners([lyr.name for lyr in model.layers]) if o))
 
 
 class WeightsUnavailableError(ValueError):

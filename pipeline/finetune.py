@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import re
 import sys
 import time
 import warnings
@@ -31,7 +30,7 @@ import keras
 import numpy as np
 
 from pipeline.augment import AugmentSpec, augmentation_layers
-from pipeline.bases import feature_model_from_attrs, layer_index
+from pipeline.bases import block_of, block_owners, blocks_of, feature_model_from_attrs, layer_index
 from pipeline.cache import Cache, CacheError, identity_differences, read_cache
 from pipeline.combine import end_to_end_model, preprocessing_layers
 from pipeline.fit import split_rows
@@ -54,21 +53,6 @@ __all__ = [
 MOMENTUM = 0.9
 _HEAD_FORMAT_VERSION = 1
 
-# (pattern, block name template), tried in order. Group 1 is the block's number or name.
-# Inception and InceptionResNet name only a block's closing layers (mixed9, block35_1_*):
-# the unnamed layers before them belong to them (see _owners).
-_BLOCK_PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (
-    (re.compile(r"^(block\d+_\d+)(?:_|$)"), "{}"),  # InceptionResNetV2 block35_1_mixed
-    (re.compile(r"^block(\d+)[a-z]?(?:_|$)"), "block{}"),  # VGG, Xception, EfficientNet
-    (re.compile(r"^block_(\d+)(?:_|$)"), "block_{}"),  # MobileNetV2
-    (re.compile(r"^(expanded_conv(?:_\d+)?)(?:_|$)"), "{}"),  # MobileNetV2/V3 first blocks
-    (re.compile(r"^(?:conv|pool)(\d+)(?:_|$)"), "conv{}"),  # ResNet, DenseNet (+ transitions)
-    (re.compile(r"^conv_(?:dw|pw|pad)_(\d+)(?:_|$)"), "conv_{}"),  # MobileNet (v1)
-    (re.compile(r"^(mixed_?\d+[a-z]?)$"), "{}"),  # InceptionV3 mixed9, InceptionResNet mixed_6a
-    (re.compile(r"_stage_(\d+)_"), "stage_{}"),  # ConvNeXt
-)
-
-
 @dataclass
 class FinetuneConfig:
     """Arguments of the finetune command, written as ``config.json`` beside the model."""
@@ -87,58 +71,6 @@ class FinetuneConfig:
     seed: int = 0
     cache: str | None = None  # default: the cache the head recorded
     data_dir: str | None = None  # default: the folder the cache recorded
-
-
-def block_of(layer_name: str) -> str | None:
-    """The block a layer belongs to by its name, as the architecture names its blocks.
-
-    Examples: ``block5_conv1`` -> ``block5`` (VGG16), ``conv5_block1_1_conv`` -> ``conv5``
-    (ResNet50, DenseNet; the ``pool4_*`` transition after a stage -> ``conv4``),
-    ``block_16_expand`` -> ``block_16`` (MobileNetV2), ``block7a_expand_conv`` -> ``block7``
-    (EfficientNet), ``mixed9`` -> ``mixed9`` (InceptionV3), ``block14_sepconv1`` ->
-    ``block14`` (Xception). Layers above the last block (``Conv_1``, ``top_conv``,
-    ``out_relu``, pooling) and generically named ones (``conv2d_85``) give None.
-
-    Args:
-        layer_name: a Keras layer name.
-
-    Returns:
-        The block name, or None when the name does not tell.
-    """
-    for pattern, template in _BLOCK_PATTERNS:
-        match = pattern.search(layer_name)
-        if match:
-            return template.format(match.group(1))
-    return None
-
-
-def _owners(names: Sequence[str]) -> list[str | None]:
-    """The block of each layer; an unnamed layer belongs to the next named block.
-
-    Inception names only a block's closing concatenation (``mixed9``) and Xception leaves
-    its shortcut convolutions unnamed, so a generic name inherits the block that follows
-    it. Unnamed layers after the last block (the top) stay None.
-    """
-    owners = [block_of(name) for name in names]
-    following: str | None = None
-    for i in range(len(owners) - 1, -1, -1):
-        if owners[i] is None:
-            owners[i] = following
-        else:
-            following = owners[i]
-    return owners
-
-
-def blocks_of(model: Any) -> list[str]:
-    """The blocks of a model, bottom to top, from its layer names (see :func:`block_of`).
-
-    Args:
-        model: a Keras model (anything with ``.layers`` whose items have ``.name``).
-
-    Returns:
-        Block names in order of first appearance; empty when the names tell none.
-    """
-    return list(dict.fromkeys(o for o in _owners([lyr.name for lyr in model.layers]) if o))
 
 
 def _learnable(layer: Any) -> bool:
@@ -166,7 +98,7 @@ def unfreeze_start(model: Any, n_blocks: int | str) -> str:
         ValueError: no blocks recognised, or ``n_blocks`` not in 1..number of blocks.
     """
     layers = list(model.layers)
-    owners = _owners([lyr.name for lyr in layers])
+    owners = block_owners([lyr.name for lyr in layers])
     blocks = list(dict.fromkeys(o for o in owners if o))
     if not blocks:
         raise ValueError(
