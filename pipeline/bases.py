@@ -12,7 +12,7 @@ import hashlib
 import os
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -29,8 +29,10 @@ __all__ = [
     "block_owners",
     "blocks_of",
     "build_feature_model",
+    "block_ends",
     "feature_model_from_attrs",
     "layer_index",
+    "parse_layers",
     "check_pooling",
     "check_preprocess",
     "default_input_size",
@@ -197,7 +199,8 @@ def _registry() -> dict[str, BaseSpec]:
 
 
 def feature_model_from_attrs(attrs: dict[str, Any]) -> FeatureModel:
-    """Rebuild the exact feature model a cache (or a head trained on it) was made with.
+    """Rebuild the exact feature model a cache (or a head trained on it) was made with
+    (all its recorded layers, the first being the one in ``features``).
 
     Files recorded by path (a ``.keras`` base, a local weights file) must still hash to
     the recorded sha256, so a changed file can never silently produce other features.
@@ -215,7 +218,7 @@ def feature_model_from_attrs(attrs: dict[str, Any]) -> FeatureModel:
         base,
         weights=weights,
         input_size=tuple(attrs["input_size"]),
-        layer=attrs["layer"],
+        layer=",".join(attrs.get("layers") or [attrs["layer"]]),
         pooling=attrs["pooling"],
         preprocess_mode=attrs["preprocess"] if base.endswith(".keras") else None,
         seed=int(attrs.get("seed", 0)),
@@ -304,19 +307,33 @@ class FeatureModel:
     attrs: dict[str, Any]
     input_size: tuple[int, int]
     preprocess: str
+    layers: list[str] = field(default_factory=list)  # one output per layer, in this order
+
+    @property
+    def feature_shapes(self) -> list[tuple[int, ...]]:
+        """Shape of one row of features, per layer."""
+        shapes = self.model.output_shape
+        shapes = shapes if isinstance(shapes, list) else [shapes]
+        return [tuple(int(d) for d in shape[1:]) for shape in shapes]
 
     @property
     def feature_shape(self) -> tuple[int, ...]:
-        """Shape of one row of features."""
-        return tuple(int(d) for d in self.model.output_shape[1:])
+        """Shape of one row of the first layer's features."""
+        return self.feature_shapes[0]
+
+    def all_features(self, images: np.ndarray) -> list[np.ndarray]:
+        """Features of every layer for a batch of RGB images in 0..255 (one forward pass;
+        the images are preprocessed in place)."""
+        if len(images) == 0:
+            return [np.zeros((0, *shape), np.float32) for shape in self.feature_shapes]
+        outputs = self.model.predict_on_batch(preprocess(images, self.preprocess))
+        outputs = outputs if isinstance(outputs, (list, tuple)) else [outputs]
+        # Mixed-precision bases return float16/bfloat16: store float32 (or the cache dtype).
+        return [np.asarray(out, dtype=np.float32) for out in outputs]
 
     def features(self, images: np.ndarray) -> np.ndarray:
-        """Features of a batch of RGB images in 0..255 (float32; preprocessed in place)."""
-        if len(images) == 0:
-            return np.zeros((0, *self.feature_shape), np.float32)
-        features = self.model.predict_on_batch(preprocess(images, self.preprocess))
-        # Mixed-precision bases return float16/bfloat16: store float32 (or the cache dtype).
-        return np.asarray(features, dtype=np.float32)
+        """Features of the first layer (the only one, for a one-layer model)."""
+        return self.all_features(images)[0]
 
 
 _URL = re.compile(r"https?://\S+?\.h5")
@@ -396,33 +413,77 @@ def layer_index(model: Any, name: str, argument: str = "layer") -> int:
     return names.index(name)
 
 
-def _cut(model: Any, layer: str | None) -> Any:
-    import keras
+ALL_BLOCKS = "all-blocks"
+MAX_BLOCK_LAYERS = 8
 
+
+def block_ends(model: Any, cap: int = MAX_BLOCK_LAYERS) -> list[str]:
+    """The last layer of every block the architecture names (VGG ``block*_pool``, ResNet
+    ``conv*_block*_out``, MobileNetV2 ``block_*_add``...), then the model's output layer;
+    at most ``cap`` layers, spread evenly from the bottom and always keeping the top."""
+    names = [lyr.name for lyr in model.layers]
+    owners = block_owners(names)
+    ends = [names[i] for i in range(len(names) - 1)
+            if owners[i] is not None and owners[i] != owners[i + 1]]
+    ends = list(dict.fromkeys([*ends, names[-1]]))
+    if len(ends) > cap:
+        picks = np.linspace(0, len(ends) - 1, cap).round().astype(int)
+        ends = [ends[i] for i in sorted(set(picks.tolist()))]
+    return ends
+
+
+def parse_layers(layer: str | None, model: Any) -> list[str]:
+    """``--layer``: None (the base's last layer), a name, ``a,b,c`` or ``all-blocks``.
+
+    Raises:
+        ValueError: an unknown layer name, or no blocks to pick from.
+    """
     if layer is None:
-        return model
-    layer_index(model, layer)
-    return keras.Model(model.inputs, model.get_layer(layer).output, name=f"{model.name}_cut")
+        return [model.layers[-1].name]
+    if layer == ALL_BLOCKS:
+        ends = block_ends(model)
+        if len(ends) < 2:
+            raise ValueError(
+                f"{model.name} names no blocks in its layers; list the layers instead. "
+                f"Received: layer={layer!r}"
+            )
+        return ends
+    names = [name.strip() for name in layer.split(",") if name.strip()]
+    if not names or len(set(names)) != len(names):
+        raise ValueError(f"`layer` must list distinct layer names. Received: layer={layer!r}")
+    for name in names:
+        layer_index(model, name)
+    return names
 
 
-def _pool(model: Any, pooling: str) -> Any:
+def _pooled(x: Any, pooling: str, layer: str, index: int) -> Any:
+    """One layer's output, pooled as asked (layer names kept unique per output)."""
     import keras
 
-    rank = len(model.output_shape)
+    rank = len(x.shape)
     if pooling in ("avg", "max") and rank != 4:
         raise ValueError(
-            f"pooling={pooling!r} needs a 4-D feature map, but layer "
-            f"{model.layers[-1].name!r} outputs shape {model.output_shape}. Use --pooling "
-            f"flatten or none. Received: pooling={pooling!r}"
+            f"pooling={pooling!r} needs a 4-D feature map, but layer {layer!r} outputs shape "
+            f"{tuple(x.shape)}. Use --pooling flatten or none. Received: pooling={pooling!r}"
         )
-    x = model.output
+    suffix = "" if index == 0 else f"_{index}"
     if pooling == "avg":
-        x = keras.layers.GlobalAveragePooling2D(name="bottleneck_avg_pool")(x)
-    elif pooling == "max":
-        x = keras.layers.GlobalMaxPooling2D(name="bottleneck_max_pool")(x)
-    elif pooling == "flatten" and rank > 2:
-        x = keras.layers.Flatten(name="bottleneck_flatten")(x)
-    return keras.Model(model.inputs, x, name="feature_extractor")
+        return keras.layers.GlobalAveragePooling2D(name=f"bottleneck_avg_pool{suffix}")(x)
+    if pooling == "max":
+        return keras.layers.GlobalMaxPooling2D(name=f"bottleneck_max_pool{suffix}")(x)
+    if pooling == "flatten" and rank > 2:
+        return keras.layers.Flatten(name=f"bottleneck_flatten{suffix}")(x)
+    return x
+
+
+def _feature_extractor(model: Any, layers: list[str], pooling: str) -> Any:
+    """One model, one forward pass, one pooled output per requested layer."""
+    import keras
+
+    outputs = [_pooled(model.get_layer(name).output, pooling, name, i)
+               for i, name in enumerate(layers)]
+    return keras.Model(model.inputs, outputs if len(outputs) > 1 else outputs[0],
+                       name="feature_extractor")
 
 
 def build_feature_model(
@@ -512,16 +573,17 @@ def build_feature_model(
         attrs.update(base=spec.name, base_sha256="", weights=recorded, base_path="",
                      weights_path=weights_path)
     model.trainable = False
-    cut = _cut(model, layer)
-    feature = _pool(cut, pooling)
+    layers = parse_layers(layer, model)
+    feature = _feature_extractor(model, layers, pooling)
     if jit != "auto":
         feature.jit_compile = jit == "on"
     attrs.update(
-        layer=cut.layers[-1].name,
+        layer=layers[0],
+        layers=layers,
         pooling=pooling,
         input_size=[int(size[0]), int(size[1])],
         preprocess=mode,
         seed=int(seed),
         precision=precision,
     )
-    return FeatureModel(feature, attrs, (int(size[0]), int(size[1])), mode)
+    return FeatureModel(feature, attrs, (int(size[0]), int(size[1])), mode, layers)

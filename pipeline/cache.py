@@ -12,7 +12,10 @@ Layout (schema_version 1), one HDF5 file per (data folder, base configuration):
     skipped/paths  (M,) UTF-8, unreadable files
     skipped/reasons(M,) UTF-8, why each was skipped
     skipped/size, skipped/mtime_ns (M,) int64: a skipped file that changes is retried
+    layers/<name>  (N, ...) more layers of the same forward pass (extract --layer a,b,c):
+                   ``features`` is the first layer of attrs["layers"], these the others
     augmented/features (A, ...) randomly augmented passes of training rows (extract --augment)
+    augmented/layers/<name> (A, ...) the other layers of the augmented copies
     augmented/source   (A,) int64, the row each augmented copy was made from
     augmented/pass     (A,) int64, which pass (0..K-1) made it
 
@@ -48,6 +51,7 @@ __all__ = [
     "CacheWriter",
     "chunk_rows",
     "committed_paths",
+    "feature_dataset",
     "open_cache",
     "identity_differences",
     "partial_path",
@@ -65,6 +69,7 @@ IDENTITY_KEYS = (
     "base_sha256",
     "weights",
     "layer",
+    "layers",
     "pooling",
     "input_size",
     "interpolation",
@@ -221,6 +226,30 @@ def _check_self_contained(f: h5py.File, path: Path) -> None:
         )
 
 
+def feature_dataset(attrs: dict[str, Any], layer: str | None, *, augmented: bool = False) -> str:
+    """The dataset holding ``layer``'s features (None: the first layer).
+
+    Raises:
+        CacheError: the cache holds no such layer; the message lists those it holds.
+    """
+    layers = list(attrs.get("layers") or [attrs.get("layer")])
+    prefix = "augmented/" if augmented else ""
+    if layer is None or layer == layers[0]:
+        return f"{prefix}features"
+    if layer not in layers:
+        raise CacheError(
+            f"`layer` must be one of the layers this cache holds: {layers}. "
+            f"Received: layer={layer!r}"
+        )
+    return f"{prefix}layers/{layer}"
+
+
+def _extra_datasets(attrs: dict[str, Any], augmented: bool = False) -> list[str]:
+    """Datasets of the layers after the first, in attrs["layers"] order."""
+    prefix = "augmented/" if augmented else ""
+    return [f"{prefix}layers/{name}" for name in list(attrs.get("layers") or [])[1:]]
+
+
 def read_attrs(path: str | os.PathLike) -> dict[str, Any]:
     """The root attributes of a cache (or partial cache), JSON values decoded."""
     with _open(Path(path), "r") as f:
@@ -290,6 +319,7 @@ def read_cache(
     require_complete: bool = True,
     augmented: bool = False,
     features: bool = True,
+    layer: str | None = None,
 ) -> Cache:
     """Read a whole cache into memory.
 
@@ -299,6 +329,9 @@ def read_cache(
         augmented: also read the augmented copies (extract --augment).
         features: read the feature matrix; False leaves ``features`` empty (0 rows) for
             out-of-core use, with only the small columns in memory.
+        layer: which stored layer to read (extract --layer a,b,c); default the first. The
+            returned attrs then describe that layer alone (``layer``, ``layers``), so a head
+            trained on it records the base that computes it.
 
     Raises:
         CacheError: the file is missing, unreadable, incomplete or not of this schema.
@@ -325,9 +358,13 @@ def read_cache(
                 "run the same extract command again to finish it."
             )
         n = int(attrs.get("n_rows", 0))
+        name = feature_dataset(attrs, layer)
+        augmented_name = feature_dataset(attrs, layer, augmented=True)
+        if layer is not None:
+            attrs = {**attrs, "layer": layer, "layers": [layer]}
         try:
             cache = Cache(
-                features=f["features"][: n if features else 0],
+                features=f[name][: n if features else 0],
                 labels=f["labels"][:n],
                 paths=list(f["paths"].asstr()[:n]),
                 split=np.asarray(f["split"].asstr()[:n], dtype=object),
@@ -343,7 +380,7 @@ def read_cache(
             )
             if augmented:
                 m = int(attrs.get("n_augmented", 0))
-                cache.augmented_features = f["augmented/features"][:m]
+                cache.augmented_features = f[augmented_name][:m]
                 cache.augmented_source = f["augmented/source"][:m]
                 cache.augmented_pass = f["augmented/pass"][:m]
         except (KeyError, OSError, RuntimeError) as exc:
@@ -358,9 +395,12 @@ def _copy(
     """Copy the given rows, skipped entries and augmented copies of ``f`` into a new
     partial cache for ``final``, chunk by chunk (memory stays flat)."""
     features = f["features"]
+    extra = [f[name] for name in _extra_datasets(attrs)]
+    augmented_extra = [f[name] for name in _extra_datasets(attrs, augmented=True)]
     new = CacheWriter.create(
         final, attrs=attrs, feature_shape=features.shape[1:], dtype=str(features.dtype),
         compression=str(attrs.get("compression", "none")),
+        extra_shapes=[d.shape[1:] for d in extra],
     )
     step = max(1, features.chunks[0] if features.chunks else 256)
     keep_rows = np.asarray(keep_rows, dtype=np.int64)
@@ -370,11 +410,12 @@ def _copy(
             features[rows], f["labels"][rows], f["paths"].asstr()[rows],
             f["split"].asstr()[rows], sha256=f["sha256"].asstr()[rows],
             size=f["size"][rows], mtime_ns=f["mtime_ns"][rows],
+            extra=[d[rows] for d in extra],
         )
     kept = [tuple(f[name].asstr()[j] if i < 2 else int(f[name][j])
                   for i, name in enumerate(_SKIPPED_COLUMNS)) for j in keep_skipped]
     if kept:
-        new.append(features[:0], [], [], [], kept)
+        new.append(features[:0], [], [], [], kept, extra=[d[:0] for d in extra])
     # Augmented copies follow their source row to its new index.
     where = {int(row): i for i, row in enumerate(keep_rows)}
     source = f["augmented/source"][: int(attrs.get("n_augmented", 0))]
@@ -382,7 +423,8 @@ def _copy(
     for start in range(0, len(copies), step):
         take = copies[start : start + step]
         new.append_augmented(f["augmented/features"][take],
-                             [where[int(source[j])] for j in take], f["augmented/pass"][take])
+                             [where[int(source[j])] for j in take], f["augmented/pass"][take],
+                             extra=[d[take] for d in augmented_extra])
     return new
 
 
@@ -400,6 +442,8 @@ class CacheWriter:
         self.n_rows = int(self.attrs.get("n_rows", 0))
         self.n_skipped = int(self.attrs.get("n_skipped", 0))
         self.n_augmented = int(self.attrs.get("n_augmented", 0))
+        self._extra = _extra_datasets(self.attrs)
+        self._augmented_extra = _extra_datasets(self.attrs, augmented=True)
         self.failed = False
 
     @classmethod
@@ -411,11 +455,14 @@ class CacheWriter:
         feature_shape: Sequence[int],
         dtype: str,
         compression: str = "none",
+        extra_shapes: Sequence[Sequence[int]] = (),
     ) -> CacheWriter:
         """Start a new partial cache for ``final`` (overwrites an old partial file).
 
         ``compression`` (none | lzf | gzip) applies to the feature datasets: lzf is fast,
         gzip smaller; both are lossless and read transparently by any h5py.
+        ``extra_shapes`` are the row shapes of the layers after the first, named by
+        ``attrs["layers"][1:]``.
         """
         final = Path(final)
         final.parent.mkdir(parents=True, exist_ok=True)
@@ -423,17 +470,28 @@ class CacheWriter:
         feature_shape = tuple(int(d) for d in feature_shape)
         np_dtype = np.dtype(dtype)
         rows = chunk_rows(feature_shape, np_dtype.itemsize)
-        feature_options: dict[str, Any] = {
-            "shape": (0, *feature_shape),
-            "maxshape": (None, *feature_shape),
-            "dtype": np_dtype,
-            "chunks": (rows, *feature_shape),
-            "compression": None if compression == "none" else compression,
-            "fletcher32": True,  # a damaged chunk fails loudly on read, never silently
-        }
-        if compression != "none":
-            feature_options["shuffle"] = True  # byte-shuffle: floats compress far better
-        f.create_dataset("features", **feature_options)
+
+        def feature_options(shape: Sequence[int]) -> dict[str, Any]:
+            shape = tuple(int(d) for d in shape)
+            options: dict[str, Any] = {
+                "shape": (0, *shape),
+                "maxshape": (None, *shape),
+                "dtype": np_dtype,
+                "chunks": (chunk_rows(shape, np_dtype.itemsize), *shape),
+                "compression": None if compression == "none" else compression,
+                "fletcher32": True,  # a damaged chunk fails loudly on read, never silently
+            }
+            if compression != "none":
+                options["shuffle"] = True  # byte-shuffle: floats compress far better
+            return options
+
+        f.create_dataset("features", **feature_options(feature_shape))
+        extra_names = _extra_datasets(attrs)
+        if len(extra_names) != len(extra_shapes):
+            raise RuntimeError("internal error: extra layer names and shapes differ")
+        for name, shape in zip(extra_names, extra_shapes, strict=True):
+            f.create_dataset(name, **feature_options(shape))
+            f.create_dataset(f"augmented/{name}", **feature_options(shape))
         vec_chunk = (max(rows, 1024),)
         f.create_dataset("labels", shape=(0,), maxshape=(None,), dtype="int64", chunks=vec_chunk,
                          fletcher32=True)
@@ -442,7 +500,7 @@ class CacheWriter:
         for name in _INT_COLUMNS + ("skipped/size", "skipped/mtime_ns"):
             f.create_dataset(name, shape=(0,), maxshape=(None,), dtype="int64", chunks=vec_chunk,
                              fletcher32=True)
-        f.create_dataset("augmented/features", **feature_options)
+        f.create_dataset("augmented/features", **feature_options(feature_shape))
         for name in ("augmented/source", "augmented/pass"):
             f.create_dataset(name, shape=(0,), maxshape=(None,), dtype="int64", chunks=vec_chunk,
                              fletcher32=True)
@@ -466,11 +524,12 @@ class CacheWriter:
         writer = cls(final, f)
         f.attrs["complete"] = False
         # Rows past n_rows were written by a batch whose commit never finished.
-        for name in _ROW_COLUMNS:
+        for name in (*_ROW_COLUMNS, *writer._extra):
             f[name].resize(writer.n_rows, axis=0)
         for name in _SKIPPED_COLUMNS:
             f[name].resize(writer.n_skipped, axis=0)
-        for name in ("augmented/features", "augmented/source", "augmented/pass"):
+        for name in ("augmented/features", "augmented/source", "augmented/pass",
+                     *writer._augmented_extra):
             f[name].resize(writer.n_augmented, axis=0)
         return writer
 
@@ -491,15 +550,17 @@ class CacheWriter:
 
     @_writing
     def append_augmented(
-        self, features: np.ndarray, source: Sequence[int], passes: Sequence[int]
+        self, features: np.ndarray, source: Sequence[int], passes: Sequence[int],
+        extra: Sequence[np.ndarray] = (),
     ) -> None:
-        """Write augmented copies of committed rows, then commit."""
+        """Write augmented copies of committed rows (``extra``: the other layers), commit."""
         f = self._f
         start, stop = self.n_augmented, self.n_augmented + len(source)
         for name, values in (
             ("augmented/features", features),
             ("augmented/source", np.asarray(source, dtype=np.int64)),
             ("augmented/pass", np.asarray(passes, dtype=np.int64)),
+            *zip(self._augmented_extra, extra, strict=True),
         ):
             f[name].resize(stop, axis=0)
             f[name][start:stop] = values
@@ -526,8 +587,11 @@ class CacheWriter:
         sha256: Sequence[str] | None = None,
         size: Sequence[int] | None = None,
         mtime_ns: Sequence[int] | None = None,
+        extra: Sequence[np.ndarray] = (),
     ) -> None:
         """Write one batch of rows (and the files skipped while making it), then commit.
+
+        ``extra`` holds the features of the layers after the first, in attrs order.
 
         ``skipped`` holds (path, reason) or (path, reason, size, mtime_ns) tuples; unknown
         hashes and stats are stored as "" and -1.
@@ -547,6 +611,7 @@ class CacheWriter:
                 "size": np.asarray(size if size is not None else [-1] * k, dtype=np.int64),
                 "mtime_ns": np.asarray(mtime_ns if mtime_ns is not None else [-1] * k,
                                        dtype=np.int64),
+                **dict(zip(self._extra, extra, strict=True)),
             }
             for name, values in columns.items():
                 f[name].resize(stop, axis=0)

@@ -35,7 +35,9 @@ def extract_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", default=None,
                    help="imagenet (default for named bases) | none (random, seeded) | a file")
     p.add_argument("--input-size", default=None, help="N or HxW (default: the base's own size)")
-    p.add_argument("--layer", default=None, help="cut the base at this layer (default: its last)")
+    p.add_argument("--layer", default=None,
+                   help="cut the base at this layer (default: its last); a,b,c stores several "
+                   "layers from one forward pass; all-blocks: the end of every block (max 8)")
     p.add_argument("--pooling", default="avg", help="flatten | avg | max | none (default: avg)")
     p.add_argument("--preprocess", default=None,
                    help="for .keras bases: none | scale | tf | caffe | torch (default: none)")
@@ -84,6 +86,8 @@ def fit_head_parser() -> argparse.ArgumentParser:
     p.add_argument("--class-weight", default=None, help="balanced (default: none)")
     p.add_argument("--use-augmented", action="store_true",
                    help="train on originals + augmented copies (extract --augment K)")
+    p.add_argument("--layer", default=None,
+                   help="which stored layer to train on (extract --layer a,b,c; default: first)")
     p.add_argument("--stream", action="store_true",
                    help="out of core: read features from HDF5 in batches (dense, logreg and "
                    "linear-svm; the linear heads become SGD, at most 10 passes)")

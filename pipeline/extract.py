@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import queue
+import shutil
 import signal
 import sys
 import threading
@@ -176,7 +177,8 @@ def default_out(config: ExtractConfig, input_size: tuple[int, int]) -> Path:
     """
     base = Path(config.base).stem if _is_file_base(config.base) else config.base
     h, w = input_size
-    parts = [Path(config.data_dir).resolve().name, base.lower(), f"{h}x{w}", config.layer or "top"]
+    layer = (config.layer or "top").replace(",", "+")
+    parts = [Path(config.data_dir).resolve().name, base.lower(), f"{h}x{w}", layer]
     if config.weights == "none":
         parts.append("random")
     parts.append(config.pooling)
@@ -336,7 +338,7 @@ def decoded_batches(
 
 
 def _open_writer(
-    out: Path, attrs: dict[str, Any], feature_shape: tuple[int, ...], dtype: str,
+    out: Path, attrs: dict[str, Any], feature_shapes: list[tuple[int, ...]], dtype: str,
     compression: str,
 ) -> tuple[CacheWriter, str]:
     """Resume ``<out>.partial``, reopen a complete ``out`` for appending, or start anew.
@@ -372,8 +374,8 @@ def _open_writer(
             return writer.rewrite(np.arange(writer.n_rows), np.arange(writer.n_skipped)), "resume"
         except (OSError, KeyError, ValueError, RuntimeError) as exc:
             _set_aside(existing, f"could not be read back ({exc})")
-    writer = CacheWriter.create(out, attrs=attrs, feature_shape=feature_shape, dtype=dtype,
-                                compression=compression)
+    writer = CacheWriter.create(out, attrs=attrs, feature_shape=feature_shapes[0], dtype=dtype,
+                                compression=compression, extra_shapes=feature_shapes[1:])
     return writer, "new"
 
 
@@ -470,9 +472,9 @@ def _extract_into(
     stats: dict[str, tuple[int, int]],
 ) -> ExtractResult:
     """Open the cache under its lock, bring it up to date, finish it (see run_extract)."""
-    feature_shape = feature_model.feature_shape
     with CacheLock(out):
-        writer, mode = _open_writer(out, attrs, feature_shape, config.dtype, config.compression)
+        writer, mode = _open_writer(out, attrs, feature_model.feature_shapes, config.dtype,
+                                    config.compression)
         try:
             start = time.monotonic()
             writer, changes = _drop_stale_rows(writer, index, stats)
@@ -482,18 +484,17 @@ def _extract_into(
             todo = [r for r in index.records if r.path not in done]
             new_skipped: list[tuple[str, str]] = []
             if todo:
-                row_mb = np.prod(feature_shape) * np.dtype(config.dtype).itemsize * len(todo) / 1e6
                 verb = f"resuming after {writer.n_rows} rows" if mode == "resume" else "starting"
                 print(
                     f"extract: {verb}; {len(todo)} images to do ({len(index.records)} in "
                     f"{len(index.class_names)} classes, layout {index.layout}) -> {out}\n"
-                    f"extract: base {attrs['base']} (weights {attrs['weights']}), layer "
-                    f"{attrs['layer']}, pooling {attrs['pooling']}, input "
-                    f"{feature_model.input_size}, preprocess {attrs['preprocess']}; features "
-                    f"{feature_shape} {config.dtype}, ~{row_mb:.1f} MB to write",
+                    f"extract: base {attrs['base']} (weights {attrs['weights']}), pooling "
+                    f"{attrs['pooling']}, input {feature_model.input_size}, preprocess "
+                    f"{attrs['preprocess']}",
                     file=sys.stderr,
                     flush=True,
                 )
+                _check_space(feature_model, len(todo), config, out)
                 new_skipped = _extract_loop(config, index, feature_model, writer, todo, stats)
             # New rows of a cache that already holds K passes get those K passes too.
             passes = max(config.augment, int(writer.attrs.get("augment_passes", 0)))
@@ -510,8 +511,36 @@ def _extract_into(
     _report_skipped(new_skipped)
     _report_leaks(leaks)
     return ExtractResult(path, "extracted" if wrote else "up-to-date", n_rows, n_rows - first_row,
-                         n_skipped, new_skipped, feature_shape, config.dtype, seconds,
+                         n_skipped, new_skipped, feature_model.feature_shape, config.dtype, seconds,
                          changes=changes)
+
+
+def _check_space(feature_model: FeatureModel, n_images: int, config: ExtractConfig,
+                 out: Path) -> None:
+    """Print each layer's size before starting; refuse when it cannot fit on the disk.
+
+    Unpooled early maps are huge (VGG16 block1 at 224 px: 12 MB per image), so this is
+    said before hours of work, not after a full disk.
+    """
+    itemsize = np.dtype(config.dtype).itemsize
+    copies = 1 + config.augment  # augmented passes only touch training rows: an upper bound
+    total = 0
+    for name, shape in zip(feature_model.layers, feature_model.feature_shapes, strict=True):
+        size = int(np.prod(shape)) * itemsize * n_images * copies
+        total += size
+        print(f"extract: layer {name}: features {shape} {config.dtype}, "
+              f"~{size / 1e6:,.1f} MB for {n_images} images"
+              + (f" x {copies} with augmented passes" if copies > 1 else ""),
+              file=sys.stderr, flush=True)
+    free = shutil.disk_usage(out.parent if out.parent.exists() else Path(".")).free
+    # Compression can only shrink this; appending to a finished cache copies it once more.
+    if total > free:
+        raise CacheError(
+            f"The features would take ~{total / 1e9:,.2f} GB but {out.parent} has "
+            f"{free / 1e9:,.2f} GB free. Pool them (--pooling avg), choose fewer or later "
+            f"layers, use --dtype float16 or --compression gzip, or free space. "
+            f"Received: layer={config.layer!r}, pooling={config.pooling!r}"
+        )
 
 
 def _stats(index: ImageIndex) -> dict[str, tuple[int, int]]:
@@ -655,14 +684,16 @@ def _extract_loop(
             for batch in batches:
                 records = [todo[i] for i in batch.indices]
                 skipped = [(todo[i].path, reason) for i, reason in batch.skipped]
-                features = _stored(feature_model.features(batch.images), config.dtype)
+                first, *extra = [_stored(x, config.dtype)
+                                 for x in feature_model.all_features(batch.images)]
                 background.put(
                     "append",
-                    features,
+                    first,
                     [r.label for r in records],
                     [r.path for r in records],
                     [r.split for r in records],
                     [(p, reason, *stats[p]) for p, reason in skipped],
+                    extra=extra,
                     sha256=batch.digests,
                     size=[stats[r.path][0] for r in records],
                     mtime_ns=[stats[r.path][1] for r in records],
@@ -727,17 +758,20 @@ def _augment_loop(
                         "the data folder changed. Re-extract to a new --out."
                     )
                 rows = [todo[i] for i in batch.indices]
-                features, sources, passes = [], [], []
+                per_layer: list[list[np.ndarray]] = [[] for _ in feature_model.feature_shapes]
+                sources, passes = [], []
                 for k in k_all:
                     chosen = [j for j, row in enumerate(rows) if (row, k) not in pairs]
                     if not chosen:
                         continue
                     seed = batch_seed(config.seed, k, rows[chosen[0]])
                     images = augment_batch(batch.images[chosen], spec, seed)
-                    features.append(_stored(feature_model.features(images), config.dtype))
+                    for out, x in zip(per_layer, feature_model.all_features(images), strict=True):
+                        out.append(_stored(x, config.dtype))
                     sources.extend(rows[j] for j in chosen)
                     passes.extend([k] * len(chosen))
-                background.put("append_augmented", np.concatenate(features), sources, passes)
+                first, *extra = [np.concatenate(parts) for parts in per_layer]
+                background.put("append_augmented", first, sources, passes, extra=extra)
                 progress.update(len(rows))
         finally:
             batches.close()

@@ -14,7 +14,7 @@ from sklearn.base import BaseEstimator
 from sklearn.metrics import accuracy_score, classification_report, confusion_matrix, f1_score
 from sklearn.model_selection import train_test_split
 
-from pipeline.cache import open_cache, read_cache
+from pipeline.cache import read_cache
 from pipeline.heads import head_params, make_head, save_head, write_json_atomic
 from pipeline.stream import STREAM_HEADS
 
@@ -40,6 +40,7 @@ class FitConfig:
     patience: int = 10
     use_augmented: bool = False
     stream: bool = False
+    layer: str | None = None
 
 
 def _check_val_split(val_split: float) -> None:
@@ -235,7 +236,8 @@ def run_fit(config: FitConfig) -> tuple[Path, dict[str, Any]]:
     if config.stream and config.use_augmented:
         raise ValueError("`stream` and `use_augmented` cannot be combined yet. "
                          "Received: stream=True, use_augmented=True")
-    cache = read_cache(cache_path, augmented=config.use_augmented, features=not config.stream)
+    cache = read_cache(cache_path, augmented=config.use_augmented, features=not config.stream,
+                       layer=config.layer)
     class_names = cache.class_names
     n = len(cache.labels)
     if n == 0:
@@ -289,7 +291,7 @@ def run_fit(config: FitConfig) -> tuple[Path, dict[str, Any]]:
             return evaluate(estimator, X[rows], labels[rows], class_names)
         from pipeline.stream import open_features, predict_rows
 
-        f, features = open_features(cache_path)
+        f, features = open_features(cache_path, config.layer)
         with f:
             rows = np.sort(rows)
             pred = predict_rows(estimator, features, rows, max(config.batch_size, 1024))
@@ -328,15 +330,17 @@ STREAM_SGD_PASSES = 10
 
 def _fit_streaming(config: FitConfig, cache: Any, train: np.ndarray, val: np.ndarray) -> Any:
     """Fit ``config.head`` from the cache file in batches (``--stream``)."""
-    from pipeline.stream import fit_streaming
+    from pipeline.stream import fit_streaming, open_features
 
-    with open_cache(config.cache) as f:
-        feature_shape = tuple(f["features"].shape[1:])
+    f, features = open_features(config.cache, config.layer)
+    with f:
+        feature_shape = tuple(features.shape[1:])
     epochs = config.epochs if config.head == "dense" else min(config.epochs, STREAM_SGD_PASSES)
     return fit_streaming(
         config.head, config.cache, labels=cache.labels, paths=cache.paths, train=train, val=val,
         feature_shape=feature_shape, epochs=epochs, lr=config.lr, batch_size=config.batch_size,
         patience=config.patience, C=config.C, class_weight=config.class_weight, seed=config.seed,
+        layer=config.layer,
     )
 
 

@@ -24,12 +24,18 @@ STREAM_HEADS = ("dense", "logreg", "linear-svm")
 CHUNK_CACHE_BYTES = 32 << 20
 
 
-def open_features(path: str | Path) -> tuple[h5py.File, h5py.Dataset]:
-    """Open a cache read-only with a bounded chunk cache; return (file, features)."""
-    from pipeline.cache import open_cache
+def open_features(
+    path: str | Path, layer: str | None = None
+) -> tuple[h5py.File, h5py.Dataset]:
+    """Open a cache read-only with a bounded chunk cache; return (file, layer's features)."""
+    from pipeline.cache import _decode_attrs, feature_dataset, open_cache
 
     f = open_cache(path, rdcc_nbytes=CHUNK_CACHE_BYTES)
-    return f, f["features"]
+    try:
+        return f, f[feature_dataset(_decode_attrs(f.attrs), layer)]
+    except BaseException:
+        f.close()
+        raise
 
 
 def iter_rows(
@@ -57,9 +63,11 @@ def _row_batches_class() -> type:
             batch_size: int,
             seed: int,
             shuffle: bool = True,
+            layer: str | None = None,
         ) -> None:
             super().__init__()
             self._path = str(path)
+            self._layer = layer
             self._rows = np.asarray(rows, dtype=np.int64)
             self._targets = np.asarray(targets)
             self._batch_size = batch_size
@@ -74,7 +82,7 @@ def _row_batches_class() -> type:
 
         def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray]:
             if self._features is None:
-                _, self._features = open_features(self._path)
+                _, self._features = open_features(self._path, self._layer)
             take = self._order[index * self._batch_size : (index + 1) * self._batch_size]
             # h5py reads fancy indices in increasing order only.
             take = np.sort(take)
@@ -125,6 +133,7 @@ def fit_streaming(
     C: float,
     class_weight: str | None,
     seed: int,
+    layer: str | None = None,
 ) -> Any:
     """Fit one head from the cache at ``path`` without loading its features.
 
@@ -139,6 +148,7 @@ def fit_streaming(
         C: inverse regularisation; SGD's ``alpha = 1 / (C * n_train)``, the usual mapping.
         class_weight: None or "balanced".
         seed: shuffling and initialisation seed.
+        layer: which stored layer to train on (default the first).
 
     Returns:
         The fitted estimator (DenseHead, or a flatten -> scale -> SGD Pipeline).
@@ -155,13 +165,13 @@ def fit_streaming(
     if head == "dense":
         return _dense(path, labels, train, val, classes, feature_shape, epochs=epochs, lr=lr,
                       batch_size=batch_size, patience=patience, class_weight=class_weight,
-                      seed=seed)
+                      seed=seed, layer=layer)
     return _sgd(head, path, labels, paths, train, classes, epochs=epochs, batch_size=batch_size,
-                C=C, class_weight=class_weight, seed=seed)
+                C=C, class_weight=class_weight, seed=seed, layer=layer)
 
 
 def _dense(path, labels, train, val, classes, feature_shape, *, epochs, lr, batch_size, patience,
-           class_weight, seed) -> Any:
+           class_weight, seed, layer) -> Any:
     from pipeline.heads import DenseHead
 
     head = DenseHead(epochs=epochs, lr=lr, batch_size=batch_size, patience=patience,
@@ -174,15 +184,15 @@ def _dense(path, labels, train, val, classes, feature_shape, *, epochs, lr, batc
         return idx.astype(np.float32) if binary else idx
 
     seen = val[np.isin(labels[val], classes)]
-    train_batches = batches(path, train, targets(train), batch_size, seed)
-    val_batches = batches(path, seen, targets(seen), batch_size, seed, shuffle=False)
+    train_batches = batches(path, train, targets(train), batch_size, seed, layer=layer)
+    val_batches = batches(path, seen, targets(seen), batch_size, seed, shuffle=False, layer=layer)
     return head.fit_batches(train_batches, classes=classes, feature_shape=feature_shape,
                             validation=val_batches if len(seen) else None,
                             y_for_weights=np.searchsorted(classes, labels[train]))
 
 
 def _sgd(head, path, labels, paths, train, classes, *, epochs, batch_size, C, class_weight,
-         seed) -> Any:
+         seed, layer) -> Any:
     from sklearn.linear_model import SGDClassifier
     from sklearn.pipeline import Pipeline
     from sklearn.preprocessing import StandardScaler
@@ -190,7 +200,7 @@ def _sgd(head, path, labels, paths, train, classes, *, epochs, batch_size, C, cl
 
     from pipeline.heads import flatten_step
 
-    f, features = open_features(path)
+    f, features = open_features(path, layer)
     try:
         scaler = StandardScaler()
         # Contiguous reads for the scaler pass; row order does not matter for means.
