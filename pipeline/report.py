@@ -1,0 +1,523 @@
+"""Tables and plots of a compare run: leaderboard CSV/Markdown, PNG plots, HTML, history.
+
+Everything here reads the ``results`` dict that :func:`pipeline.compare.run_compare`
+builds (and writes as ``results.json``), so a report can be redrawn from that file alone.
+Plots use matplotlib's object API (``Figure``, no pyplot): it renders with Agg and needs
+no display, so it works on a headless machine and in worker threads.
+"""
+
+from __future__ import annotations
+
+import csv
+import html
+import io
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.heads import write_json_atomic
+
+__all__ = [
+    "LEADERBOARD_COLUMNS",
+    "append_history",
+    "best_pair",
+    "format_history",
+    "history_entry",
+    "leaderboard_markdown",
+    "markdown_table",
+    "plot_accuracy",
+    "plot_confusion",
+    "plot_per_class_f1",
+    "read_history",
+    "write_report",
+]
+
+LEADERBOARD_COLUMNS = (
+    "rank",
+    "base",
+    "head",
+    "params",
+    "accuracy_mean",
+    "accuracy_std",
+    "macro_f1",
+    "test_accuracy",
+    "test_macro_f1",
+    "fit_seconds",
+    "predict_ms_per_image",
+    "model_bytes",
+    "n_folds",
+    "cache",
+    "status",
+    "reason",
+    "notes",
+)
+# Cell counts are written into the confusion matrix only while they stay readable.
+_ANNOTATE_MAX_CLASSES = 20
+
+
+def markdown_table(
+    header: Sequence[str], rows: Sequence[Sequence[str]], align: str | None = None
+) -> str:
+    """A Markdown table, padded so it also reads well as plain text.
+
+    Args:
+        header: column titles.
+        rows: cells, already formatted.
+        align: one letter per column, ``l`` (text) or ``r`` (numbers); default: all ``l``.
+
+    Returns:
+        The table, one line per row.
+
+    Raises:
+        ValueError: ``align`` has another length than ``header`` or other letters.
+    """
+    align = align or "l" * len(header)
+    if len(align) != len(header) or set(align) - {"l", "r"}:
+        raise ValueError(
+            f"`align` must have one 'l' or 'r' per column ({len(header)}). Received: "
+            f"align={align!r}"
+        )
+    cells = [list(header), *(list(r) for r in rows)]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+
+    def line(row: Sequence[str]) -> str:
+        padded = [
+            c.ljust(w) if a == "l" else c.rjust(w)
+            for c, w, a in zip(row, widths, align, strict=True)
+        ]
+        return "| " + " | ".join(padded) + " |"
+
+    dashes = [
+        "-" * (w + 2) if a == "l" else "-" * (w + 1) + ":"
+        for w, a in zip(widths, align, strict=True)
+    ]
+    rule = "|" + "|".join(dashes) + "|"
+    return "\n".join([line(cells[0]), rule, *(line(r) for r in cells[1:])])
+
+
+def _has_test(rows: Sequence[dict[str, Any]]) -> bool:
+    return any(r.get("test_accuracy") is not None for r in rows)
+
+
+def _table_cells(rows: Sequence[dict[str, Any]]) -> tuple[list[str], list[list[str]], str]:
+    """Header, formatted cells and alignment of the leaderboard, for Markdown and HTML."""
+    test = _has_test(rows)
+    header = ["#", "base", "head", "params", "accuracy (mean ± std)", "macro-F1"]
+    header += ["test accuracy", "test macro-F1"] if test else []
+    header += ["fit s", "predict ms/img", "model bytes", "cache"]
+    align = "rlllrr" + ("rr" if test else "") + "rrrl"
+    body = []
+    for r in rows:
+        cells = [
+            str(r["rank"]),
+            r["base"],
+            r["head"],
+            r["params"] or "defaults",
+            f"{r['accuracy_mean']:.4f} ± {r['accuracy_std']:.4f}",
+            f"{r['macro_f1']:.4f}",
+        ]
+        if test:
+            cells += [_num(r.get("test_accuracy")), _num(r.get("test_macro_f1"))]
+        cells += [
+            f"{r['fit_seconds']:.3f}",
+            f"{r['predict_ms_per_image']:.4f}",
+            f"{r['model_bytes']:,}",
+            Path(r["cache"]).name,
+        ]
+        body.append(cells)
+    return header, body, align
+
+
+def _num(value: float | None) -> str:
+    return "—" if value is None else f"{value:.4f}"
+
+
+def _notes(rows: Sequence[dict[str, Any]]) -> list[str]:
+    return [f"{r['base']} / {r['head']}: {r['notes']}" for r in rows if r.get("notes")]
+
+
+def leaderboard_markdown(results: dict[str, Any]) -> str:
+    """The leaderboard (and skipped pairs with their reasons) as a Markdown document.
+
+    Args:
+        results: a compare ``results`` dict.
+
+    Returns:
+        Markdown text.
+    """
+    lines = [
+        f"# Leaderboard: {results['out_dir']}",
+        "",
+        f"{results['n_pool']} choosing rows, {results['n_test']} test rows, "
+        f"{len(results['class_names'])} classes. {results['protocol']}",
+        "",
+    ]
+    if results["leaderboard"]:
+        lines.append(markdown_table(*_table_cells(results["leaderboard"])))
+    else:
+        lines.append("Nothing could be scored.")
+    notes = _notes(results["leaderboard"])
+    if notes:
+        lines += ["", "Notes:", ""] + [f"- {n}" for n in notes]
+    if results["skipped"]:
+        lines += ["", "Skipped:", ""]
+        lines += [f"- {s['base']} / {s['head']} ({Path(s['cache']).name}): {s['reason']}"
+                  for s in results["skipped"]]
+    return "\n".join(lines) + "\n"
+
+
+def _write_csv(path: Path, results: dict[str, Any]) -> Path:
+    """Every pair, scored ones first in rank order; full precision, sizes in bytes."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=LEADERBOARD_COLUMNS, extrasaction="ignore")
+    writer.writeheader()
+    for row in results["leaderboard"]:
+        writer.writerow({**row, "status": "ok", "reason": ""})
+    for row in results["skipped"]:
+        writer.writerow({**row, "status": "skipped"})
+    path.write_text(buf.getvalue(), encoding="utf-8")
+    return path
+
+
+def best_pair(results: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], str] | None:
+    """The top pair's entry, the metrics to plot for it, and which rows they come from.
+
+    Args:
+        results: a compare ``results`` dict.
+
+    Returns:
+        ``(pair entry, metrics, "test" | "out-of-fold")``: the test metrics when a test
+        split was scored, else the out-of-fold predictions pooled over the K folds; None
+        when nothing was scored.
+    """
+    if not results["leaderboard"]:
+        return None
+    top = results["leaderboard"][0]
+    entry = next(p for p in results["pairs"]
+                 if (p["cache"], p["head"]) == (top["cache"], top["head"]))
+    test = entry.get("test")
+    if test and "error" not in test:
+        return entry, test, "test"
+    return entry, entry["out_of_fold"], "out-of-fold"
+
+
+def _figure(width: float, height: float) -> Any:
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height), dpi=100, layout="constrained")
+
+
+def plot_accuracy(rows: Sequence[dict[str, Any]], path: Path) -> Path:
+    """Horizontal bars of mean CV accuracy with ± std error bars, best on top.
+
+    Test accuracies, when there are any, are drawn as black dots on the bars.
+
+    Args:
+        rows: leaderboard rows, in rank order.
+        path: the PNG to write.
+
+    Returns:
+        ``path``.
+    """
+    labels = [f"{r['base']} / {r['head']}" for r in rows]
+    means = np.array([r["accuracy_mean"] for r in rows])
+    stds = np.array([r["accuracy_std"] for r in rows])
+    fig = _figure(7.0, 1.2 + 0.35 * len(rows))
+    ax = fig.add_subplot()
+    y = np.arange(len(rows))
+    ax.barh(y, means, xerr=stds, color="#4c78a8", ecolor="#333333", capsize=3)
+    xlabel = "accuracy: bars = mean over the CV folds, whiskers = ± std"
+    if _has_test(rows):
+        tests = [np.nan if r.get("test_accuracy") is None else r["test_accuracy"] for r in rows]
+        ax.plot(tests, y, "o", color="black")
+        xlabel += ", dots = test"
+    for yi, mean in zip(y, means, strict=True):
+        ax.text(mean, yi, f" {mean:.4f}", va="bottom", ha="left", fontsize="x-small")
+    ax.set_yticks(y, labels)
+    ax.invert_yaxis()  # rank 1 on top
+    # Zoom on the range where the pairs differ; the bars then start mid-axis, so the
+    # printed means carry the exact values.
+    low = max(0.0, float(np.min(means - stds)) - 0.05)
+    ax.set_xlim(low, max(1.0, float(np.max(means + stds))) + 0.005)
+    ax.set_xlabel(xlabel, fontsize="small")
+    ax.set_title("Accuracy per (base, head)")
+    ax.grid(axis="x", alpha=0.3)
+    fig.savefig(path)
+    return path
+
+
+def plot_confusion(
+    matrix: Sequence[Sequence[int]], class_names: Sequence[str], path: Path, title: str
+) -> Path:
+    """A confusion matrix (rows: true class, columns: predicted), counts in the cells.
+
+    Args:
+        matrix: square counts in ``class_names`` order.
+        class_names: names of the classes.
+        path: the PNG to write.
+        title: the plot title.
+
+    Returns:
+        ``path``.
+    """
+    cm = np.asarray(matrix)
+    n = len(class_names)
+    side = min(12.0, 2.5 + 0.45 * n)
+    fig = _figure(side + 1.0, side)
+    ax = fig.add_subplot()
+    image = ax.imshow(cm, cmap="Blues")
+    fig.colorbar(image, ax=ax, shrink=0.8)
+    ticks = np.arange(n)
+    ax.set_xticks(ticks, class_names, rotation=90 if n > 8 else 0)
+    ax.set_yticks(ticks, class_names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title, fontsize="medium")
+    if n <= _ANNOTATE_MAX_CLASSES:
+        threshold = cm.max() / 2 if cm.size else 0
+        for i in range(n):
+            for j in range(n):
+                ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize="small",
+                        color="white" if cm[i, j] > threshold else "black")
+    fig.savefig(path)
+    return path
+
+
+def plot_per_class_f1(per_class: dict[str, dict[str, float]], path: Path, title: str) -> Path:
+    """Bars of each class's F1, worst class first, support in the label.
+
+    Args:
+        per_class: class name -> ``{"f1-score", "support", ...}`` (as :func:`evaluate`).
+        path: the PNG to write.
+        title: the plot title.
+
+    Returns:
+        ``path``.
+    """
+    items = sorted(per_class.items(), key=lambda kv: kv[1]["f1-score"])
+    fig = _figure(7.0, 1.2 + 0.3 * len(items))
+    ax = fig.add_subplot()
+    y = np.arange(len(items))
+    f1 = [v["f1-score"] for _, v in items]
+    ax.barh(y, f1, color="#f58518")
+    for yi, value in zip(y, f1, strict=True):
+        ax.text(value, yi, f" {value:.3f}", va="center", ha="left", fontsize="x-small")
+    ax.set_yticks(y, [f"{name} (n={int(v['support'])})" for name, v in items])
+    ax.set_xlim(0.0, 1.1)
+    ax.set_xlabel("F1")
+    ax.set_title(title, fontsize="medium")
+    ax.grid(axis="x", alpha=0.3)
+    fig.savefig(path)
+    return path
+
+
+def _html(results: dict[str, Any], images: dict[str, tuple[str, str]]) -> str:
+    """The report page: leaderboard, skipped pairs, plots, protocol and configuration."""
+    esc = html.escape
+    parts = [
+        "<!doctype html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        f"<title>compare: {esc(results['out_dir'])}</title>",
+        "<style>body{font-family:sans-serif;margin:2em;max-width:1100px}"
+        "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 8px}"
+        "td.num{text-align:right}"
+        "img{max-width:100%;display:block;margin:1em 0}</style></head><body>",
+        "<h1>Leaderboard</h1>",
+        f"<p>{results['n_pool']} choosing rows, {results['n_test']} test rows, "
+        f"{len(results['class_names'])} classes. {esc(results['protocol'])}</p>",
+    ]
+    if results["leaderboard"]:
+        header, body, align = _table_cells(results["leaderboard"])
+        parts.append("<table><tr>" + "".join(f"<th>{esc(h)}</th>" for h in header) + "</tr>")
+        parts += [
+            "<tr>" + "".join(
+                f'<td class="{"num" if a == "r" else "txt"}">{esc(c)}</td>'
+                for c, a in zip(row, align, strict=True)
+            ) + "</tr>"
+            for row in body
+        ]
+        parts.append("</table>")
+    else:
+        parts.append("<p><strong>Nothing could be scored.</strong></p>")
+    notes = _notes(results["leaderboard"])
+    if notes:
+        parts.append("<h2>Notes</h2><ul>")
+        parts += [f"<li>{esc(n)}</li>" for n in notes]
+        parts.append("</ul>")
+    if results["skipped"]:
+        parts.append("<h2>Skipped</h2><ul>")
+        parts += [f"<li>{esc(s['base'])} / {esc(s['head'])}: {esc(s['reason'])}</li>"
+                  for s in results["skipped"]]
+        parts.append("</ul>")
+    for name, (heading, alt) in images.items():
+        parts.append(f"<h2>{esc(heading)}</h2>")
+        parts.append(f'<img src="{esc(name)}" alt="{esc(alt)}">')
+    parts += [
+        "<h2>Configuration</h2>",
+        f"<pre>{esc(json.dumps(results['config'], indent=2))}</pre>",
+        "<p>Every number, with per-fold scores of every grid point: "
+        '<a href="results.json">results.json</a>.</p>',
+        "</body></html>",
+    ]
+    return "\n".join(parts) + "\n"
+
+
+def write_report(out_dir: str | os.PathLike, results: dict[str, Any]) -> dict[str, Path]:
+    """Write the leaderboard, plots, ``results.json`` and ``report.html`` into ``out_dir``.
+
+    Args:
+        out_dir: the report folder (created if missing; files in it are replaced).
+        results: a compare ``results`` dict; its ``outputs`` key is set here.
+
+    Returns:
+        Output name -> path.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    outputs = {
+        "leaderboard.csv": _write_csv(out_dir / "leaderboard.csv", results),
+        "leaderboard.md": out_dir / "leaderboard.md",
+    }
+    outputs["leaderboard.md"].write_text(leaderboard_markdown(results), encoding="utf-8")
+    images: dict[str, tuple[str, str]] = {}
+    if results["leaderboard"]:
+        outputs["accuracy.png"] = plot_accuracy(results["leaderboard"], out_dir / "accuracy.png")
+        images["accuracy.png"] = ("Accuracy", "mean cross-validated accuracy per pair")
+    best = best_pair(results)
+    if best is not None:
+        entry, metrics, rows = best
+        pair = f"{entry['base']} / {entry['head']}"
+        n_rows = int(np.sum(metrics["confusion_matrix"]))
+        where = f"{rows} predictions, {n_rows} rows"
+        outputs["confusion.png"] = plot_confusion(
+            metrics["confusion_matrix"], results["class_names"], out_dir / "confusion.png",
+            f"{pair}\nconfusion matrix ({where})",
+        )
+        outputs["per_class_f1.png"] = plot_per_class_f1(
+            metrics["per_class"], out_dir / "per_class_f1.png", f"{pair}\nF1 per class ({where})"
+        )
+        images["confusion.png"] = (f"Best pair: {pair}, confusion matrix ({where})",
+                                   "confusion matrix of the best pair")
+        images["per_class_f1.png"] = (f"Best pair: {pair}, F1 per class",
+                                      "per-class F1 of the best pair")
+    outputs["results.json"] = out_dir / "results.json"
+    outputs["report.html"] = out_dir / "report.html"
+    results["outputs"] = sorted(outputs)
+    write_json_atomic(outputs["results.json"], results)
+    outputs["report.html"].write_text(_html(results, images), encoding="utf-8")
+    return outputs
+
+
+# ---------------------------------------------------------------------------------------
+# History: one JSON line per run
+
+
+def history_entry(results: dict[str, Any]) -> dict[str, Any]:
+    """The one-line summary of a run that goes into the history file.
+
+    Args:
+        results: a compare ``results`` dict.
+
+    Returns:
+        JSON-safe dict: time, out, caches, heads, cv, sweep, seed, row counts, best pair,
+        its parameters and accuracies, and how many pairs were scored and skipped.
+    """
+    config = results["config"]
+    top = results["leaderboard"][0] if results["leaderboard"] else None
+    return {
+        "time": results["started"],
+        "out": results["out_dir"],
+        "caches": config["caches"],
+        "heads": config["heads"],
+        "scratch": config["scratch"],
+        "cv": config["cv"],
+        "sweep": config["sweep"],
+        "seed": config["seed"],
+        "n_pool": results["n_pool"],
+        "n_test": results["n_test"],
+        "best": None if top is None else f"{top['base']} / {top['head']}",
+        "best_params": None if top is None else top["params"],
+        "top_accuracy": None if top is None else top["accuracy_mean"],
+        "top_accuracy_std": None if top is None else top["accuracy_std"],
+        "test_accuracy": None if top is None else top["test_accuracy"],
+        "n_scored": len(results["leaderboard"]),
+        "n_skipped": len(results["skipped"]),
+    }
+
+
+def append_history(path: str | os.PathLike, entry: dict[str, Any]) -> Path:
+    """Append one JSON line to the history file (created with its folder if missing).
+
+    Args:
+        path: the history file, e.g. ``reports/history.jsonl``.
+        entry: from :func:`history_entry`.
+
+    Returns:
+        ``path`` as a Path.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # One write of one line in append mode: runs that finish together do not interleave.
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(entry, sort_keys=True) + "\n")
+    return path
+
+
+def read_history(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """Every run recorded in a history file, oldest first; [] when there is none.
+
+    A line that is not a JSON object (a run killed mid-write) is passed over.
+
+    Args:
+        path: the history file.
+
+    Returns:
+        The entries.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return []
+    entries = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(entry, dict):
+            entries.append(entry)
+    return entries
+
+
+def format_history(entries: Sequence[dict[str, Any]]) -> str:
+    """The history as a Markdown table, one row per run, oldest first.
+
+    Args:
+        entries: from :func:`read_history`.
+
+    Returns:
+        The table, or a one-line note when there are no runs.
+    """
+    if not entries:
+        return "No compare runs recorded yet."
+    header = ["time", "caches", "heads", "cv", "sweep", "best pair", "accuracy", "test", "out"]
+    rows = []
+    for e in entries:
+        accuracy = "—"
+        if e.get("top_accuracy") is not None:
+            accuracy = f"{e['top_accuracy']:.4f} ± {e.get('top_accuracy_std') or 0:.4f}"
+        rows.append([
+            str(e.get("time", "?")),
+            ", ".join(Path(c).name for c in e.get("caches", [])),
+            ",".join(e.get("heads", [])) + (" +scratch" if e.get("scratch") else ""),
+            str(e.get("cv", "?")),
+            "yes" if e.get("sweep") else "no",
+            e.get("best") or "nothing ran",
+            accuracy,
+            _num(e.get("test_accuracy")),
+            str(e.get("out", "?")),
+        ])
+    return markdown_table(header, rows, align="lllrlllrl")
