@@ -178,6 +178,9 @@ def compare_parser() -> argparse.ArgumentParser:
     p.add_argument("--heads", default="logreg,linear-svm,svm,knn,dense",
                    help="comma-separated heads (default: logreg,linear-svm,svm,knn,dense)")
     p.add_argument("--cv", type=int, default=5, help="stratified folds (default: 5)")
+    p.add_argument("--layers", default=None,
+                   help="compare stored layers side by side (extract --layer a,b,c): "
+                   "a,b or all")
     p.add_argument("--sweep", action="store_true",
                    help="choose each head's regularisation from a small grid by mean CV accuracy")
     p.add_argument("--n-jobs", type=int, default=1,

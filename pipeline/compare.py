@@ -69,6 +69,7 @@ class CompareConfig:
     scratch: str | None = None  # DATA_DIR of the cached images: adds the from-scratch row
     out: str | None = None  # default: reports/compare-<timestamp>
     history_file: str = "reports/history.jsonl"
+    layers: str | None = None  # "a,b" or "all": stored layers side by side, as bases are
     epochs: int = 100  # dense head: maximum epochs (early stopping decides)
     scratch_epochs: int = 50  # scratch convnet: maximum epochs (early stopping decides)
 
@@ -511,12 +512,42 @@ def _check_config(config: CompareConfig) -> None:
         )
 
 
-def _load_caches(paths: Sequence[str]) -> tuple[list[Cache], list[np.ndarray]]:
-    """Read every cache and align its rows with the first one's, by path."""
-    caches = [read_cache(p) for p in paths]
-    names = [Path(p).name for p in paths]
+def cache_entries(paths: Sequence[str], layers: str | None) -> list[tuple[str, str | None]]:
+    """(cache path, stored layer) to compare: one per cache, or one per requested layer.
+
+    ``layers`` is ``a,b`` (each cache must hold them) or ``all`` (every layer each cache
+    holds, bottom to top), so layers line up exactly as bases do: same rows, same folds.
+
+    Raises:
+        ValueError: a cache without a requested layer.
+    """
+    from pipeline.cache import read_attrs
+
+    if layers is None:
+        return [(p, None) for p in paths]
+    entries = []
+    for path in paths:
+        attrs = read_attrs(path)
+        stored = list(attrs.get("layers") or [attrs.get("layer")])
+        wanted = stored if layers == "all" else [n.strip() for n in layers.split(",") if n]
+        missing = [n for n in wanted if n not in stored]
+        if missing:
+            raise ValueError(
+                f"{path} holds the layers {stored}; extract with --layer to add others. "
+                f"Received: layers={layers!r}"
+            )
+        entries += [(path, name) for name in wanted]
+    return entries
+
+
+def _load_caches(
+    entries: Sequence[tuple[str, str | None]]
+) -> tuple[list[Cache], list[np.ndarray]]:
+    """Read every (cache, layer) and align its rows with the first one's, by path."""
+    caches = [read_cache(p, layer=layer) for p, layer in entries]
+    names = [Path(p).name + (f" @ {layer}" if layer else "") for p, layer in entries]
     if len(set(names)) != len(names):
-        names = [str(p) for p in paths]
+        names = [str(p) + (f" @ {layer}" if layer else "") for p, layer in entries]
     orders = match_caches(caches, names)
     return caches, orders
 
@@ -563,6 +594,7 @@ def _load_scratch_images(
 
 def _pairs(
     config: CompareConfig,
+    entries: Sequence[tuple[str, str | None]],
     caches: Sequence[Cache],
     data_skips: Sequence[str | None],
     fold_problem: str | None,
@@ -570,8 +602,8 @@ def _pairs(
 ) -> list[_Pair]:
     """Every (cache, head) pair, plus the scratch row, with its grid or the reason to skip."""
     pairs = []
-    for i, (path, cache) in enumerate(zip(config.caches, caches, strict=True)):
-        base = Path(str(cache.attrs.get("base", "?"))).name
+    for i, ((path, layer), cache) in enumerate(zip(entries, caches, strict=True)):
+        base = Path(str(cache.attrs.get("base", "?"))).name + (f" @ {layer}" if layer else "")
         pairs += [_Pair(path, base, head, i, data_skips[i]) for head in config.heads]
     if config.scratch is not None:
         pairs.append(_Pair(config.scratch, "scratch", SCRATCH_HEAD, len(caches),
@@ -795,7 +827,8 @@ def run_compare(config: CompareConfig) -> CompareResult:
     _check_config(config)
     out_dir = Path(config.out) if config.out else _default_out(started)
 
-    caches, orders = _load_caches(config.caches)
+    entries = cache_entries(config.caches, config.layers)
+    caches, orders = _load_caches(entries)
     ref = caches[0]
     labels = np.asarray(ref.labels, dtype=np.int64)
     class_names = list(ref.class_names)
@@ -818,7 +851,7 @@ def run_compare(config: CompareConfig) -> CompareResult:
     except ValueError as exc:
         folds, fold_problem = [], str(exc)
     n_features = [int(np.prod(x.shape[1:])) for x in data]
-    pairs = _pairs(config, caches, data_skips, fold_problem, n_features)
+    pairs = _pairs(config, entries, caches, data_skips, fold_problem, n_features)
 
     cv_tasks = [
         (p, g, k, pool[fit], pool[val])
@@ -889,7 +922,7 @@ def run_compare(config: CompareConfig) -> CompareResult:
         "caches": [
             {"path": path, **{k: c.attrs.get(k) for k in (
                 "base", "weights", "layer", "pooling", "input_size", "dtype", "n_rows")}}
-            for path, c in zip(config.caches, caches, strict=True)
+            for (path, _), c in zip(entries, caches, strict=True)
         ],
         "pairs": pair_results,
         "leaderboard": leaderboard,

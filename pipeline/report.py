@@ -31,6 +31,7 @@ __all__ = [
     "markdown_table",
     "plot_accuracy",
     "plot_confusion",
+    "plot_depth",
     "plot_per_class_f1",
     "read_history",
     "write_report",
@@ -250,6 +251,36 @@ def plot_accuracy(rows: Sequence[dict[str, Any]], path: Path) -> Path:
     return path
 
 
+def plot_depth(rows: Sequence[dict[str, Any]], order: Sequence[str], path: Path) -> Path:
+    """Mean CV accuracy of each head against the layer it read (``base @ layer`` rows),
+    layers in the order the cache stores them (bottom to top for ``all-blocks``).
+
+    Args:
+        rows: leaderboard rows whose ``base`` names a layer.
+        order: the ``base @ layer`` labels in depth order.
+        path: the PNG to write.
+
+    Returns:
+        ``path``.
+    """
+    order = [label for label in dict.fromkeys(order) if any(r["base"] == label for r in rows)]
+    fig = _figure(7.0, 4.0)
+    ax = fig.add_subplot()
+    for head in dict.fromkeys(r["head"] for r in rows):
+        points = sorted((order.index(r["base"]), r["accuracy_mean"], r["accuracy_std"])
+                        for r in rows if r["head"] == head)
+        x, mean, std = (np.array(v) for v in zip(*points, strict=True))
+        ax.errorbar(x, mean, yerr=std, marker="o", capsize=3, label=head)
+    ax.set_xticks(range(len(order)), [b.split(" @ ", 1)[1] for b in order], rotation=30,
+                  ha="right", fontsize="small")
+    ax.set_ylabel("mean CV accuracy (± std)")
+    ax.set_title("Accuracy by depth")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    fig.savefig(path)
+    return path
+
+
 def plot_confusion(
     matrix: Sequence[Sequence[int]], class_names: Sequence[str], path: Path, title: str
 ) -> Path:
@@ -387,6 +418,11 @@ def write_report(out_dir: str | os.PathLike, results: dict[str, Any]) -> dict[st
     if results["leaderboard"]:
         outputs["accuracy.png"] = plot_accuracy(results["leaderboard"], out_dir / "accuracy.png")
         images["accuracy.png"] = ("Accuracy", "mean cross-validated accuracy per pair")
+    depth = [r for r in results["leaderboard"] if " @ " in r["base"]]
+    if len({r["base"] for r in depth}) > 1:
+        order = [f"{Path(str(c['base'])).name} @ {c['layer']}" for c in results["caches"]]
+        outputs["depth.png"] = plot_depth(depth, order, out_dir / "depth.png")
+        images["depth.png"] = ("Accuracy by depth", "mean CV accuracy per stored layer")
     best = best_pair(results)
     if best is not None:
         entry, metrics, rows = best

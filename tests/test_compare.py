@@ -346,3 +346,34 @@ def test_folds_choose_and_grid_errors():
     assert choose([[0.5, 0.7], None, [0.6, 0.6], [0.7, 0.5]]) == 0  # first of the ties
     with pytest.raises(ValueError, match="Received: head='tree'"):
         param_grid("tree", 4)
+
+
+def test_layers_side_by_side_on_the_same_rows_and_folds(tmp_path):
+    """Stored layers compare like bases; the report plots accuracy by depth."""
+    from conftest import save_png
+
+    from pipeline.extract import ExtractConfig, run_extract
+
+    data = tmp_path / "data"
+    rng = np.random.default_rng(0)
+    for c, shift in (("dark", 0), ("light", 110)):
+        (data / c).mkdir(parents=True)
+        for i in range(12):
+            pixels = np.clip(rng.integers(0, 140, (20, 20, 3)) + shift, 0, 255)
+            save_png(pixels.astype(np.uint8), data / c / f"{i}.png")
+    cache = tmp_path / "multi.h5"
+    run_extract(ExtractConfig(str(data), "mobilenetv2", weights="none", input_size="32",
+                              layer="block_1_expand_relu,block_3_expand,out_relu",
+                              pooling="avg", out=str(cache)))
+    result, results = compare(tmp_path, [cache], heads=["logreg"], cv=3, layers="all")
+    bases = [p["base"] for p in results["pairs"]]
+    assert bases == [f"MobileNetV2 @ {n}" for n in
+                     ("block_1_expand_relu", "block_3_expand", "out_relu")]
+    folds = {json.dumps([(f["n_fit"], f["n_val"]) for f in p["folds"]])
+             for p in results["pairs"]}
+    assert len(folds) == 1, "every layer is scored on the same folds"
+    depth = result.out_dir / "depth.png"
+    assert depth.stat().st_size > 1000
+    assert "depth.png" in (result.out_dir / "report.html").read_text()
+    with pytest.raises(ValueError, match="Received: layers='block_9_add'"):
+        compare(tmp_path, [cache], name="x", heads=["logreg"], cv=3, layers="block_9_add")
