@@ -73,7 +73,7 @@ def fit_head_parser() -> argparse.ArgumentParser:
         description="Train a classifier head on a feature cache and write model + metrics.",
     )
     p.add_argument("cache", help="an .h5 cache written by extract.py")
-    p.add_argument("--head", default="logreg", help="dense | logreg | linear-svm | svm")
+    p.add_argument("--head", default="logreg", help="dense | logreg | linear-svm | svm | knn")
     p.add_argument("--out", default=None, help="output folder (default: models/<cache>-<head>)")
     p.add_argument("--val-split", type=float, default=0.2,
                    help="validation fraction when the cache records no split")
