@@ -17,7 +17,7 @@ order (folders walked recursively, sorted, hidden files ignored), with the colum
 
     path, predicted, p_<class>... | score_<class>..., [top1_class, top1_p|top1_score, ...]
 
-``p_`` for heads with probabilities (dense, logreg, knn, end-to-end); ``score_`` for the SVMs.
+``p_`` for heads with probabilities (dense, logreg, knn, end-to-end); ``score_`` for the SVMs'
 decision function (for two classes its single score s becomes ``-s, s``). ``predicted``
 is the head's own ``predict``. Unreadable files never stop the run and never take a
 row: they are printed to stderr and written with their reason to ``<out stem>.skipped.csv``
