@@ -54,6 +54,7 @@ __all__ = [
     "feature_dataset",
     "open_cache",
     "identity_differences",
+    "merge_parts",
     "partial_path",
     "RowState",
     "read_attrs",
@@ -395,13 +396,25 @@ def _copy(
     """Copy the given rows, skipped entries and augmented copies of ``f`` into a new
     partial cache for ``final``, chunk by chunk (memory stays flat)."""
     features = f["features"]
-    extra = [f[name] for name in _extra_datasets(attrs)]
-    augmented_extra = [f[name] for name in _extra_datasets(attrs, augmented=True)]
     new = CacheWriter.create(
         final, attrs=attrs, feature_shape=features.shape[1:], dtype=str(features.dtype),
         compression=str(attrs.get("compression", "none")),
-        extra_shapes=[d.shape[1:] for d in extra],
+        extra_shapes=[f[name].shape[1:] for name in _extra_datasets(attrs)],
     )
+    _copy_into(f, attrs, new, keep_rows, keep_skipped)
+    return new
+
+
+def _copy_into(
+    f: h5py.File, attrs: dict[str, Any], new: CacheWriter, keep_rows: np.ndarray,
+    keep_skipped: np.ndarray,
+) -> None:
+    """Append the given rows, skipped entries and augmented copies of ``f`` to ``new``;
+    augmented copies follow their source row to its new index."""
+    features = f["features"]
+    extra = [f[name] for name in _extra_datasets(attrs)]
+    augmented_extra = [f[name] for name in _extra_datasets(attrs, augmented=True)]
+    first_row = new.n_rows
     step = max(1, features.chunks[0] if features.chunks else 256)
     keep_rows = np.asarray(keep_rows, dtype=np.int64)
     for start in range(0, len(keep_rows), step):
@@ -417,7 +430,7 @@ def _copy(
     if kept:
         new.append(features[:0], [], [], [], kept, extra=[d[:0] for d in extra])
     # Augmented copies follow their source row to its new index.
-    where = {int(row): i for i, row in enumerate(keep_rows)}
+    where = {int(row): first_row + i for i, row in enumerate(keep_rows)}
     source = f["augmented/source"][: int(attrs.get("n_augmented", 0))]
     copies = [j for j, row in enumerate(source) if int(row) in where]
     for start in range(0, len(copies), step):
@@ -425,7 +438,57 @@ def _copy(
         new.append_augmented(f["augmented/features"][take],
                              [where[int(source[j])] for j in take], f["augmented/pass"][take],
                              extra=[d[take] for d in augmented_extra])
-    return new
+
+
+def merge_parts(parts: Sequence[str | os.PathLike], final: str | os.PathLike) -> Path:
+    """Concatenate the complete caches of ``extract --shard i/N`` into one cache.
+
+    Shards are contiguous slices of the image list, so parts 0..N-1 in order give the
+    rows in single-process order. Parts must share every identity attribute.
+
+    Raises:
+        CacheError: a part is missing, incomplete, duplicated or made differently.
+    """
+    final = Path(final)
+    infos = []
+    for part in parts:
+        attrs = read_attrs(part)
+        if not attrs.get("complete"):
+            raise CacheError(f"{part} is not a finished part: run its extract command again.")
+        shard = str(attrs.get("shard", ""))
+        if "/" not in shard:
+            raise CacheError(f"{part} was not made with --shard. Received: shard={shard!r}")
+        infos.append((tuple(int(v) for v in shard.split("/")), Path(part), attrs))
+    infos.sort(key=lambda item: item[0][0])
+    total = {n for (_, n), _, _ in infos}
+    indices = [i for (i, _), _, _ in infos]
+    if len(total) != 1 or indices != list(range(next(iter(total)))):
+        raise CacheError(
+            f"Parts must be shards 0..N-1 of one N, each once. Received: "
+            f"{[f'{i}/{n}' for (i, n), _, _ in infos]}"
+        )
+    reference = infos[0][2]
+    for _, part, attrs in infos[1:]:
+        diffs = identity_differences(reference, attrs)
+        if diffs:
+            raise CacheError(f"{part} was made differently from {infos[0][1]}:\n"
+                             + "\n".join(diffs))
+    attrs = {k: v for k, v in reference.items() if k != "shard"}
+    with _open(infos[0][1], "r") as f:
+        new = CacheWriter.create(
+            final, attrs=attrs, feature_shape=f["features"].shape[1:],
+            dtype=str(f["features"].dtype), compression=str(attrs.get("compression", "none")),
+            extra_shapes=[f[name].shape[1:] for name in _extra_datasets(attrs)],
+        )
+    try:
+        for _, part, part_attrs in infos:
+            with _open(part, "r") as f:
+                n, m = int(part_attrs["n_rows"]), int(part_attrs["n_skipped"])
+                _copy_into(f, part_attrs, new, np.arange(n), np.arange(m))
+        new.set_attrs(augment_passes=max(int(a.get("augment_passes", 0)) for *_, a in infos))
+        return new.finish()
+    finally:
+        new.close()
 
 
 class CacheWriter:

@@ -28,9 +28,9 @@ def extract_parser() -> argparse.ArgumentParser:
         description="Run every image of DATA_DIR once through a frozen base and write the "
         "bottleneck features, labels and paths to an HDF5 cache.",
     )
-    p.add_argument("data_dir",
+    p.add_argument("data_dir", nargs="?",
                    help="DATA_DIR/<class>/... or DATA_DIR/{train,validation,test}/<class>/...")
-    p.add_argument("--base", required=True,
+    p.add_argument("--base",
                    help="keras.applications name (vgg16, resnet50, ...) or a .keras file")
     p.add_argument("--weights", default=None,
                    help="imagenet (default for named bases) | none (random, seeded) | a file")
@@ -54,6 +54,10 @@ def extract_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=0, help="decode threads (0: auto)")
     p.add_argument("--log-every", type=float, default=30.0,
                    help="seconds between progress lines when not on a terminal")
+    p.add_argument("--shard", default=None, metavar="i/N",
+                   help="extract the i-th of N contiguous slices (one process per GPU)")
+    p.add_argument("--merge", nargs="+", default=None, metavar="PART",
+                   help="merge the caches of --shard 0/N .. N-1/N into --out, then stop")
     p.add_argument("--augment", type=int, default=0, metavar="K",
                    help="also store K seeded augmented passes of every training image")
     p.add_argument("--augment-flip", default="horizontal",
@@ -232,7 +236,20 @@ def extract_main(argv: Sequence[str] | None = None) -> int:
     def command() -> int:
         from pipeline.extract import ExtractConfig, run_extract
 
-        config = ExtractConfig(**vars(args))
+        options = vars(args)
+        merge = options.pop("merge")
+        if merge:
+            from pipeline.cache import merge_parts
+
+            if not args.out:
+                raise ValueError("`--merge` needs `--out FILE.h5`. Received: out=None")
+            path = merge_parts(merge, args.out)
+            print(f"extract: merged {len(merge)} parts into {path}.", flush=True)
+            return 0
+        if not args.data_dir or not args.base:
+            raise ValueError("extract needs DATA_DIR and --base (or --merge PARTS). "
+                             f"Received: data_dir={args.data_dir!r}, base={args.base!r}")
+        config = ExtractConfig(**options)
         result = run_extract(config)
         print(result.summary(), flush=True)
         return 0

@@ -56,7 +56,9 @@ __all__ = [
     "ExtractInterrupted",
     "ExtractResult",
     "decoded_batches",
+    "parse_shard",
     "run_extract",
+    "shard_slice",
 ]
 
 DTYPES = ("float32", "float16")
@@ -83,6 +85,7 @@ class ExtractConfig:
     workers: int = 0
     log_every: float = 30.0
     compression: str = "none"
+    shard: str | None = None  # "i/N": this process extracts the i-th of N contiguous slices
     mixed_precision: bool = False
     jit: str = "auto"
     augment: int = 0
@@ -164,9 +167,35 @@ def _validate(config: ExtractConfig) -> tuple[int, int] | None:
     if config.augment < 0:
         raise ValueError(f"`augment` must be >= 0. Received: augment={config.augment}")
     config.augment_spec()
+    parse_shard(config.shard)
     if config.log_every <= 0:
         raise ValueError(f"`log_every` must be > 0. Received: log_every={config.log_every}")
     return parse_size(config.input_size)
+
+
+def parse_shard(value: str | None) -> tuple[int, int] | None:
+    """``--shard i/N`` -> (i, N) with 0 <= i < N.
+
+    Raises:
+        ValueError: not of that form.
+    """
+    if value is None:
+        return None
+    try:
+        i, n = (int(v) for v in value.split("/"))
+    except ValueError:
+        i, n = -1, 0
+    if not 0 <= i < n:
+        raise ValueError(
+            f"`shard` must be i/N with 0 <= i < N (e.g. 0/4). Received: shard={value!r}"
+        )
+    return i, n
+
+
+def shard_slice(n_records: int, shard: tuple[int, int]) -> slice:
+    """Contiguous slice i of N: parts concatenated in order give the single-process order."""
+    i, n = shard
+    return slice(i * n_records // n, (i + 1) * n_records // n)
 
 
 def default_out(config: ExtractConfig, input_size: tuple[int, int]) -> Path:
@@ -182,7 +211,11 @@ def default_out(config: ExtractConfig, input_size: tuple[int, int]) -> Path:
     if config.weights == "none":
         parts.append("random")
     parts.append(config.pooling)
-    return Path("cache") / ("-".join(parts) + ".h5")
+    name = "-".join(parts)
+    if config.shard:
+        i, n = parse_shard(config.shard)
+        name += f".part-{i}-of-{n}"
+    return Path("cache") / (name + ".h5")
 
 
 def _is_file_base(base: str) -> bool:
@@ -420,6 +453,8 @@ def run_extract(config: ExtractConfig) -> ExtractResult:
     """
     size = _validate(config)
     index: ImageIndex = index_images(config.data_dir)
+    if (shard := parse_shard(config.shard)) is not None:
+        index.records = index.records[shard_slice(len(index.records), shard)]
     stats = _stats(index)
     _report_ignored(index.ignored)
     out = Path(config.out) if config.out else None
@@ -449,6 +484,7 @@ def run_extract(config: ExtractConfig) -> ExtractResult:
         backend=keras.backend.backend(),
         layout=index.layout,
         data_dir=str(index.root.resolve()),
+        **({"shard": config.shard} if config.shard else {}),
         config=dataclasses.asdict(config),
     )
     out = out or default_out(config, feature_model.input_size)
