@@ -289,12 +289,12 @@ def run_fit(config: FitConfig) -> tuple[Path, dict[str, Any]]:
     def scores(rows: np.ndarray) -> dict[str, Any]:
         if not config.stream:
             return evaluate(estimator, X[rows], labels[rows], class_names)
-        from pipeline.stream import open_features, predict_rows
+        from pipeline.stream import open_features, predict_rows, read_rows
 
         f, features = open_features(cache_path, config.layer)
         with f:
             rows = np.sort(rows)
-            pred = predict_rows(estimator, features, rows, max(config.batch_size, 1024))
+            pred = predict_rows(estimator, features, rows, read_rows(features, config.batch_size))
         return evaluate(estimator, None, labels[rows], class_names, pred=pred)
 
     metrics: dict[str, Any] = {

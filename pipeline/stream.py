@@ -17,7 +17,14 @@ from typing import Any
 import h5py
 import numpy as np
 
-__all__ = ["STREAM_HEADS", "fit_streaming", "iter_rows", "open_features", "predict_rows"]
+__all__ = [
+    "STREAM_HEADS",
+    "fit_streaming",
+    "iter_rows",
+    "open_features",
+    "predict_rows",
+    "read_rows",
+]
 
 STREAM_HEADS = ("dense", "logreg", "linear-svm")
 # HDF5 chunk cache per open file: fixed, so memory does not grow with the cache.
@@ -36,6 +43,17 @@ def open_features(
     except BaseException:
         f.close()
         raise
+
+
+# Rows read at once for passes whose order does not matter (scaling, prediction): enough
+# for sequential reads, bounded in bytes so peak memory does not depend on the row size.
+READ_BYTES = 16 << 20
+
+
+def read_rows(features: h5py.Dataset, batch_size: int) -> int:
+    """Rows per sequential read: about READ_BYTES, at least one batch (a small pure rule)."""
+    row_bytes = max(1, int(np.prod(features.shape[1:])) * features.dtype.itemsize)
+    return max(batch_size, min(1024, READ_BYTES // row_bytes))
 
 
 def iter_rows(
@@ -204,8 +222,7 @@ def _sgd(head, path, labels, paths, train, classes, *, epochs, batch_size, C, cl
     try:
         scaler = StandardScaler()
         # Contiguous reads for the scaler pass; row order does not matter for means.
-        read_rows = max(batch_size, 1024)
-        for rows, x in iter_rows(features, train, read_rows):
+        for rows, x in iter_rows(features, train, read_rows(features, batch_size)):
             x = x.reshape(len(x), -1)
             _check_finite(x, rows, paths)
             scaler.partial_fit(x)
