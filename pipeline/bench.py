@@ -10,9 +10,12 @@ noise of scikit-learn's two bundled photographs, ~500x375, quality 90):
     d  naive       one image at a time with PIL, ``predict`` per batch, no overlap
     e  input       decode + resize + preprocess + HDF5 write of zeros, no forward pass
 
-a, b, c and d share one feature model object (random weights, seeded), so they differ
-only in how pixels reach it. Timing helpers return seconds; the orchestrating function
-:func:`run_benchmark` states the whole protocol; :func:`format_report` prints the table.
+a, b, c and d share one feature model object (random weights, seeded; b gets it by
+patching ``pipeline.extract.build_feature_model``), so they differ only in how pixels
+reach it. Also timed: a' (``predict_on_batch`` per batch, the entry point extract uses,
+faster than ``predict`` for small models) and b with one decode thread. Timing helpers
+return seconds; :func:`run_benchmark` states the whole protocol; :func:`format_report`
+prints the tables.
 """
 
 from __future__ import annotations
@@ -42,11 +45,26 @@ __all__ = [
     "CASES",
     "BenchCase",
     "BenchConfig",
+    "BenchSizes",
     "bench_sizes",
+    "end_to_end_epoch_seconds",
+    "extract_seconds",
+    "fit_rss",
     "format_report",
+    "forward_on_batch_seconds",
+    "forward_seconds",
+    "head_epoch_seconds",
+    "input_side_seconds",
+    "keras_peer_seconds",
     "machine_info",
     "make_images",
+    "naive_seconds",
     "run_benchmark",
+    "shared_cpu_bound",
+    "sklearn_fit_seconds",
+    "stage_profile",
+    "throughput_ratios",
+    "write_synthetic_cache",
 ]
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
