@@ -50,7 +50,6 @@ __all__ = [
     "CacheWriteError",
     "CacheWriter",
     "chunk_rows",
-    "committed_paths",
     "feature_dataset",
     "open_cache",
     "identity_differences",
@@ -284,12 +283,6 @@ def read_row_state(path: str | os.PathLike) -> RowState:
     """The :class:`RowState` of a cache file, read without its features."""
     with _open(Path(path), "r") as f:
         return _row_state(f)
-
-
-def committed_paths(path: str | os.PathLike) -> set[str]:
-    """Paths a cache (or partial cache) already holds, as rows or as skipped files."""
-    with _open(Path(path), "r") as f:
-        return _done_paths(f)
 
 
 def _done_paths(f: h5py.File) -> set[str]:

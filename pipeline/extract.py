@@ -652,23 +652,25 @@ def _leaks(state: Any) -> list[tuple[str, str]]:
     return leaks
 
 
-def _report_ignored(ignored: list[str], limit: int = 10) -> None:
-    if not ignored:
+def _report_list(header: str, lines: list[str], *, limit: int = 10, more: str = "") -> None:
+    """``extract: <header>`` then the first ``limit`` lines, indented, on stderr."""
+    if not lines:
         return
-    print(f"extract: ignored {len(ignored)} entries of the data folder:", file=sys.stderr)
-    for entry in ignored[:limit]:
-        print(f"  {entry}", file=sys.stderr)
-    if len(ignored) > limit:
-        print(f"  ... and {len(ignored) - limit} more", file=sys.stderr)
+    print(f"extract: {header}", file=sys.stderr)
+    for line in lines[:limit]:
+        print(f"  {line}", file=sys.stderr)
+    if len(lines) > limit:
+        print(f"  ... and {len(lines) - limit} more{more}", file=sys.stderr)
 
 
-def _report_leaks(leaks: list[tuple[str, str]], limit: int = 10) -> None:
-    if not leaks:
-        return
-    print(f"extract: warning: {len(leaks)} images appear in two splits with identical bytes "
-          "(leakage: validation/test scores will read high):", file=sys.stderr)
-    for a, b in leaks[:limit]:
-        print(f"  {a} == {b}", file=sys.stderr)
+def _report_ignored(ignored: list[str]) -> None:
+    _report_list(f"ignored {len(ignored)} entries of the data folder:", ignored)
+
+
+def _report_leaks(leaks: list[tuple[str, str]]) -> None:
+    _report_list(f"warning: {len(leaks)} images appear in two splits with identical bytes "
+                 "(leakage: validation/test scores will read high):",
+                 [f"{a} == {b}" for a, b in leaks])
 
 
 @contextmanager
@@ -831,12 +833,7 @@ def _restore_sigterm(previous: Any) -> None:
         signal.signal(signal.SIGTERM, previous)
 
 
-def _report_skipped(skipped: list[tuple[str, str]], limit: int = 20) -> None:
-    if not skipped:
-        return
-    print(f"extract: skipped {len(skipped)} unreadable files:", file=sys.stderr)
-    for path, reason in skipped[:limit]:
-        print(f"  {path}: {reason}", file=sys.stderr)
-    if len(skipped) > limit:
-        print(f"  ... and {len(skipped) - limit} more (all listed in the cache's "
-              "skipped/paths and skipped/reasons)", file=sys.stderr)
+def _report_skipped(skipped: list[tuple[str, str]]) -> None:
+    _report_list(f"skipped {len(skipped)} unreadable files:",
+                 [f"{path}: {reason}" for path, reason in skipped], limit=20,
+                 more=" (all listed in the cache's skipped/paths and skipped/reasons)")

@@ -34,7 +34,7 @@ from pipeline.bases import block_of, block_owners, blocks_of, feature_model_from
 from pipeline.cache import Cache, CacheError, identity_differences, read_cache
 from pipeline.combine import end_to_end_model, preprocessing_layers
 from pipeline.fit import split_rows
-from pipeline.heads import DenseHead, _replace_atomically, load_head, make_head, write_json_atomic
+from pipeline.heads import DenseHead, load_head, make_head, replace_atomically, write_json_atomic
 from pipeline.images import ImageReadError, load_image
 from pipeline.predict import END_TO_END
 from pipeline.progress import format_duration
@@ -625,7 +625,7 @@ def _save(
 ) -> None:
     """Write model.keras, head.json, metrics.json and config.json, each atomically."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    _replace_atomically(out_dir / "model.keras", model.save)
+    replace_atomically(out_dir / "model.keras", model.save)
     write_json_atomic(out_dir / "head.json", head_meta)
     write_json_atomic(out_dir / "metrics.json", metrics)
     write_json_atomic(out_dir / "config.json", dataclasses.asdict(config))

@@ -43,6 +43,7 @@ __all__ = [
     "head_params",
     "load_head",
     "make_head",
+    "replace_atomically",
     "save_head",
     "write_json_atomic",
 ]
@@ -483,7 +484,7 @@ def head_params(estimator: BaseEstimator) -> dict[str, Any]:
     return out
 
 
-def _replace_atomically(path: Path, write: Callable[[Path], None]) -> Path:
+def replace_atomically(path: Path, write: Callable[[Path], None]) -> Path:
     """Call ``write(tmp)`` on a temp name beside ``path``, then move it over ``path``.
 
     A crash leaves either the old file or the new one at ``path``, never half of one.
@@ -528,7 +529,7 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> Path:
         ``path`` as a Path.
     """
     text = json.dumps(obj, indent=2, default=_json_default) + "\n"
-    return _replace_atomically(Path(path), lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    return replace_atomically(Path(path), lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def save_head(estimator: BaseEstimator, out_dir: str | os.PathLike) -> Path:
@@ -555,7 +556,7 @@ def save_head(estimator: BaseEstimator, out_dir: str | os.PathLike) -> Path:
     meta: dict[str, Any] = {"format_version": _HEAD_FORMAT_VERSION, "kind": kind}
     if kind == "dense":
         check_is_fitted(estimator, "model_")
-        model_path = _replace_atomically(out_dir / "model.keras", estimator.model_.save)
+        model_path = replace_atomically(out_dir / "model.keras", estimator.model_.save)
         meta |= {
             "classes": estimator.classes_.tolist(),
             "feature_shape": list(estimator.feature_shape_),
@@ -564,7 +565,7 @@ def save_head(estimator: BaseEstimator, out_dir: str | os.PathLike) -> Path:
         }
     else:
         check_is_fitted(estimator)
-        model_path = _replace_atomically(
+        model_path = replace_atomically(
             out_dir / "model.joblib", lambda tmp: joblib.dump(estimator, tmp)
         )
         # Checked before unpickling in load_head: a pickle runs code when loaded.

@@ -400,7 +400,7 @@ def run_predict(config: PredictConfig) -> PredictResult:
         FileNotFoundError: a model folder's head files are incomplete.
     """
     from pipeline.extract import decoded_batches
-    from pipeline.heads import _replace_atomically
+    from pipeline.heads import replace_atomically
 
     _validate(config)
     located = _locate(config.model)
@@ -454,7 +454,7 @@ def run_predict(config: PredictConfig) -> PredictResult:
             batches.close()
             progress.close()
 
-    _replace_atomically(out, write)
+    replace_atomically(out, write)
     skipped_out = _write_skipped(out, skipped)
     return PredictResult(
         out, n_predicted, skipped, skipped_out, predictor.kind, time.monotonic() - start
@@ -463,7 +463,7 @@ def run_predict(config: PredictConfig) -> PredictResult:
 
 def _write_skipped(out: Path, skipped: list[tuple[str, str]], limit: int = 20) -> Path | None:
     """List unreadable files on stderr and in ``<out stem>.skipped.csv``; drop a stale list."""
-    from pipeline.heads import _replace_atomically
+    from pipeline.heads import replace_atomically
 
     target = skipped_path(out)
     if not skipped:
@@ -476,7 +476,7 @@ def _write_skipped(out: Path, skipped: list[tuple[str, str]], limit: int = 20) -
             writer.writerow(["path", "reason"])
             writer.writerows(skipped)
 
-    _replace_atomically(target, write)
+    replace_atomically(target, write)
     print(f"predict: skipped {len(skipped)} unreadable files:", file=sys.stderr)
     for path, reason in skipped[:limit]:
         print(f"  {path}: {reason}", file=sys.stderr)
@@ -524,7 +524,7 @@ def export_model(model_dir: str | os.PathLike, out: str | os.PathLike) -> Path:
             files, the head is not dense, or the recorded base cannot be rebuilt.
     """
     from pipeline.combine import end_to_end_model
-    from pipeline.heads import _replace_atomically, write_json_atomic
+    from pipeline.heads import replace_atomically, write_json_atomic
 
     out = Path(out)
     if out.suffix != ".keras":
@@ -544,7 +544,7 @@ def export_model(model_dir: str | os.PathLike, out: str | os.PathLike) -> Path:
     dtype = attrs.get("dtype", "float32")
     model = end_to_end_model(feature_model, head.model_, feature_dtype=dtype)
     out.parent.mkdir(parents=True, exist_ok=True)
-    _replace_atomically(out, model.save)
+    replace_atomically(out, model.save)
     write_json_atomic(
         sidecar,
         {
