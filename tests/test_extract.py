@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import time
@@ -154,10 +155,10 @@ def run_until_progress(cmd: list[str], min_done: int) -> subprocess.Popen:
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 120
     for line in proc.stdout:
-        if line.startswith("extract: ") and "/" in line.split()[1]:
-            done = int(line.split()[1].split("/")[0])
-            if done >= min_done:
-                return proc
+        # Progress lines only ("extract: 12/243 (5%), ..."), not messages naming a path.
+        progress = re.match(r"extract: (\d+)/\d+ \(", line)
+        if progress and int(progress.group(1)) >= min_done:
+            return proc
         if time.monotonic() > deadline:
             proc.kill()
             raise AssertionError("extraction never reported progress")
