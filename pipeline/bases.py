@@ -308,6 +308,7 @@ class FeatureModel:
     input_size: tuple[int, int]
     preprocess: str
     layers: list[str] = field(default_factory=list)  # one output per layer, in this order
+    _widest: int = field(default=0, init=False, repr=False)  # largest batch run so far
 
     @property
     def feature_shapes(self) -> list[tuple[int, ...]]:
@@ -324,12 +325,21 @@ class FeatureModel:
     def all_features(self, images: np.ndarray) -> list[np.ndarray]:
         """Features of every layer for a batch of RGB images in 0..255 (one forward pass;
         the images are preprocessed in place)."""
-        if len(images) == 0:
+        n = len(images)
+        if n == 0:
             return [np.zeros((0, *shape), np.float32) for shape in self.feature_shapes]
-        outputs = self.model.predict_on_batch(preprocess(images, self.preprocess))
+        x = preprocess(images, self.preprocess)
+        self._widest = max(self._widest, n)
+        if n < self._widest and self.model.jit_compile:
+            # Under XLA every new batch shape is a full compile (seconds for ResNet50 on a
+            # GPU), so a short tail batch is padded to the shape already compiled; rows are
+            # independent, so the padding changes no feature. Without XLA a retrace costs
+            # about as much as the padding's forward pass, so nothing is padded.
+            x = np.concatenate([x, np.zeros((self._widest - n, *x.shape[1:]), x.dtype)])
+        outputs = self.model.predict_on_batch(x)
         outputs = outputs if isinstance(outputs, (list, tuple)) else [outputs]
         # Mixed-precision bases return float16/bfloat16: store float32 (or the cache dtype).
-        return [np.asarray(out, dtype=np.float32) for out in outputs]
+        return [np.asarray(out[:n], dtype=np.float32) for out in outputs]
 
     def features(self, images: np.ndarray) -> np.ndarray:
         """Features of the first layer (the only one, for a one-layer model)."""

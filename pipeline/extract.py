@@ -338,8 +338,13 @@ def decoded_batches(
     def submit(i: int) -> None:
         pending.append((i, pool.submit(read_image, paths[i], size, interpolation)))
 
+    def new_buffer() -> np.ndarray:
+        # Each decoded image is copied once, into its batch (no list + np.stack); a fresh
+        # buffer per batch because the consumer preprocesses the previous one in place.
+        return np.empty((batch_size, *size, 3), np.float32)
+
     indices: list[int] = []
-    images: list[np.ndarray] = []
+    images = new_buffer()
     digests: list[str] = []
     skipped: list[tuple[int, str]] = []
     try:
@@ -357,15 +362,14 @@ def decoded_batches(
             except ImageReadError as exc:
                 skipped.append((i, str(exc)))
             else:
-                images.append(image)
+                images[len(indices)] = image
                 digests.append(digest)
                 indices.append(i)
-            if len(images) == batch_size:
-                yield DecodedBatch(indices, np.stack(images), skipped, digests)
-                indices, images, skipped, digests = [], [], [], []
-        if images or skipped:
-            stacked = np.stack(images) if images else np.zeros((0, *size, 3), np.float32)
-            yield DecodedBatch(indices, stacked, skipped, digests)
+            if len(indices) == batch_size:
+                yield DecodedBatch(indices, images, skipped, digests)
+                indices, images, skipped, digests = [], new_buffer(), [], []
+        if indices or skipped:
+            yield DecodedBatch(indices, images[: len(indices)], skipped, digests)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
 

@@ -168,3 +168,25 @@ def test_mixed_precision_and_jit_forward_pass():
     assert keras.config.dtype_policy().name == "float32", "global policy must be restored"
     with pytest.raises(ValueError, match="Received: jit='yes'"):
         build_feature_model("mobilenetv2", weights="none", input_size=(32, 32), jit="yes")
+
+
+@pytest.mark.parametrize("jit", ["on", "off"])
+def test_short_tail_batch_is_padded_only_under_xla(jit):
+    """Under XLA a tail batch runs at the compiled shape (no recompile); features unchanged."""
+    import keras
+
+    fm = build_feature_model("mobilenetv2", weights="none", input_size=(32, 32), jit=jit)
+    shapes = []
+    run = fm.model.predict_on_batch
+
+    def recorded(x):
+        shapes.append(x.shape[0])
+        return run(x)
+
+    fm.model.predict_on_batch = recorded
+    x = np.random.default_rng(0).uniform(0, 255, (11, 32, 32, 3)).astype(np.float32)
+    plain = keras.Model(fm.model.inputs, fm.model.outputs).predict(
+        keras.applications.mobilenet_v2.preprocess_input(x.copy()), verbose=0)
+    features = np.concatenate([fm.features(x[:8].copy()), fm.features(x[8:].copy())])
+    assert shapes == ([8, 8] if jit == "on" else [8, 3])
+    np.testing.assert_allclose(features, plain, rtol=1e-4, atol=1e-5)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 from pathlib import Path
 
@@ -197,3 +198,31 @@ def test_pipeline_without_tensorflow_reads_the_same_pixels(tmp_path, monkeypatch
     np.testing.assert_allclose(load_image(tmp_path / "x.png", (20, 16)), with_tf, atol=1e-4)
     with pytest.raises(ValueError, match="Received: interpolation='area'"):
         load_image(tmp_path / "x.png", (20, 16), "area")
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+@pytest.mark.parametrize("interpolation", ["bilinear", "nearest", "area"])
+def test_one_graph_decode_resize_equals_the_eager_ops(tmp_path, orientation, interpolation):
+    """read_image's traced decode -> orient -> resize gives the eager path's exact pixels."""
+    from pipeline.images import read_image, resize
+
+    rng = np.random.default_rng(orientation)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    for fmt in ("PNG", "JPEG"):
+        path = tmp_path / f"r{orientation}.{fmt.lower()}"
+        Image.fromarray(rng.integers(0, 256, (23, 37, 3), dtype=np.uint8)).save(
+            path, format=fmt, exif=exif)
+        pixels, digest = read_image(path, (11, 17), interpolation)
+        expected = resize(decode_image(path), (11, 17), interpolation)
+        assert pixels.dtype == np.float32 and pixels.shape == (11, 17, 3)
+        np.testing.assert_array_equal(pixels, expected)
+        assert digest == hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_bad_files_give_the_same_reasons_through_read_image(tmp_path):
+    from pipeline.images import read_image
+
+    for name, fragment in bad_files(tmp_path).items():
+        with pytest.raises(ImageReadError, match=fragment):
+            read_image(tmp_path / name, (8, 8))
