@@ -18,6 +18,9 @@ Layout (schema_version 1), one HDF5 file per (data folder, base configuration):
     augmented/layers/<name> (A, ...) the other layers of the augmented copies
     augmented/source   (A,) int64, the row each augmented copy was made from
     augmented/pass     (A,) int64, which pass (0..K-1) made it
+    index, skipped/index (N,), (M,) int64, only in the parts of ``extract --engine ray``
+                   (attrs["part_of"]): each row's and skipped file's position in the
+                   image list, so a merge restores single-process order (see merge_parts)
 
 Row i of features, labels, paths and split always belongs to the same file.
 
@@ -50,6 +53,7 @@ __all__ = [
     "CacheWriteError",
     "CacheWriter",
     "chunk_rows",
+    "copy_rows",
     "feature_dataset",
     "open_cache",
     "identity_differences",
@@ -85,6 +89,11 @@ _STR_COLUMNS = ("paths", "split", "sha256")
 _INT_COLUMNS = ("size", "mtime_ns")
 _ROW_COLUMNS = ("features", "labels", *_STR_COLUMNS, *_INT_COLUMNS)
 _SKIPPED_COLUMNS = ("skipped/paths", "skipped/reasons", "skipped/size", "skipped/mtime_ns")
+# Ray parts are written by many actors in no set order, and Ray may run a batch twice:
+# the image-list position of every row and skipped file lets a merge sort and de-duplicate.
+_INDEX_COLUMNS = ("index", "skipped/index")
+# Attributes only a Ray part carries; a merged cache drops them.
+PART_KEYS = ("part_of", "listing", "n_images")
 
 
 class CacheError(ValueError):
@@ -268,14 +277,19 @@ class RowState:
     skipped_paths: list[str]
     skipped_size: np.ndarray
     skipped_mtime_ns: np.ndarray
+    skipped_reasons: list[str] = field(default_factory=list)
+    index: np.ndarray | None = None  # image-list positions (Ray parts only)
+    skipped_index: np.ndarray | None = None
 
 
 def _row_state(f: h5py.File) -> RowState:
     n, m = int(f.attrs.get("n_rows", 0)), int(f.attrs.get("n_skipped", 0))
+    indexed = "index" in f
     return RowState(
         list(f["paths"].asstr()[:n]), list(f["sha256"].asstr()[:n]), f["size"][:n],
         f["mtime_ns"][:n], list(f["split"].asstr()[:n]), list(f["skipped/paths"].asstr()[:m]),
-        f["skipped/size"][:m], f["skipped/mtime_ns"][:m],
+        f["skipped/size"][:m], f["skipped/mtime_ns"][:m], list(f["skipped/reasons"].asstr()[:m]),
+        f["index"][:n] if indexed else None, f["skipped/index"][:m] if indexed else None,
     )
 
 
@@ -434,15 +448,20 @@ def _copy_into(
 
 
 def merge_parts(parts: Sequence[str | os.PathLike], final: str | os.PathLike) -> Path:
-    """Concatenate the complete caches of ``extract --shard i/N`` into one cache.
+    """Merge the parts of ``extract --shard i/N`` or ``--engine ray`` into one cache.
 
     Shards are contiguous slices of the image list, so parts 0..N-1 in order give the
-    rows in single-process order. Parts must share every identity attribute.
+    rows in single-process order. Ray parts (files, or the ``<out>.parts`` folder holding
+    them) are sorted by each row's image-list position instead. Parts must share every
+    identity attribute.
 
     Raises:
         CacheError: a part is missing, incomplete, duplicated or made differently.
     """
     final = Path(final)
+    parts = _part_files(parts)
+    if any(read_attrs(part).get("part_of") for part in parts):
+        return _merge_ray_parts(parts, final)
     infos = []
     for part in parts:
         attrs = read_attrs(part)
@@ -467,12 +486,7 @@ def merge_parts(parts: Sequence[str | os.PathLike], final: str | os.PathLike) ->
             raise CacheError(f"{part} was made differently from {infos[0][1]}:\n"
                              + "\n".join(diffs))
     attrs = {k: v for k, v in reference.items() if k != "shard"}
-    with _open(infos[0][1], "r") as f:
-        new = CacheWriter.create(
-            final, attrs=attrs, feature_shape=f["features"].shape[1:],
-            dtype=str(f["features"].dtype), compression=str(attrs.get("compression", "none")),
-            extra_shapes=[f[name].shape[1:] for name in _extra_datasets(attrs)],
-        )
+    new = _writer_like(infos[0][1], final, attrs)
     try:
         for _, part, part_attrs in infos:
             with _open(part, "r") as f:
@@ -482,6 +496,153 @@ def merge_parts(parts: Sequence[str | os.PathLike], final: str | os.PathLike) ->
         return new.finish()
     finally:
         new.close()
+
+
+def _part_files(parts: Sequence[str | os.PathLike]) -> list[Path]:
+    """The given part files, a folder standing for the parts it holds (``<out>.parts``)."""
+    files: list[Path] = []
+    for part in map(Path, parts):
+        if not part.is_dir():
+            files.append(part)
+            continue
+        found = sorted(p for p in part.iterdir() if p.name.endswith((".h5", ".h5.partial")))
+        if not found:
+            raise CacheError(f"{part} holds no part files (*.h5, *.h5.partial).")
+        files += found
+    return files
+
+
+def _writer_like(source: Path, final: Path, attrs: dict[str, Any]) -> CacheWriter:
+    """A new cache for ``final`` whose datasets have the row shapes and dtype of ``source``."""
+    with _open(source, "r") as f:
+        return CacheWriter.create(
+            final, attrs=attrs, feature_shape=f["features"].shape[1:],
+            dtype=str(f["features"].dtype), compression=str(attrs.get("compression", "none")),
+            extra_shapes=[f[name].shape[1:] for name in _extra_datasets(attrs)],
+        )
+
+
+def _merge_ray_parts(parts: Sequence[Path], final: Path) -> Path:
+    """Rows of Ray parts in image-list order; a batch Ray ran twice is kept once.
+
+    Actors commit rows to their own part in whatever order Ray hands out batches, and a
+    batch retried after its actor died may be in two parts: every image-list position
+    must be present (as a row or a skipped file), duplicates are dropped.
+    """
+    states = []
+    for part in parts:
+        attrs = read_attrs(part)
+        if not attrs.get("part_of"):
+            raise CacheError(f"{part} is not a part of extract --engine ray: merge --shard "
+                             "parts and Ray parts separately.")
+        states.append((part, attrs, read_row_state(part)))
+    first, reference, _ = states[0]
+    for part, attrs, _ in states[1:]:
+        diffs = identity_differences(reference, attrs)
+        if attrs.get("listing") != reference.get("listing"):
+            diffs.append("  listing: made from another image list (the data folder changed "
+                         "between runs)")
+        if diffs:
+            raise CacheError(f"{part} was made differently from {first}:\n" + "\n".join(diffs))
+    rows: dict[int, tuple[Path, int]] = {}
+    skipped: dict[int, tuple[Path, int]] = {}
+    for part, _, state in states:
+        for row, i in enumerate(state.index.tolist()):
+            rows.setdefault(i, (part, row))
+        for j, i in enumerate(state.skipped_index.tolist()):
+            skipped.setdefault(i, (part, j))
+    n = int(reference["n_images"])
+    missing = sorted(set(range(n)) - rows.keys() - skipped.keys())
+    if missing:
+        raise CacheError(
+            f"{len(missing)} of {n} images are in none of the {len(states)} parts (the first "
+            f"is image {missing[0]} of the list): that run did not finish. Run its extract "
+            "--engine ray command again to complete it."
+        )
+    attrs = {k: v for k, v in reference.items() if k not in PART_KEYS}
+    new = _writer_like(first, final, attrs)
+    try:
+        copy_rows(new, [rows[i] for i in sorted(rows)],
+                  [skipped[i] for i in sorted(skipped) if i not in rows])
+        return new.finish()
+    finally:
+        new.close()
+
+
+def copy_rows(
+    writer: CacheWriter,
+    rows: Sequence[tuple[Path, int]],
+    skipped: Sequence[tuple[Path, int]] = (),
+    *,
+    on_rows: Callable[[int], None] | None = None,
+) -> None:
+    """Append rows and skipped entries of other cache files to ``writer``, in that order.
+
+    Args:
+        writer: the cache being written (same feature shapes and layers as the sources).
+        rows: (cache file, row) pairs, in the order the rows are to be written.
+        skipped: (cache file, skipped entry) pairs, likewise.
+        on_rows: called with the number of rows after each committed chunk (progress).
+    """
+    files: dict[Path, h5py.File] = {}
+
+    def source(path: Path) -> h5py.File:
+        if path not in files:
+            files[path] = _open(Path(path), "r")
+        return files[path]
+
+    features = writer._f["features"]
+    # Chunks of ~32 MiB of features: memory stays flat, commits stay few.
+    step = chunk_rows(features.shape[1:], features.dtype.itemsize, target_bytes=32 << 20)
+    names = ["features", *writer._extra, "labels", *_STR_COLUMNS, *_INT_COLUMNS]
+    try:
+        for start in range(0, len(rows), step):
+            chunk = _gather(rows[start : start + step], source, names)
+            writer.append(
+                chunk["features"], chunk["labels"], chunk["paths"], chunk["split"],
+                sha256=chunk["sha256"], size=chunk["size"], mtime_ns=chunk["mtime_ns"],
+                extra=[chunk[name] for name in writer._extra],
+            )
+            if on_rows is not None:
+                on_rows(len(chunk["labels"]))
+        if skipped:
+            entries = _gather(skipped, source, list(_SKIPPED_COLUMNS))
+            writer.append(features[:0], [], [], [],
+                          list(zip(*(entries[name].tolist() for name in _SKIPPED_COLUMNS),
+                                   strict=True)),
+                          extra=[writer._f[name][:0] for name in writer._extra])
+    finally:
+        for f in files.values():
+            f.close()
+
+
+def _gather(
+    pairs: Sequence[tuple[Path, int]], source: Callable[[Path], h5py.File], names: list[str]
+) -> dict[str, np.ndarray]:
+    """Datasets ``names`` at the (file, row) ``pairs``, in the order of ``pairs``.
+
+    Each file is read once per dataset, as one slice when its rows are nearly contiguous
+    (HDF5 point selections are slow), in increasing row order otherwise.
+    """
+    by_file: dict[Path, tuple[list[int], list[int]]] = {}
+    for position, (path, row) in enumerate(pairs):
+        slots = by_file.setdefault(path, ([], []))
+        slots[0].append(position)
+        slots[1].append(row)
+    out: dict[str, np.ndarray] = {}
+    for path, (positions, wanted) in by_file.items():
+        f = source(path)
+        rows, inverse = np.unique(np.asarray(wanted, dtype=np.int64), return_inverse=True)
+        low, high = int(rows[0]), int(rows[-1]) + 1
+        dense = high - low <= 2 * len(rows)
+        for name in names:
+            ds = f[name].asstr() if h5py.check_string_dtype(f[name].dtype) else f[name]
+            values = np.asarray(ds[low:high] if dense else ds[rows])
+            values = (values[rows - low] if dense else values)[inverse]
+            if name not in out:
+                out[name] = np.empty((len(pairs), *values.shape[1:]), dtype=values.dtype)
+            out[name][positions] = values
+    return out
 
 
 class CacheWriter:
@@ -500,6 +661,7 @@ class CacheWriter:
         self.n_augmented = int(self.attrs.get("n_augmented", 0))
         self._extra = _extra_datasets(self.attrs)
         self._augmented_extra = _extra_datasets(self.attrs, augmented=True)
+        self._indexed = "index" in f
         self.failed = False
 
     @classmethod
@@ -557,7 +719,9 @@ class CacheWriter:
             f.create_dataset(name, shape=(0,), maxshape=(None,), dtype="int64", chunks=vec_chunk,
                              fletcher32=True)
         f.create_dataset("augmented/features", **feature_options(feature_shape))
-        for name in ("augmented/source", "augmented/pass"):
+        for name in ("augmented/source", "augmented/pass") + (
+            _INDEX_COLUMNS if attrs.get("part_of") else ()
+        ):
             f.create_dataset(name, shape=(0,), maxshape=(None,), dtype="int64", chunks=vec_chunk,
                              fletcher32=True)
         for key, value in attrs.items():
@@ -580,9 +744,10 @@ class CacheWriter:
         writer = cls(final, f)
         f.attrs["complete"] = False
         # Rows past n_rows were written by a batch whose commit never finished.
-        for name in (*_ROW_COLUMNS, *writer._extra):
+        indexed = _INDEX_COLUMNS if writer._indexed else ()
+        for name in (*_ROW_COLUMNS, *writer._extra, *indexed[:1]):
             f[name].resize(writer.n_rows, axis=0)
-        for name in _SKIPPED_COLUMNS:
+        for name in (*_SKIPPED_COLUMNS, *indexed[1:]):
             f[name].resize(writer.n_skipped, axis=0)
         for name in ("augmented/features", "augmented/source", "augmented/pass",
                      *writer._augmented_extra):
@@ -644,17 +809,22 @@ class CacheWriter:
         size: Sequence[int] | None = None,
         mtime_ns: Sequence[int] | None = None,
         extra: Sequence[np.ndarray] = (),
+        index: Sequence[int] = (),
+        skipped_index: Sequence[int] = (),
     ) -> None:
         """Write one batch of rows (and the files skipped while making it), then commit.
 
         ``extra`` holds the features of the layers after the first, in attrs order.
 
         ``skipped`` holds (path, reason) or (path, reason, size, mtime_ns) tuples; unknown
-        hashes and stats are stored as "" and -1.
+        hashes and stats are stored as "" and -1. A Ray part also takes the image-list
+        positions of the rows (``index``) and of the skipped files (``skipped_index``).
         """
         k = len(paths)
         if not (len(features) == len(labels) == len(splits) == k):
             raise RuntimeError("internal error: batch arrays of different lengths")
+        if self._indexed and (len(index), len(skipped_index)) != (k, len(skipped)):
+            raise RuntimeError("internal error: a Ray part needs the index of every row")
         f = self._f
         if k:
             start, stop = self.n_rows, self.n_rows + k
@@ -668,6 +838,7 @@ class CacheWriter:
                 "mtime_ns": np.asarray(mtime_ns if mtime_ns is not None else [-1] * k,
                                        dtype=np.int64),
                 **dict(zip(self._extra, extra, strict=True)),
+                **({"index": np.asarray(index, dtype=np.int64)} if self._indexed else {}),
             }
             for name, values in columns.items():
                 f[name].resize(stop, axis=0)
@@ -680,6 +851,9 @@ class CacheWriter:
                 values = [item[j] for item in full]
                 f[name].resize(stop, axis=0)
                 f[name][start:stop] = np.asarray(values, dtype=np.int64) if j >= 2 else values
+            if self._indexed:
+                f["skipped/index"].resize(stop, axis=0)
+                f["skipped/index"][start:stop] = np.asarray(skipped_index, dtype=np.int64)
             self.n_skipped = stop
         # The counters are written last: they are the commit record a resume trusts.
         f.attrs["n_rows"] = self.n_rows

@@ -51,13 +51,26 @@ def extract_parser() -> argparse.ArgumentParser:
                    help="XLA for the forward pass: auto (Keras' choice) | on | off")
     p.add_argument("--out", default=None, help="cache file (default: cache/<data>-<base>-...h5)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workers", type=int, default=0, help="decode threads (0: auto)")
+    p.add_argument("--workers", type=int, default=0,
+                   help="decode workers (0: auto); with --engine ray: model actors (0: one per "
+                   "--gpus-per-worker GPUs of the cluster, or one per node without GPUs)")
+    p.add_argument("--decode", default="auto",
+                   help="threads | processes | auto (threads with TensorFlow, whose decoder "
+                   "frees the GIL; processes without it, e.g. on a JAX-only GPU box)")
     p.add_argument("--log-every", type=float, default=30.0,
                    help="seconds between progress lines when not on a terminal")
     p.add_argument("--shard", default=None, metavar="i/N",
                    help="extract the i-th of N contiguous slices (one process per GPU)")
     p.add_argument("--merge", nargs="+", default=None, metavar="PART",
-                   help="merge the caches of --shard 0/N .. N-1/N into --out, then stop")
+                   help="merge the caches of --shard 0/N .. N-1/N, or the parts of --engine "
+                   "ray (files or their <out>.parts folder), into --out, then stop")
+    p.add_argument("--engine", default="local",
+                   help="local (this process) | ray (Ray Data on a Ray cluster, docs/scale.md)")
+    p.add_argument("--address", default=None,
+                   help="--engine ray: the cluster, auto | ray://HOST:10001 (default: start "
+                   "a local one)")
+    p.add_argument("--gpus-per-worker", type=float, default=0.0, metavar="G",
+                   help="--engine ray: GPUs per model actor (default 0: CPU; 0.5 shares a GPU)")
     p.add_argument("--augment", type=int, default=0, metavar="K",
                    help="also store K seeded augmented passes of every training image")
     p.add_argument("--augment-flip", default="horizontal",

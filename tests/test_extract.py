@@ -316,3 +316,21 @@ def test_disk_full_keeps_the_previous_cache_and_says_so(tmp_path, probe_model):
     last = proc.stderr.strip().splitlines()[-1]
     assert "Disk full?" in last and "is unchanged" in last and "Traceback" not in proc.stderr
     assert out.read_bytes() == before
+
+
+def test_decode_in_processes_gives_the_thread_cache_byte_for_byte(tmp_path, probe_model):
+    """Worker processes + shared memory (the TF-free GPU box's default) change no byte."""
+    data = tmp_path / "data"
+    expected = write_index_images(data, 29)
+    bad = bad_files(data / "b")
+    caches = {}
+    for decode in ("threads", "processes"):
+        out = tmp_path / f"{decode}.h5"
+        run_extract(probe_config(data, probe_model, out, batch_size=4, workers=2, decode=decode))
+        caches[decode] = read_cache(out)
+    check_alignment(tmp_path / "processes.h5", expected, ["a", "b", "c"])
+    a, b = caches["threads"], caches["processes"]
+    assert a.paths == b.paths and a.skipped == b.skipped and len(b.skipped) == len(bad)
+    np.testing.assert_array_equal(a.features, b.features)
+    with pytest.raises(ValueError, match="Received: decode='fork'"):
+        run_extract(probe_config(data, probe_model, tmp_path / "x.h5", decode="fork"))
