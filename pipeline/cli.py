@@ -56,7 +56,7 @@ def extract_parser() -> argparse.ArgumentParser:
                    "--gpus-per-worker GPUs of the cluster, or one per node without GPUs)")
     p.add_argument("--decode", default="auto",
                    help="threads | processes | auto (threads with TensorFlow, whose decoder "
-                   "frees the GIL; processes without it, e.g. on a JAX-only GPU box)")
+                   "frees the GIL; processes without it on >= 4 cores, e.g. a JAX-only GPU box)")
     p.add_argument("--log-every", type=float, default=30.0,
                    help="seconds between progress lines when not on a terminal")
     p.add_argument("--shard", default=None, metavar="i/N",

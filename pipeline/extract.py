@@ -354,15 +354,17 @@ def decoded_batches(
     last batch holds the tail (and may hold only skipped files).
 
     ``decode``: ``threads`` (TF's decoder releases the GIL inside its graph),
-    ``processes`` (worker processes writing into shared memory: Pillow and NumPy hold the
-    GIL too long for threads to scale, measured 2.3x on 8 threads of a 16-core GPU box),
-    or ``auto``: threads with TensorFlow, processes without. Pixels are the same either
-    way: workers run :func:`read_image` in the same environment.
+    ``processes`` (spawned workers writing into shared memory: without TF, Pillow and
+    NumPy hold the GIL too long for threads to scale, 2.3x on 8 threads of a 16-core GPU
+    box), or ``auto``: processes without TensorFlow on 4 or more cores, else threads (on
+    2 cores the parent's share of the work makes processes 10 % slower). Pixels are the
+    same either way: workers run :func:`read_image` in the same environment.
     """
     if decode not in DECODERS:
         raise ValueError(f"`decode` must be one of {DECODERS}. Received: decode={decode!r}")
-    processes = decode == "processes" or (decode == "auto" and not has_tensorflow())
     cores = os.cpu_count() or 1
+    processes = decode == "processes" or (
+        decode == "auto" and cores >= 4 and not has_tensorflow())
     workers = workers or (max(1, cores - 1) if processes else min(8, cores))
     window = 2 * batch_size + workers
     pending: deque[tuple[int, Future]] = deque()

@@ -448,12 +448,11 @@ def read_image_into(
     """
     shm = _ATTACHED.get(buffer)
     if shm is None:
-        from multiprocessing import resource_tracker, shared_memory
+        from multiprocessing import shared_memory
 
+        # Spawned workers share the parent's resource tracker, which records the block
+        # once; the parent unlinks it when the batches are done.
         shm = _ATTACHED[buffer] = shared_memory.SharedMemory(name=buffer)
-        # The parent owns (and unlinks) the block; without this the tracker would also
-        # count it as this worker's and warn of a leak (CPython gh-82300).
-        resource_tracker.unregister(shm._name, "shared_memory")  # noqa: SLF001
     pixels, digest = read_image(path, size, interpolation)
     slot_bytes = size[0] * size[1] * 3 * 4
     np.ndarray((*size, 3), np.float32, shm.buf, offset=slot * slot_bytes)[...] = pixels
