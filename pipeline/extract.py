@@ -58,11 +58,15 @@ __all__ = [
     "ExtractConfig",
     "ExtractInterrupted",
     "ExtractResult",
+    "Terminated",
     "build_model",
     "decoded_batches",
+    "install_sigterm",
     "parse_shard",
+    "restore_sigterm",
     "run_extract",
     "shard_slice",
+    "stored_features",
 ]
 
 DTYPES = ("float32", "float16")
@@ -151,7 +155,7 @@ class ExtractInterrupted(Exception):
         self.exit_code = exit_code
 
 
-class _Terminated(KeyboardInterrupt):
+class Terminated(KeyboardInterrupt):
     """SIGTERM, turned into the same orderly stop as Ctrl-C."""
 
 
@@ -479,7 +483,7 @@ def _set_aside(path: Path, why: str) -> None:
     print(f"extract: {path} {why}; moved to {aside}, starting over.", file=sys.stderr)
 
 
-def _stored(features: np.ndarray, dtype: str) -> np.ndarray:
+def stored_features(features: np.ndarray, dtype: str) -> np.ndarray:
     """Features cast to the cache dtype; refuses values float16 would turn into inf."""
     if dtype == "float16":
         peak = float(np.max(np.abs(features))) if features.size else 0.0
@@ -754,15 +758,15 @@ def _report_leaks(leaks: list[tuple[str, str]]) -> None:
 def _committing(writer: CacheWriter) -> Iterator[_BackgroundWriter]:
     """A writer thread for the body; Ctrl-C / SIGTERM stop after committing what is queued."""
     background = _BackgroundWriter(writer)
-    previous = _install_sigterm()
+    previous = install_sigterm()
     try:
         try:
             yield background
         finally:
-            _restore_sigterm(previous)
+            restore_sigterm(previous)
             background.close()
     except KeyboardInterrupt as exc:
-        code = 143 if isinstance(exc, _Terminated) else 130
+        code = 143 if isinstance(exc, Terminated) else 130
         what = "SIGTERM" if code == 143 else "Ctrl-C"
         raise ExtractInterrupted(
             f"extract: interrupted by {what}; {writer.n_rows} rows and {writer.n_augmented} "
@@ -800,7 +804,7 @@ def _extract_loop(
             for batch in batches:
                 records = [todo[i] for i in batch.indices]
                 skipped = [(todo[i].path, reason) for i, reason in batch.skipped]
-                first, *extra = [_stored(x, config.dtype)
+                first, *extra = [stored_features(x, config.dtype)
                                  for x in feature_model.all_features(batch.images)]
                 background.put(
                     "append",
@@ -884,7 +888,7 @@ def _augment_loop(
                     seed = batch_seed(config.seed, k, rows[chosen[0]])
                     images = augment_batch(batch.images[chosen], spec, seed)
                     for out, x in zip(per_layer, feature_model.all_features(images), strict=True):
-                        out.append(_stored(x, config.dtype))
+                        out.append(stored_features(x, config.dtype))
                     sources.extend(rows[j] for j in chosen)
                     passes.extend([k] * len(chosen))
                 first, *extra = [np.concatenate(parts) for parts in per_layer]
@@ -895,18 +899,18 @@ def _augment_loop(
             progress.close()
 
 
-def _install_sigterm() -> Any:
+def install_sigterm() -> Any:
     """Make SIGTERM stop like Ctrl-C (main thread only: signal handlers live there)."""
     if threading.current_thread() is not threading.main_thread():
         return None
 
     def handler(signum: int, frame: Any) -> None:
-        raise _Terminated()
+        raise Terminated()
 
     return signal.signal(signal.SIGTERM, handler)
 
 
-def _restore_sigterm(previous: Any) -> None:
+def restore_sigterm(previous: Any) -> None:
     """Put back the SIGTERM handler that was there before extraction."""
     if previous is not None:
         signal.signal(signal.SIGTERM, previous)

@@ -50,11 +50,11 @@ from pipeline.cache import (
 from pipeline.extract import (
     ExtractConfig,
     ExtractInterrupted,
-    _install_sigterm,
-    _restore_sigterm,
-    _stored,
-    _Terminated,
+    Terminated,
     build_model,
+    install_sigterm,
+    restore_sigterm,
+    stored_features,
 )
 from pipeline.images import ImageIndex, ImageReadError, ImageRecord, parse_size, read_image
 from pipeline.progress import Progress
@@ -224,7 +224,7 @@ def extract_on_ray(
     if len(missing) < len(todo):
         print(f"extract: ray: {len(todo) - len(missing)} of the {len(todo)} images are already "
               f"in {folder}; extracting the other {len(missing)}.", file=sys.stderr, flush=True)
-    previous = _install_sigterm()
+    previous = install_sigterm()
     try:
         if missing:
             with _ray_session(config.address) as ray:
@@ -251,7 +251,7 @@ def extract_on_ray(
         finally:
             progress.close()
     except KeyboardInterrupt as exc:
-        code = 143 if isinstance(exc, _Terminated) else 130
+        code = 143 if isinstance(exc, Terminated) else 130
         raise ExtractInterrupted(
             f"extract: interrupted by {'SIGTERM' if code == 143 else 'Ctrl-C'}; the rows "
             f"extracted so far are kept in {folder} and {writer.partial}. Run the same "
@@ -259,7 +259,7 @@ def extract_on_ray(
             code,
         ) from None
     finally:
-        _restore_sigterm(previous)
+        restore_sigterm(previous)
     n_parts = len({e.part for e in entries})
     _remove_parts(folder)
     print(f"extract: ray: {len(rows)} rows and {len(skipped)} skipped files from {n_parts} "
@@ -464,7 +464,7 @@ class ForwardPass:
         bad = ~ok
         # Boolean indexing copies: all_features preprocesses in place, Ray's batch is
         # read-only.
-        first, *extra = [_stored(x, self.config.dtype)
+        first, *extra = [stored_features(x, self.config.dtype)
                          for x in self.model.all_features(batch["image"][ok])]
         skipped = [(str(p), str(reason), int(size), int(mtime)) for p, reason, size, mtime in
                    zip(batch["rel"][bad], batch["error"][bad], batch["size"][bad],
