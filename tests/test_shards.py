@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from conftest import write_index_images
 
-from pipeline.cache import CacheError, merge_parts, read_cache
+from pipeline.cache import CacheError, merge_parts, read_cache, read_row_state
 from pipeline.cli import extract_main
 from pipeline.extract import ExtractConfig, parse_shard, run_extract, shard_slice
 
@@ -33,7 +33,8 @@ def test_sharded_runs_merge_into_the_single_process_cache(tmp_path, probe_model,
     a, b = read_cache(single, augmented=True), read_cache(merged, augmented=True)
     assert a.paths == b.paths and a.skipped == b.skipped
     np.testing.assert_array_equal(a.labels, b.labels)
-    np.testing.assert_allclose(a.features, b.features, atol=1e-6)
+    np.testing.assert_array_equal(a.features, b.features)  # byte for byte
+    assert read_row_state(single).sha256 == read_row_state(merged).sha256
     np.testing.assert_array_equal(a.augmented_source, b.augmented_source)
     assert "shard" not in b.attrs and b.attrs["complete"]
 
