@@ -60,6 +60,7 @@ __all__ = [
     "ExtractResult",
     "Terminated",
     "build_model",
+    "check_decode",
     "decoded_batches",
     "install_sigterm",
     "parse_shard",
@@ -184,8 +185,7 @@ def _validate(config: ExtractConfig) -> tuple[int, int] | None:
     parse_shard(config.shard)
     if config.log_every <= 0:
         raise ValueError(f"`log_every` must be > 0. Received: log_every={config.log_every}")
-    if config.decode not in DECODERS:
-        raise ValueError(f"`decode` must be one of {DECODERS}. Received: decode={config.decode!r}")
+    check_decode(config.decode)
     if config.engine not in ENGINES:
         raise ValueError(f"`engine` must be one of {ENGINES}. Received: engine={config.engine!r}")
     if config.engine == "ray":
@@ -342,6 +342,17 @@ class DecodedBatch:
     digests: list[str] = field(default_factory=list)  # sha256 of each file's bytes
 
 
+def check_decode(decode: str) -> str:
+    """Validate ``--decode``.
+
+    Raises:
+        ValueError: not one of ``DECODERS``.
+    """
+    if decode not in DECODERS:
+        raise ValueError(f"`decode` must be one of {DECODERS}. Received: decode={decode!r}")
+    return decode
+
+
 def decoded_batches(
     paths: Sequence[Path],
     *,
@@ -364,8 +375,7 @@ def decoded_batches(
     2 cores the parent's share of the work makes processes 10 % slower). Pixels are the
     same either way: workers run :func:`read_image` in the same environment.
     """
-    if decode not in DECODERS:
-        raise ValueError(f"`decode` must be one of {DECODERS}. Received: decode={decode!r}")
+    check_decode(decode)
     cores = os.cpu_count() or 1
     processes = decode == "processes" or (
         decode == "auto" and cores >= 4 and not has_tensorflow())

@@ -403,7 +403,8 @@ def load_image(
         ImageReadError: see :func:`decode_bytes`.
         ValueError: an interpolation other than bilinear without TensorFlow.
     """
-    return resize(decode_image(path), size, interpolation)
+    # A writable copy: callers preprocess in place.
+    return np.array(_decode_resized(_read_bytes(path), size, interpolation))
 
 
 def read_image(
@@ -418,16 +419,23 @@ def read_image(
         ImageReadError: see :func:`decode_bytes`.
     """
     data = _read_bytes(path)
-    digest = hashlib.sha256(data).hexdigest()
+    return _decode_resized(data, size, interpolation), hashlib.sha256(data).hexdigest()
+
+
+def _decode_resized(data: bytes, size: tuple[int, int], interpolation: str) -> np.ndarray:
+    """Decode + orient + resize, through one TF graph when TF decodes this file.
+
+    Raises:
+        ImageReadError: see :func:`decode_bytes`.
+    """
     with _reasons():
         orientation, pixels = _inspect(data)
     if pixels is None:
         try:
-            resized = _tf_decode_resize(tuple(size), interpolation, orientation)(data)
-            return np.asarray(resized), digest
+            return np.asarray(_tf_decode_resize(tuple(size), interpolation, orientation)(data))
         except Exception:  # noqa: BLE001 - the eager decoder below words the skip reason
             pixels = decode_bytes(data)  # raises ImageReadError with the eager op's message
-    return resize(pixels, size, interpolation), digest
+    return resize(pixels, size, interpolation)
 
 
 _ATTACHED: dict[str, Any] = {}  # shared batch buffers this worker process has opened
