@@ -57,6 +57,7 @@ __all__ = [
     "input_side_seconds",
     "keras_peer_seconds",
     "machine_info",
+    "measure_decoders",
     "make_images",
     "naive_seconds",
     "run_benchmark",
@@ -112,8 +113,8 @@ class BenchConfig:
     seed: int = 0
     data: str = "data/bench"
     out: str = "reports/bench.json"
-    parts: tuple[str, ...] = ("throughput", "stages", "training", "sklearn", "incremental",
-                              "stream", "storage")
+    parts: tuple[str, ...] = ("throughput", "decoders", "stages", "training", "sklearn",
+                              "incremental", "stream", "storage")
     cases: tuple[str, ...] = field(
         default_factory=lambda: tuple(c.name for c in CASES if c.default))
     mixed_precision: bool = False  # GPU box: run every base in mixed_float16
@@ -261,6 +262,29 @@ def decode_all(paths: Sequence[Path], size: tuple[int, int], *, batch_size: int 
     batches = [b.images for b in decoded_batches(paths, size=size, batch_size=batch_size,
                                                  workers=workers)]
     return np.concatenate(batches)
+
+
+def measure_decoders(paths: Sequence[Path], sizes: Sequence[int], *, repeats: int,
+                     batch_size: int, workers: int) -> list[dict[str, Any]]:
+    """``decoded_batches`` alone, decode threads vs worker processes, interleaved.
+
+    Each run includes starting its pool (spawned processes pay their imports), as every
+    extract run does. The figure behind ``--decode auto``'s choice.
+    """
+    from pipeline.extract import decoded_batches
+
+    out = []
+    for side in sizes:
+        seconds: dict[str, list[float]] = {"threads": [], "processes": []}
+        for _ in range(repeats):
+            for decode, runs in seconds.items():
+                batches = decoded_batches(paths, size=(side, side), batch_size=batch_size,
+                                          workers=workers, decode=decode)
+                runs.append(_timed(lambda b=batches: sum(len(x.indices) for x in b))[0])
+        stats = {d: _summary(runs, len(paths)) for d, runs in seconds.items()}
+        out.append({"size": side, **stats,
+                    "processes/threads": stats["processes"]["img_s"] / stats["threads"]["img_s"]})
+    return out
 
 
 # ---------------------------------------------------------------------------- a .. e
@@ -917,6 +941,9 @@ def run_benchmark(config: BenchConfig, log: Callable[[str], None] = print) -> di
     part("throughput", lambda: [
         measure_throughput(c, images_dir, work, paths, repeats=config.repeats,
                            workers=config.workers, **kw) for c in cases])
+    part("decoders", lambda: measure_decoders(
+        paths, sorted({c.size for c in cases}), repeats=config.repeats,
+        batch_size=config.batch_size, workers=config.workers))
     part("stages", lambda: {
         c.name: stage_profile(c, paths[:sizes.stage_images], work, **kw) for c in cases})
     part("training", lambda: [
@@ -968,6 +995,12 @@ def format_report(results: dict[str, Any]) -> str:
             target = TARGETS.get(key)
             verdict = f"  target >= {target}: {_met(value, target)}" if target else ""
             lines.append(f"  {key:32s} {value:8.3f}{verdict}")
+    if "decoders" in results:
+        lines.append("\ndecoded_batches alone (pool start included), img/s:")
+        for r in results["decoders"]:
+            lines.append(f"  {r['size']:4d} px  threads {r['threads']['img_s']:7.1f}  processes "
+                         f"{r['processes']['img_s']:7.1f}  processes/threads "
+                         f"{r['processes/threads']:.2f}")
     if "stages" in results:
         lines.append("\nstages, single-thread ms per image:")
         keys = list(next(iter(results["stages"].values())))
