@@ -612,6 +612,7 @@ def head_epoch_seconds(features: np.ndarray, labels: np.ndarray, *, batch_size: 
     model = _head_model(tuple(features.shape[1:]), batch_size, seed)
     timer = _epoch_timer()
     model.fit(features, labels.astype(np.float32), epochs=1 + repeats, batch_size=batch_size,
+              steps_per_epoch=-(-len(features) // batch_size),  # as DenseHead.fit passes it
               callbacks=[timer], verbose=0)
     return timer.seconds[1:]
 

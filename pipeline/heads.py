@@ -52,6 +52,10 @@ HEADS = ("dense", "logreg", "linear-svm", "svm", "knn")
 _HEAD_FORMAT_VERSION = 1
 # Share of the training rows DenseHead holds out for early stopping when given no validation data.
 _INTERNAL_VAL_FRACTION = 0.1
+# A small head's step is cheaper than Keras' dispatch of it: running up to 32 steps per call
+# trains 1.2-1.5x faster on CPU with bit-identical weights (docs/performance.md). Batch-level
+# callbacks then fire every 32 steps, which no head here uses.
+_STEPS_PER_EXECUTION = 32
 
 
 def _check_head_args(
@@ -268,7 +272,8 @@ class DenseHead(ClassifierMixin, BaseEstimator):
             loss = "sparse_categorical_crossentropy"
         model = keras.Sequential(layers, name="dense_head")
         model.compile(
-            optimizer=keras.optimizers.Adam(learning_rate=self.lr), loss=loss, metrics=["accuracy"]
+            optimizer=keras.optimizers.Adam(learning_rate=self.lr), loss=loss, metrics=["accuracy"],
+            steps_per_execution=_STEPS_PER_EXECUTION,
         )
         return model
 
@@ -349,6 +354,8 @@ class DenseHead(ClassifierMixin, BaseEstimator):
             validation_data=fit_val,
             epochs=self.epochs,
             batch_size=self.batch_size,
+            # Given explicitly, Keras makes one data iterator per epoch instead of two.
+            steps_per_epoch=-(-len(X_fit) // self.batch_size),
             class_weight=weights,
             callbacks=callbacks,
             verbose=self.verbose,
@@ -397,7 +404,8 @@ class DenseHead(ClassifierMixin, BaseEstimator):
             callbacks.append(keras.callbacks.EarlyStopping(
                 monitor="val_loss", patience=self.patience, restore_best_weights=True))
         history = model.fit(train, validation_data=validation, epochs=self.epochs,
-                            class_weight=weights, callbacks=callbacks, verbose=self.verbose)
+                            steps_per_epoch=len(train), class_weight=weights,
+                            callbacks=callbacks, verbose=self.verbose)
         self.model_ = model
         self.history_ = {k: [float(v) for v in vals] for k, vals in history.history.items()}
         return self

@@ -143,6 +143,31 @@ def test_dense_is_seeded():
     assert not np.allclose(a, c)
 
 
+@pytest.mark.parametrize("n_classes", [2, 3])
+def test_dense_speed_settings_learn_what_plain_keras_fit_learns(monkeypatch, n_classes):
+    # DenseHead runs several steps per Keras call and names the steps per epoch; both are
+    # there for speed only, so the weights must equal a plain fit's byte for byte. 45 or
+    # 30 rows per class with a 10% holdout leave a partial last batch.
+    import keras
+
+    from pipeline import heads
+
+    X, y = blobs(135 // n_classes, n_classes, seed=6)
+    fast = DenseHead(epochs=4, random_state=0, patience=1).fit(X, y)
+
+    plain_fit = keras.Model.fit
+
+    def fit_without_steps(self, *args, steps_per_epoch=None, **kwargs):
+        return plain_fit(self, *args, **kwargs)
+
+    monkeypatch.setattr(heads, "_STEPS_PER_EXECUTION", 1)
+    monkeypatch.setattr(keras.Model, "fit", fit_without_steps)
+    plain = DenseHead(epochs=4, random_state=0, patience=1).fit(X, y)
+    assert fast.history_ == plain.history_
+    for a, b in zip(fast.model_.weights, plain.model_.weights, strict=True):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
 def test_dense_balanced_class_weight_trains_on_imbalanced_data():
     X, y = blobs(60, 2, seed=6)
     keep = np.concatenate([np.flatnonzero(y == 0), np.flatnonzero(y == 1)[:8]])
