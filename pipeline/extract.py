@@ -561,12 +561,13 @@ def run_extract(config: ExtractConfig) -> ExtractResult:
     try:
         return _extract_into(config, index, feature_model, attrs, out, stats)
     except (OSError, CacheWriteError) as exc:
-        raise CacheError(
-            f"Writing the cache failed ({exc}). Disk "
-            f"full? Committed rows are kept in {partial_path(out)}"
-            + (f" and {out} is unchanged" if out.exists() else "")
-            + "; free some space and run the same command again to resume."
-        ) from exc
+        words = [f"Writing the cache failed ({exc}). Disk full?"]
+        if partial_path(out).exists():
+            words.append(f"Committed rows are kept in {partial_path(out)}.")
+        if out.exists():
+            words.append(f"{out} is unchanged.")
+        words.append("Free some space and run the same command again to resume.")
+        raise CacheError(" ".join(words)) from exc
 
 
 def build_model(config: ExtractConfig, size: tuple[int, int] | None) -> FeatureModel:

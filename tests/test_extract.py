@@ -287,8 +287,10 @@ def test_thirty_random_kills_end_in_the_uninterrupted_cache(tmp_path, resume_dat
     assert datasets(tmp_path / "c.h5") == datasets(reference)
 
 
-def test_disk_full_keeps_the_previous_cache_and_says_so(tmp_path, probe_model):
-    """A size limit (RLIMIT_FSIZE) stands in for a full disk while new images are added."""
+@pytest.mark.parametrize("room", ["copy fails", "append fails"])
+def test_disk_full_keeps_the_previous_cache_and_says_so(tmp_path, probe_model, room):
+    """A size limit (RLIMIT_FSIZE) stands in for a full disk while new images are added:
+    while the cache is copied, or while rows are appended to the copy."""
     import resource
 
     data = tmp_path / "data"
@@ -301,7 +303,8 @@ def test_disk_full_keeps_the_previous_cache_and_says_so(tmp_path, probe_model):
         if i >= 30:
             (data / rel).parent.mkdir(parents=True, exist_ok=True)
             os.replace(tmp_path / "more" / rel, data / rel)
-    limit = len(before) + 4096
+    # The copy is exactly len(before) bytes; any growth of it fails.
+    limit = len(before) // 2 if room == "copy fails" else len(before)
 
     def cap() -> None:
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of being killed
@@ -316,6 +319,11 @@ def test_disk_full_keeps_the_previous_cache_and_says_so(tmp_path, probe_model):
     last = proc.stderr.strip().splitlines()[-1]
     assert "Disk full?" in last and "is unchanged" in last and "Traceback" not in proc.stderr
     assert out.read_bytes() == before
+    # A half copy holds nothing worth resuming: it is removed, and the message says so.
+    assert partial_path(out).exists() == (room == "append fails")
+    assert ("Committed rows are kept" in last) == (room == "append fails")
+    run_extract(probe_config(data, probe_model, out))  # room again: the run completes
+    check_alignment(out, more, ["a", "b", "c"])
 
 
 def test_decode_in_processes_gives_the_thread_cache_byte_for_byte(tmp_path, probe_model):
