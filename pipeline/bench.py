@@ -58,6 +58,7 @@ __all__ = [
     "keras_peer_seconds",
     "machine_info",
     "measure_decoders",
+    "measure_head_rows",
     "make_images",
     "naive_seconds",
     "run_benchmark",
@@ -113,8 +114,8 @@ class BenchConfig:
     seed: int = 0
     data: str = "data/bench"
     out: str = "reports/bench.json"
-    parts: tuple[str, ...] = ("throughput", "decoders", "stages", "training", "sklearn",
-                              "incremental", "stream", "storage")
+    parts: tuple[str, ...] = ("throughput", "decoders", "stages", "training", "head_rows",
+                              "sklearn", "incremental", "stream", "storage")
     cases: tuple[str, ...] = field(
         default_factory=lambda: tuple(c.name for c in CASES if c.default))
     mixed_precision: bool = False  # GPU box: run every base in mixed_float16
@@ -130,15 +131,17 @@ class BenchSizes:
     stream_rows: tuple[int, ...]
     stream_runs: tuple[tuple[str, bool], ...]  # (head, stream)
     stage_images: int
+    head_rows: tuple[int, ...]
 
 
 def bench_sizes(quick: bool) -> BenchSizes:
     """Sizes of the secondary measurements: the full grid, or a smoke run's."""
     if quick:
-        return BenchSizes((500,), (256,), (16, 64), (("dense", True),), 32)
+        return BenchSizes((500,), (256,), (16, 64), (("dense", True),), 32, (384,))
     return BenchSizes(
         (500, 2000, 8000), (256, 2048), (300, 1200, 4800),
         (("dense", True), ("logreg", True), ("dense", False), ("logreg", False)), 64,
+        (384, 3840, 38400),
     )
 
 
@@ -654,6 +657,23 @@ def measure_training(case: BenchCase, paths: Sequence[Path], labels: np.ndarray,
             "ratio": h["median_s"] / e["median_s"]}
 
 
+def measure_head_rows(rows: Sequence[int], *, dims: int, batch_size: int, repeats: int,
+                      seed: int) -> list[dict[str, Any]]:
+    """Dense head epoch seconds on synthetic ``rows x dims`` features: how Keras' fixed
+    cost per epoch and per step share the time as the cache grows."""
+    out = []
+    rng = np.random.default_rng(seed)
+    for n in rows:
+        features = rng.standard_normal((n, dims), dtype=np.float32)
+        labels = (rng.random(n) < 0.5).astype(np.int64)
+        runs = head_epoch_seconds(features, labels, batch_size=batch_size, repeats=repeats,
+                                  seed=seed)
+        steps = -(-n // batch_size)
+        out.append({"rows": n, "dims": dims, "steps": steps, **_summary(runs, n),
+                    "ms_per_step": 1000 * statistics.median(runs) / steps})
+    return out
+
+
 def sklearn_fit_seconds(head: str, rows: int, dims: int, *, seed: int = 0) -> float:
     """Fit seconds of a scikit-learn head on synthetic two-class data (rows x dims)."""
     from sklearn.datasets import make_classification
@@ -950,6 +970,9 @@ def run_benchmark(config: BenchConfig, log: Callable[[str], None] = print) -> di
     part("training", lambda: [
         measure_training(c, paths, labels, repeats=config.repeats, workers=config.workers,
                          **kw) for c in cases if not c.input_bound])
+    part("head_rows", lambda: measure_head_rows(
+        sizes.head_rows, dims=1280, batch_size=config.batch_size, repeats=config.repeats,
+        seed=config.seed))
     part("sklearn", lambda: measure_sklearn(sizes, repeats=config.repeats, seed=config.seed))
     part("incremental", lambda: measure_incremental(
         cases[0], data / f"incremental-{config.images}", work, config.images,
@@ -1014,6 +1037,11 @@ def format_report(results: dict[str, Any]) -> str:
             f"{t['head_epoch']['median_s']:.3f} s, base+head epoch "
             f"{t['end_to_end_epoch']['median_s']:.2f} s, ratio 1/{1 / t['ratio']:.0f} "
             f"(target <= 1/100: {_met(t['ratio'], 0.01, False)})")
+    if "head_rows" in results:
+        lines.append("\ndense head epoch on synthetic rows:")
+        for r in results["head_rows"]:
+            lines.append(f"  {r['rows']:6d} x {r['dims']}  {r['median_s']:7.3f} s  "
+                         f"{r['ms_per_step']:5.2f} ms/step")
     if "sklearn" in results:
         lines.append("\nscikit-learn heads, fit seconds (rows x dims):")
         for r in results["sklearn"]:
