@@ -13,6 +13,7 @@ import time
 from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from multiprocessing import get_context, shared_memory
@@ -394,7 +395,16 @@ def decoded_batches(
                                            str(paths[i]), size, interpolation)))
 
         def result(i: int, future: Future) -> tuple[np.ndarray, str]:
-            return slots[i % (window + 1)], future.result()
+            try:
+                return slots[i % (window + 1)], future.result()
+            except BrokenProcessPool as exc:
+                raise RuntimeError(
+                    "A decode worker process died: killed, out of memory, or it could not "
+                    "start. Workers are spawned and import the main module, so a script "
+                    "that decodes in processes must do so under `if __name__ == "
+                    "'__main__':`. Or decode in threads (decode='threads', extract.py "
+                    "--decode threads)."
+                ) from exc
     else:
         pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode")
 

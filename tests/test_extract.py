@@ -342,3 +342,22 @@ def test_decode_in_processes_gives_the_thread_cache_byte_for_byte(tmp_path, prob
     np.testing.assert_array_equal(a.features, b.features)
     with pytest.raises(ValueError, match="Received: decode='fork'"):
         run_extract(probe_config(data, probe_model, tmp_path / "x.h5", decode="fork"))
+
+
+def test_decode_workers_that_cannot_start_get_a_clear_error(tmp_path):
+    """Spawned workers import the main module: a script without the __main__ guard makes
+    each of them try to start workers again, and they die. Say why, not BrokenProcessPool."""
+    write_index_images(tmp_path / "data", 3)
+    script = tmp_path / "no_guard.py"
+    script.write_text(
+        "from pathlib import Path\n"
+        "from pipeline.extract import decoded_batches\n"
+        f"paths = sorted(Path({str(tmp_path / 'data')!r}).rglob('*.png'))\n"
+        "for batch in decoded_batches(paths, size=(8, 8), workers=1, decode='processes'):\n"
+        "    print(len(batch.indices))\n"
+    )
+    proc = subprocess.run([PYTHON, str(script)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("RuntimeError: A decode worker process died")
+    assert "if __name__ == '__main__':" in last
