@@ -257,7 +257,7 @@ def extract_main(argv: Sequence[str] | None = None) -> int:
             if not args.out:
                 raise ValueError("`--merge` needs `--out FILE.h5`. Received: out=None")
             path = merge_parts(merge, args.out)
-            print(f"extract: merged {len(merge)} parts into {path}.", flush=True)
+            print(f"extract: merged {', '.join(merge)} into {path}.", flush=True)
             return 0
         if not args.data_dir or not args.base:
             raise ValueError("extract needs DATA_DIR and --base (or --merge PARTS). "
