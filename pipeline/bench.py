@@ -660,7 +660,8 @@ def end_to_end_folder_epoch_seconds(feature_model: Any, data_dir: Path, *, batch
     model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="binary_crossentropy",
                   metrics=["accuracy"])
     timer = _epoch_timer()
-    model.fit(ds, epochs=1 + repeats, callbacks=[timer], verbose=0)
+    # The dataset reshuffles itself every epoch; fit's own shuffle does not apply to it.
+    model.fit(ds, epochs=1 + repeats, shuffle=False, callbacks=[timer], verbose=0)
     return timer.seconds[1:]
 
 
