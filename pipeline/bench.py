@@ -620,14 +620,10 @@ def head_epoch_seconds(features: np.ndarray, labels: np.ndarray, *, batch_size: 
     return timer.seconds[1:]
 
 
-def end_to_end_epoch_seconds(feature_model: Any, images: np.ndarray, labels: np.ndarray, *,
-                             batch_size: int, repeats: int = 1, seed: int = 0) -> list[float]:
-    """Seconds of epochs 2 .. repeats+1 of frozen base + the same head on decoded images.
-
-    Images are already decoded and resized in memory (the end-to-end side pays no
-    decoding), preprocessing runs as layers inside the model; the first epoch (graph
-    tracing) is left out.
-    """
+def _end_to_end_epochs(feature_model: Any, data: tuple[Any, ...], fit_kwargs: dict[str, Any], *,
+                       batch_size: int, repeats: int, seed: int) -> list[float]:
+    """Seconds of epochs 2 .. repeats+1 of frozen base + ``_head_model`` fitted on ``data``
+    (epoch 1 holds graph tracing); preprocessing runs as layers inside the model."""
     import keras
 
     from pipeline.combine import end_to_end_model
@@ -637,9 +633,20 @@ def end_to_end_epoch_seconds(feature_model: Any, images: np.ndarray, labels: np.
     model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="binary_crossentropy",
                   metrics=["accuracy"])
     timer = _epoch_timer()
-    model.fit(images, labels.astype(np.float32), epochs=1 + repeats, batch_size=batch_size,
-              callbacks=[timer], verbose=0)
+    model.fit(*data, epochs=1 + repeats, callbacks=[timer], verbose=0, **fit_kwargs)
     return timer.seconds[1:]
+
+
+def end_to_end_epoch_seconds(feature_model: Any, images: np.ndarray, labels: np.ndarray, *,
+                             batch_size: int, repeats: int = 1, seed: int = 0) -> list[float]:
+    """Seconds of epochs 2 .. repeats+1 of frozen base + the same head on decoded images.
+
+    Images are already decoded and resized in memory (the end-to-end side pays no
+    decoding).
+    """
+    return _end_to_end_epochs(feature_model, (images, labels.astype(np.float32)),
+                              {"batch_size": batch_size}, batch_size=batch_size,
+                              repeats=repeats, seed=seed)
 
 
 def end_to_end_folder_epoch_seconds(feature_model: Any, data_dir: Path, *, batch_size: int,
@@ -649,20 +656,13 @@ def end_to_end_folder_epoch_seconds(feature_model: Any, data_dir: Path, *, batch
     """
     import keras
 
-    from pipeline.combine import end_to_end_model
-
     with _quiet():
         ds = keras.utils.image_dataset_from_directory(
             data_dir, label_mode="binary", shuffle=True, seed=seed,
             image_size=feature_model.input_size, batch_size=batch_size)
-    head = _head_model(feature_model.feature_shape, batch_size, seed)
-    model = end_to_end_model(feature_model, head)
-    model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="binary_crossentropy",
-                  metrics=["accuracy"])
-    timer = _epoch_timer()
     # The dataset reshuffles itself every epoch; fit's own shuffle does not apply to it.
-    model.fit(ds, epochs=1 + repeats, shuffle=False, callbacks=[timer], verbose=0)
-    return timer.seconds[1:]
+    return _end_to_end_epochs(feature_model, (ds,), {"shuffle": False}, batch_size=batch_size,
+                              repeats=repeats, seed=seed)
 
 
 def measure_training(case: BenchCase, paths: Sequence[Path], labels: np.ndarray, *,
