@@ -58,6 +58,7 @@ __all__ = [
     "keras_peer_seconds",
     "machine_info",
     "measure_decoders",
+    "measure_append_copy",
     "measure_head_rows",
     "make_images",
     "naive_seconds",
@@ -115,7 +116,7 @@ class BenchConfig:
     data: str = "data/bench"
     out: str = "reports/bench.json"
     parts: tuple[str, ...] = ("throughput", "decoders", "stages", "training", "head_rows",
-                              "sklearn", "incremental", "stream", "storage")
+                              "sklearn", "incremental", "append_copy", "stream", "storage")
     cases: tuple[str, ...] = field(
         default_factory=lambda: tuple(c.name for c in CASES if c.default))
     mixed_precision: bool = False  # GPU box: run every base in mixed_float16
@@ -132,16 +133,17 @@ class BenchSizes:
     stream_runs: tuple[tuple[str, bool], ...]  # (head, stream)
     stage_images: int
     head_rows: tuple[int, ...]
+    append_rows: tuple[int, ...]
 
 
 def bench_sizes(quick: bool) -> BenchSizes:
     """Sizes of the secondary measurements: the full grid, or a smoke run's."""
     if quick:
-        return BenchSizes((500,), (256,), (16, 64), (("dense", True),), 32, (384,))
+        return BenchSizes((500,), (256,), (16, 64), (("dense", True),), 32, (384,), (64,))
     return BenchSizes(
         (500, 2000, 8000), (256, 2048), (300, 1200, 4800),
         (("dense", True), ("logreg", True), ("dense", False), ("logreg", False)), 64,
-        (384, 3840, 38400),
+        (384, 3840, 38400), (1200, 4800),
     )
 
 
@@ -607,16 +609,25 @@ def _head_model(feature_shape: tuple[int, ...], batch_size: int, seed: int) -> A
 
 
 def head_epoch_seconds(features: np.ndarray, labels: np.ndarray, *, batch_size: int,
-                       repeats: int = 1, seed: int = 0) -> list[float]:
+                       repeats: int = 1, seed: int = 0,
+                       keras_defaults: bool = False) -> list[float]:
     """Seconds of epochs 2 .. repeats+1 of the dense head on cached features.
 
-    The first epoch (graph tracing) is left out.
+    The first epoch (graph tracing) is left out. ``keras_defaults``: the baseline, the same
+    model compiled and fitted with Keras' defaults instead of DenseHead's speed settings.
     """
+    import keras
+
     model = _head_model(tuple(features.shape[1:]), batch_size, seed)
+    # As DenseHead.fit passes it (one data iterator per epoch).
+    fit_kwargs = {"steps_per_epoch": -(-len(features) // batch_size)}
+    if keras_defaults:
+        model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="binary_crossentropy",
+                      metrics=["accuracy"])
+        fit_kwargs = {}
     timer = _epoch_timer()
     model.fit(features, labels.astype(np.float32), epochs=1 + repeats, batch_size=batch_size,
-              steps_per_epoch=-(-len(features) // batch_size),  # as DenseHead.fit passes it
-              callbacks=[timer], verbose=0)
+              callbacks=[timer], verbose=0, **fit_kwargs)
     return timer.seconds[1:]
 
 
@@ -691,17 +702,52 @@ def measure_training(case: BenchCase, paths: Sequence[Path], labels: np.ndarray,
 def measure_head_rows(rows: Sequence[int], *, dims: int, batch_size: int, repeats: int,
                       seed: int) -> list[dict[str, Any]]:
     """Dense head epoch seconds on synthetic ``rows x dims`` features: how Keras' fixed
-    cost per epoch and per step share the time as the cache grows."""
+    cost per epoch and per step share the time as the cache grows, side by side with the
+    same head under Keras' default fit settings (the baseline)."""
     out = []
     rng = np.random.default_rng(seed)
     for n in rows:
         features = rng.standard_normal((n, dims), dtype=np.float32)
         labels = (rng.random(n) < 0.5).astype(np.int64)
-        runs = head_epoch_seconds(features, labels, batch_size=batch_size, repeats=repeats,
-                                  seed=seed)
+        runs = {name: head_epoch_seconds(features, labels, batch_size=batch_size,
+                                         repeats=repeats, seed=seed, keras_defaults=defaults)
+                for name, defaults in (("keras_defaults", True), ("dense_head", False))}
         steps = -(-n // batch_size)
-        out.append({"rows": n, "dims": dims, "steps": steps, **_summary(runs, n),
-                    "ms_per_step": 1000 * statistics.median(runs) / steps})
+        ours, baseline = (statistics.median(runs[k]) for k in ("dense_head", "keras_defaults"))
+        out.append({"rows": n, "dims": dims, "steps": steps, **_summary(runs["dense_head"], n),
+                    "keras_defaults": _summary(runs["keras_defaults"], n),
+                    "ms_per_step": 1000 * ours / steps, "speedup": baseline / ours})
+    return out
+
+
+def measure_append_copy(work: Path, rows: Sequence[int], *, repeats: int,
+                        seed: int) -> list[dict[str, Any]]:
+    """The copy a run that adds images starts from: ``CacheWriter.copy_of`` (a byte copy of
+    the complete cache) side by side with the row-by-row copy it replaced (``_copy``, which
+    still rewrites partial caches), interleaved, on synthetic VGG16-like caches."""
+    import h5py
+
+    from pipeline.cache import CacheWriter, _copy, _decode_attrs, partial_path
+
+    def row_copy(path: Path) -> CacheWriter:
+        with h5py.File(path, "r") as f:
+            attrs = _decode_attrs(f.attrs)
+            n, m = int(attrs.get("n_rows", 0)), int(attrs.get("n_skipped", 0))
+            return _copy(f, attrs, path, np.arange(n), np.arange(m))
+
+    out = []
+    for n in rows:
+        path = write_synthetic_cache(work / f"append-{n}.h5", n, seed=seed)
+        runs: dict[str, list[float]] = {"byte_copy": [], "row_copy": []}
+        for _ in range(repeats):
+            for name, start in (("byte_copy", CacheWriter.copy_of), ("row_copy", row_copy)):
+                runs[name].append(_timed(lambda s=start, p=path: s(p).close())[0])
+                partial_path(path).unlink()
+        med = {k: statistics.median(v) for k, v in runs.items()}
+        out.append({"rows": n, "mb": path.stat().st_size / 1e6,
+                    **{k: _summary(v) for k, v in runs.items()},
+                    "speedup": med["row_copy"] / med["byte_copy"]})
+        path.unlink()
     return out
 
 
@@ -1008,6 +1054,8 @@ def run_benchmark(config: BenchConfig, log: Callable[[str], None] = print) -> di
     part("incremental", lambda: measure_incremental(
         cases[0], data / f"incremental-{config.images}", work, config.images,
         repeats=config.repeats, **kw))
+    part("append_copy", lambda: measure_append_copy(work, sizes.append_rows,
+                                                    repeats=config.repeats, seed=config.seed))
     part("stream", lambda: measure_stream_rss(sizes, work, seed=config.seed))
     storage_case = next((c for c in cases if c.input_bound), cases[-1])
     part("storage", lambda: {"case": storage_case.name, "runs": measure_storage(
@@ -1077,7 +1125,14 @@ def format_report(results: dict[str, Any]) -> str:
         lines.append("\ndense head epoch on synthetic rows:")
         for r in results["head_rows"]:
             lines.append(f"  {r['rows']:6d} x {r['dims']}  {r['median_s']:7.3f} s  "
-                         f"{r['ms_per_step']:5.2f} ms/step")
+                         f"{r['ms_per_step']:5.2f} ms/step  (Keras defaults "
+                         f"{r['keras_defaults']['median_s']:.3f} s: x{r['speedup']:.2f})")
+    if "append_copy" in results:
+        lines.append("\nstarting an append (copy of the complete cache, fsync included):")
+        for r in results["append_copy"]:
+            lines.append(f"  {r['rows']:6d} rows, {r['mb']:7.1f} MB  byte copy "
+                         f"{r['byte_copy']['median_s']:6.2f} s  row copy "
+                         f"{r['row_copy']['median_s']:6.2f} s  x{r['speedup']:.1f}")
     if "sklearn" in results:
         lines.append("\nscikit-learn heads, fit seconds (rows x dims):")
         for r in results["sklearn"]:

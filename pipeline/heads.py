@@ -53,7 +53,7 @@ _HEAD_FORMAT_VERSION = 1
 # Share of the training rows DenseHead holds out for early stopping when given no validation data.
 _INTERNAL_VAL_FRACTION = 0.1
 # A small head's step is cheaper than Keras' dispatch of it: running up to 32 steps per call
-# trains 1.4-1.6x faster on CPU with bit-identical weights (docs/performance.md). Batch-level
+# trains ~1.5x faster on CPU with bit-identical weights (docs/performance.md). Batch-level
 # callbacks then fire every 32 steps, which no head here uses.
 _STEPS_PER_EXECUTION = 32
 
