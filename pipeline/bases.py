@@ -198,7 +198,7 @@ def _registry() -> dict[str, BaseSpec]:
     return specs
 
 
-def feature_model_from_attrs(attrs: dict[str, Any]) -> FeatureModel:
+def feature_model_from_attrs(attrs: dict[str, Any], batch_size: int = 32) -> FeatureModel:
     """Rebuild the exact feature model a cache (or a head trained on it) was made with
     (all its recorded layers, the first being the one in ``features``).
 
@@ -223,6 +223,7 @@ def feature_model_from_attrs(attrs: dict[str, Any]) -> FeatureModel:
         preprocess_mode=attrs["preprocess"] if base.endswith(".keras") else None,
         seed=int(attrs.get("seed", 0)),
         precision=attrs.get("precision", "float32"),
+        batch_size=batch_size,
     )
 
 
@@ -301,14 +302,22 @@ def file_sha256(path: str | os.PathLike) -> str:
 
 @dataclass
 class FeatureModel:
-    """A frozen base cut at ``layer`` and pooled, ready for ``predict_on_batch``."""
+    """A frozen base cut at ``layer`` and pooled, run on batches of one fixed shape.
+
+    Float results depend on the batch shape (oneDNN and XLA pick kernels by it, and CPUs
+    of one kind differ), and may depend on a row's place in the batch. So every forward
+    pass here has exactly ``batch_size`` rows, and an image at position ``p`` of the image
+    list always sits in slot ``p % batch_size`` of the batch of positions
+    ``p // batch_size`` (zeros elsewhere): whichever engine, shard or resume computes an
+    image, it computes it in the same batch shape and slot, so features are bit-identical.
+    """
 
     model: Any
     attrs: dict[str, Any]
     input_size: tuple[int, int]
     preprocess: str
     layers: list[str] = field(default_factory=list)  # one output per layer, in this order
-    _widest: int = field(default=0, init=False, repr=False)  # largest batch run so far
+    batch_size: int = 32  # rows of every forward pass
     _forward: Any = field(default=None, init=False, repr=False)  # images -> outputs
 
     @property
@@ -323,29 +332,46 @@ class FeatureModel:
         """Shape of one row of the first layer's features."""
         return self.feature_shapes[0]
 
-    def all_features(self, images: np.ndarray) -> list[np.ndarray]:
-        """Features of every layer for a batch of RGB images in 0..255 (one forward pass;
-        the images are preprocessed in place)."""
+    def all_features(self, images: np.ndarray,
+                     positions: Sequence[int] | np.ndarray | None = None) -> list[np.ndarray]:
+        """Features of every layer for RGB images in 0..255 (``images`` is not changed).
+
+        Args:
+            images: (n, H, W, 3) at the model's input size.
+            positions: each image's position in the image list (default ``0..n-1``);
+                images of one batch of positions share a forward pass, each in its slot.
+
+        Returns:
+            One float32 array of n rows per layer, in the order of ``images``.
+        """
         n = len(images)
+        outputs = [np.empty((n, *shape), np.float32) for shape in self.feature_shapes]
         if n == 0:
-            return [np.zeros((0, *shape), np.float32) for shape in self.feature_shapes]
-        x = preprocess(images, self.preprocess)
-        self._widest = max(self._widest, n)
-        if n < self._widest and self.model.jit_compile:
-            # Under XLA every new batch shape is a full compile (seconds for ResNet50 on a
-            # GPU), so a short tail batch is padded to the shape already compiled; rows are
-            # independent, so the padding changes no feature.
-            x = np.concatenate([x, np.zeros((self._widest - n, *x.shape[1:]), x.dtype)])
+            return outputs
+        b = self.batch_size
+        positions = np.arange(n) if positions is None else np.asarray(positions, np.int64)
+        groups = positions // b
+        for group in np.unique(groups):
+            rows = np.flatnonzero(groups == group)
+            slots = positions[rows] % b
+            x = np.zeros((b, *images.shape[1:]), np.float32)
+            x[slots] = images[rows]
+            for out, got in zip(outputs, self._run(preprocess(x, self.preprocess)), strict=True):
+                # Mixed-precision bases return float16/bfloat16: stored as float32.
+                out[rows] = got[slots]
+        return outputs
+
+    def features(self, images: np.ndarray,
+                 positions: Sequence[int] | np.ndarray | None = None) -> np.ndarray:
+        """Features of the first layer (the only one, for a one-layer model)."""
+        return self.all_features(images, positions)[0]
+
+    def _run(self, x: np.ndarray) -> list[np.ndarray]:
         if self._forward is None:
             self._forward = _any_batch_graph(self.model) or self.model.predict_on_batch
         outputs = self._forward(x)
-        outputs = outputs if isinstance(outputs, (list, tuple)) else [outputs]
-        # Mixed-precision bases return float16/bfloat16: store float32 (or the cache dtype).
-        return [np.asarray(out[:n], dtype=np.float32) for out in outputs]
-
-    def features(self, images: np.ndarray) -> np.ndarray:
-        """Features of the first layer (the only one, for a one-layer model)."""
-        return self.all_features(images)[0]
+        return [np.asarray(o) for o in (outputs if isinstance(outputs, (list, tuple))
+                                        else [outputs])]
 
 
 def _any_batch_graph(model: Any) -> Any:
@@ -534,6 +560,7 @@ def build_feature_model(
     seed: int = 0,
     precision: str = "float32",
     jit: str = "auto",
+    batch_size: int = 32,
 ) -> FeatureModel:
     """Build the frozen feature extractor and the attributes that define its features.
 
@@ -552,6 +579,7 @@ def build_feature_model(
             as float32 either way.
         jit: XLA for the forward pass: ``auto`` (Keras' choice: on with a GPU under
             TensorFlow, always under JAX), ``on`` or ``off``.
+        batch_size: rows of every forward pass (see :class:`FeatureModel`).
 
     Raises:
         ValueError: any bad argument, with the value received.
@@ -623,4 +651,5 @@ def build_feature_model(
         seed=int(seed),
         precision=precision,
     )
-    return FeatureModel(feature, attrs, (int(size[0]), int(size[1])), mode, layers)
+    return FeatureModel(feature, attrs, (int(size[0]), int(size[1])), mode, layers,
+                        batch_size=batch_size)

@@ -220,10 +220,17 @@ def parse_shard(value: str | None) -> tuple[int, int] | None:
     return i, n
 
 
-def shard_slice(n_records: int, shard: tuple[int, int]) -> slice:
-    """Contiguous slice i of N: parts concatenated in order give the single-process order."""
+def shard_slice(n_records: int, shard: tuple[int, int], batch_size: int = 1) -> slice:
+    """Contiguous slice i of N: parts concatenated in order give the single-process order.
+
+    Slices split the list between forward batches (multiples of ``batch_size``), so each
+    image is computed in the batch a single process would put it in: merged shards equal
+    the single-process cache byte for byte.
+    """
     i, n = shard
-    return slice(i * n_records // n, (i + 1) * n_records // n)
+    batches = -(-n_records // batch_size)
+    return slice(min(n_records, i * batches // n * batch_size),
+                 min(n_records, (i + 1) * batches // n * batch_size))
 
 
 def default_out(config: ExtractConfig, input_size: tuple[int, int]) -> Path:
@@ -362,12 +369,15 @@ def decoded_batches(
     batch_size: int = 32,
     workers: int = 0,
     decode: str = "auto",
+    positions: Sequence[int] | None = None,
 ) -> Iterator[DecodedBatch]:
     """Decode and resize ``paths`` in parallel, ahead of use, and yield them in order.
 
-    Every readable file lands in exactly one batch, in input order; every full batch has
-    ``batch_size`` images, so batches are the same whichever file a run starts from. The
-    last batch holds the tail (and may hold only skipped files).
+    Every file lands in exactly one batch, in input order, readable or skipped. A batch
+    holds the files of one batch of positions (``positions[i] // batch_size``; default
+    positions ``0..n-1``, so batches of ``batch_size`` files): the batches of a run that
+    starts part-way (a resume, a shard) are those of a whole run, and each matches one
+    forward pass of :meth:`FeatureModel.all_features`. ``positions`` must increase.
 
     ``decode``: ``threads`` (TF's decoder releases the GIL inside its graph),
     ``processes`` (spawned workers writing into shared memory: without TF, Pillow and
@@ -419,6 +429,8 @@ def decoded_batches(
         # buffer per batch because the consumer preprocesses the previous one in place.
         return np.empty((batch_size, *size, 3), np.float32)
 
+    group = (np.arange(len(paths)) if positions is None
+             else np.asarray(positions, np.int64)) // batch_size
     indices: list[int] = []
     images = new_buffer()
     digests: list[str] = []
@@ -441,11 +453,9 @@ def decoded_batches(
                 images[len(indices)] = image
                 digests.append(digest)
                 indices.append(i)
-            if len(indices) == batch_size:
-                yield DecodedBatch(indices, images, skipped, digests)
+            if i + 1 == len(paths) or group[i + 1] != group[i]:
+                yield DecodedBatch(indices, images[: len(indices)], skipped, digests)
                 indices, images, skipped, digests = [], new_buffer(), [], []
-        if indices or skipped:
-            yield DecodedBatch(indices, images[: len(indices)], skipped, digests)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
         if processes:
@@ -540,7 +550,8 @@ def run_extract(config: ExtractConfig) -> ExtractResult:
     size = _validate(config)
     index: ImageIndex = index_images(config.data_dir)
     if (shard := parse_shard(config.shard)) is not None:
-        index.records = index.records[shard_slice(len(index.records), shard)]
+        part = shard_slice(len(index.records), shard, config.batch_size)
+        index.records, index.first = index.records[part], part.start
     stats = _stats(index)
     _report_ignored(index.ignored)
     out = Path(config.out) if config.out else None
@@ -595,6 +606,7 @@ def build_model(config: ExtractConfig, size: tuple[int, int] | None) -> FeatureM
         seed=config.seed,
         precision="mixed_float16" if config.mixed_precision else "float32",
         jit=config.jit,
+        batch_size=config.batch_size,
     )
 
 
@@ -811,6 +823,7 @@ def _extract_loop(
         The files skipped by this run, with their reasons.
     """
     new_skipped: list[tuple[str, str]] = []
+    positions = index.positions([r.path for r in todo])
     batches = decoded_batches(
         [index.root / r.path for r in todo],
         size=feature_model.input_size,
@@ -818,6 +831,7 @@ def _extract_loop(
         batch_size=config.batch_size,
         workers=config.workers,
         decode=config.decode,
+        positions=positions,
     )
     progress = Progress(len(todo), "extract", log_every=config.log_every)
     with _committing(writer) as background:
@@ -825,8 +839,9 @@ def _extract_loop(
             for batch in batches:
                 records = [todo[i] for i in batch.indices]
                 skipped = [(todo[i].path, reason) for i, reason in batch.skipped]
-                first, *extra = [stored_features(x, config.dtype)
-                                 for x in feature_model.all_features(batch.images)]
+                first, *extra = [stored_features(x, config.dtype) for x in
+                                 feature_model.all_features(
+                                     batch.images, [positions[i] for i in batch.indices])]
                 background.put(
                     "append",
                     first,
@@ -857,8 +872,9 @@ def _augment_loop(
     """Store the missing augmented passes 0..K-1 of every training row.
 
     Each batch of rows is decoded once and run through every pass it lacks; pass ``k`` of
-    a batch is transformed with ``batch_seed(seed, k, first row)``, so a re-run, a resume
-    or a later K (2 -> 5) produces exactly the copies a single run would have.
+    a batch is transformed with ``batch_seed(seed, k, first position)``, so a re-run, a
+    resume, a shard or a later K (2 -> 5) produces exactly the copies a single run would
+    have.
     """
     spec = config.augment_spec()
     recorded = writer.attrs.get("augment")
@@ -881,6 +897,9 @@ def _augment_loop(
         return
     print(f"extract: augmenting {len(todo)} training images, passes 0..{passes - 1}",
           file=sys.stderr, flush=True)
+    # Batches and seeds follow each row's position in the folder's list, not its cache
+    # row, so a shard (whose rows start at 0) augments as the single process does.
+    positions = index.positions([paths[row] for row in todo])
     batches = decoded_batches(
         [index.root / paths[row] for row in todo],
         size=feature_model.input_size,
@@ -888,6 +907,7 @@ def _augment_loop(
         batch_size=config.batch_size,
         workers=config.workers,
         decode=config.decode,
+        positions=positions,
     )
     progress = Progress(len(todo), "augment", log_every=config.log_every)
     with _committing(writer) as background:
@@ -906,9 +926,11 @@ def _augment_loop(
                     chosen = [j for j, row in enumerate(rows) if (row, k) not in pairs]
                     if not chosen:
                         continue
-                    seed = batch_seed(config.seed, k, rows[chosen[0]])
-                    images = augment_batch(batch.images[chosen], spec, seed)
-                    for out, x in zip(per_layer, feature_model.all_features(images), strict=True):
+                    where = [positions[batch.indices[j]] for j in chosen]
+                    images = augment_batch(batch.images[chosen], spec,
+                                           batch_seed(config.seed, k, where[0]))
+                    for out, x in zip(per_layer, feature_model.all_features(images, where),
+                                      strict=True):
                         out.append(stored_features(x, config.dtype))
                     sources.extend(rows[j] for j in chosen)
                     passes.extend([k] * len(chosen))

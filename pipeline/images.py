@@ -32,7 +32,7 @@ import io
 import os
 import re
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -100,6 +100,12 @@ class ImageIndex:
     class_names: list[str]
     layout: str  # "classes" or "splits"
     ignored: list[str] = field(default_factory=list)
+    first: int = 0  # position of records[0] in the whole folder's list (> 0 for a shard)
+
+    def positions(self, paths: Sequence[str]) -> list[int]:
+        """Each path's position in the whole folder's list (forward batches follow it)."""
+        where = {r.path: self.first + i for i, r in enumerate(self.records)}
+        return [where[p] for p in paths]
 
 
 def parse_size(value: str | int | tuple[int, int] | None) -> tuple[int, int] | None:

@@ -218,7 +218,6 @@ def extract_on_ray(
     attrs = {k: v for k, v in writer.attrs.items() if k not in _BOOKKEEPING}
     part_attrs = {**attrs, "part_of": writer.final.name,
                   "listing": listing_digest(index.records), "n_images": len(index.records)}
-    position = {r.path: i for i, r in enumerate(index.records)}
     found = _scan_parts(folder, attrs, stats)
     missing = [r for r in todo if r.path not in found]
     if len(missing) < len(todo):
@@ -230,7 +229,8 @@ def extract_on_ray(
             with _ray_session(config.address) as ray:
                 for _ in range(2):  # a second pass only for a part lost in the first
                     _run_pipeline(ray, config, feature_model.input_size,
-                                  [(position[r.path], r) for r in missing], index.root, stats,
+                                  list(zip(index.positions([r.path for r in missing]),
+                                           missing, strict=True)), index.root, stats,
                                   folder, part_attrs)
                     found = _scan_parts(folder, attrs, stats)
                     missing = [r for r in todo if r.path not in found]
@@ -462,10 +462,10 @@ class ForwardPass:
         """Extract one batch, commit it to the part; return the batch's positions."""
         ok = np.asarray(batch["ok"], dtype=bool)
         bad = ~ok
-        # Boolean indexing copies: all_features preprocesses in place, Ray's batch is
-        # read-only.
-        first, *extra = [stored_features(x, self.config.dtype)
-                         for x in self.model.all_features(batch["image"][ok])]
+        # Each image in the forward batch and slot of its position in the folder's list,
+        # as the local engine computes it: the merged cache equals its cache byte for byte.
+        first, *extra = [stored_features(x, self.config.dtype) for x in
+                         self.model.all_features(batch["image"][ok], batch["index"][ok])]
         skipped = [(str(p), str(reason), int(size), int(mtime)) for p, reason, size, mtime in
                    zip(batch["rel"][bad], batch["error"][bad], batch["size"][bad],
                        batch["mtime_ns"][bad], strict=True)]

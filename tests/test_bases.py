@@ -171,12 +171,13 @@ def test_mixed_precision_and_jit_forward_pass():
 
 
 @pytest.mark.parametrize("jit", ["on", "off"])
-def test_a_short_tail_batch_compiles_nothing_new(jit):
-    """Under XLA the tail runs padded at the compiled shape; without XLA one graph serves
-    every batch size (traced once). Features equal a plain forward pass either way."""
+def test_every_forward_pass_has_the_batch_shape(jit):
+    """A short tail or a lone image runs padded to ``batch_size`` rows (one XLA compile;
+    without XLA one graph, traced once), and features equal a plain forward pass."""
     import keras
 
-    fm = build_feature_model("mobilenetv2", weights="none", input_size=(32, 32), jit=jit)
+    fm = build_feature_model("mobilenetv2", weights="none", input_size=(32, 32), jit=jit,
+                             batch_size=8)
     shapes = []
     run = fm.model.predict_on_batch
 
@@ -188,9 +189,31 @@ def test_a_short_tail_batch_compiles_nothing_new(jit):
     x = np.random.default_rng(0).uniform(0, 255, (11, 32, 32, 3)).astype(np.float32)
     plain = keras.Model(fm.model.inputs, fm.model.outputs).predict(
         keras.applications.mobilenet_v2.preprocess_input(x.copy()), verbose=0)
-    features = np.concatenate([fm.features(x[:8].copy()), fm.features(x[8:].copy())])
+    before = x.copy()
+    features = np.concatenate([fm.features(x[:8]), fm.features(x[8:], positions=[8, 9, 10])])
+    np.testing.assert_array_equal(x, before)  # the caller's pixels are left alone
     if jit == "on":
         assert shapes == [8, 8]
     else:
         assert shapes == [] and fm._forward.graph.experimental_get_tracing_count() == 1
     np.testing.assert_allclose(features, plain, rtol=1e-4, atol=1e-5)
+
+
+def test_an_image_gets_the_same_bytes_in_any_company():
+    """Float results can depend on the batch shape and a row's place in it (oneDNN picks
+    kernels by shape; CPUs differ). A row computed alone, in a resumed tail, among other
+    neighbours or split over two calls is computed in the same slot of the same shape:
+    byte-identical features on any CPU."""
+    fm = build_feature_model("mobilenetv2", weights="none", input_size=(32, 32), batch_size=4)
+    rng = np.random.default_rng(1)
+    x = rng.uniform(0, 255, (10, 32, 32, 3)).astype(np.float32)
+    whole = fm.features(x)
+    alone = np.concatenate([fm.features(x[i:i + 1], positions=[i]) for i in range(10)])
+    resumed = fm.features(x[5:], positions=range(5, 10))
+    others = x.copy()
+    others[[0, 2, 3]] = rng.uniform(0, 255, (3, 32, 32, 3))  # row 1's neighbours change
+    scattered = fm.features(x[[1, 6, 9]], positions=[1, 6, 9])  # three batches in one call
+    assert alone.tobytes() == whole.tobytes()
+    assert resumed.tobytes() == whole[5:].tobytes()
+    assert fm.features(others)[1].tobytes() == whole[1].tobytes()
+    assert scattered.tobytes() == whole[[1, 6, 9]].tobytes()
