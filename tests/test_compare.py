@@ -105,10 +105,15 @@ def test_sweep_chooses_what_grid_search_chooses(tmp_path):
 # --- determinism ---------------------------------------------------------------------------
 
 
-def test_parallel_equals_serial_and_the_seed_repeats(tmp_path):
+@pytest.mark.parametrize("heads", [
+    ["logreg", "knn"],
+    # 40 s on 2 cores: every joblib worker imports TensorFlow
+    pytest.param(["logreg", "knn", "dense"], marks=pytest.mark.slow),
+])
+def test_parallel_equals_serial_and_the_seed_repeats(tmp_path, heads):
     X, y = noisy_blobs(20, seed=2)
     cache = make_cache(tmp_path / "c.h5", X, y)
-    kwargs = {"heads": ["logreg", "knn", "dense"], "cv": 3, "seed": 5, "epochs": 3}
+    kwargs = {"heads": heads, "cv": 3, "seed": 5, "epochs": 3}
     _, serial = compare(tmp_path, [cache], "serial", **kwargs)
     _, again = compare(tmp_path, [cache], "again", **kwargs)
     _, parallel = compare(tmp_path, [cache], "parallel", n_jobs=2, **kwargs)

@@ -274,6 +274,7 @@ def kill_repeatedly(data: Path, out: Path, kills: int, seed: int) -> None:
     assert final.returncode == 0, final.stderr
 
 
+@pytest.mark.slow  # 60 s on 2 cores; one SIGKILL mid-run stays in the default suite
 def test_five_random_kills_end_in_the_uninterrupted_cache(tmp_path, resume_data):
     data, reference = resume_data
     kill_repeatedly(data, tmp_path / "c.h5", kills=5, seed=0)
