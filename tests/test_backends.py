@@ -4,8 +4,8 @@ Model code uses Keras 3 ops only, so the same commands must give the same cache:
 row in place (checked with index-encoding images through the probe base, with a tail
 batch that XLA pads and unreadable files in between) and a real architecture's
 features equal to the TensorFlow backend's within float error. A dense head trained
-under JAX predicts the same under both backends. The scripts run in subprocesses
-because a process picks its Keras backend once, at import.
+under JAX predicts the same under both backends. The commands run in one
+subprocess because a process picks its Keras backend once, at import.
 """
 
 from __future__ import annotations
@@ -15,9 +15,11 @@ import json
 import os
 import subprocess
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
-from conftest import PYTHON, SCRIPTS, bad_files, write_index_images
+import pytest
+from conftest import PYTHON, ROOT, bad_files, write_index_images
 from test_extract import check_alignment
 
 from pipeline.bench import make_images
@@ -26,41 +28,80 @@ from pipeline.extract import ExtractConfig, run_extract
 from pipeline.predict import PredictConfig, run_predict
 
 
-def run_script(script: str, *args: str, backend: str = "jax") -> subprocess.CompletedProcess:
-    env = {**os.environ, "KERAS_BACKEND": backend}
-    proc = subprocess.run([PYTHON, str(SCRIPTS / script), *args], env=env,
+class JaxRuns(NamedTuple):
+    root: Path
+    expected: dict[str, int]  # index-encoding image -> its index
+    bad: list[str]  # unreadable files among them
+
+
+def run_under_jax(commands: list[tuple[str, list[str]]]) -> None:
+    """Run CLI commands, in order, in one process under KERAS_BACKEND=jax.
+
+    One process for all of them: a JAX + Keras start-up costs seconds on 2 cores. Each
+    command is ``(main function name in pipeline.cli, argv)`` and must exit 0.
+    """
+    code = (
+        "import json, sys\n"
+        "from pipeline import cli\n"
+        "for name, argv in json.loads(sys.argv[1]):\n"
+        "    rc = getattr(cli, name)(argv)\n"
+        "    if rc: sys.exit(f'{name} {argv} exited {rc}')\n"
+    )
+    env = {**os.environ, "KERAS_BACKEND": "jax"}
+    proc = subprocess.run([PYTHON, "-c", code, json.dumps(commands)], env=env, cwd=ROOT,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc
 
 
-def test_jax_backend_keeps_every_row_in_place_and_heads_agree(
-    tmp_path: Path, probe_model: Path,
-) -> None:
-    data = tmp_path / "data"
-    expected = write_index_images(data, 23)  # batches of 7: a tail of 2, padded under XLA
+@pytest.fixture(scope="module")
+def jax_runs(tmp_path_factory: pytest.TempPathFactory, probe_model: Path) -> JaxRuns:
+    """What the JAX backend wrote, for both tests: one JAX process for the module.
+
+    ``probe/``: index-encoding images (batches of 7: a tail of 2, padded under XLA) and
+    unreadable files, extracted through the probe base, a dense head trained on that cache
+    and its predictions. ``photos/``: a MobileNetV2 cache of 10 photos.
+    """
+    import keras
+
+    root = tmp_path_factory.mktemp("jax")
+    data = root / "data"
+    expected = write_index_images(data, 23)
     bad = bad_files(data / "b")
-    out = tmp_path / "jax.h5"
-    run_script("extract.py", str(data), "--base", str(probe_model), "--pooling", "avg",
-               "--batch-size", "7", "--out", str(out))
+    base = keras.applications.MobileNetV2(input_shape=(32, 32, 3), alpha=0.35,
+                                          include_top=False, weights=None)
+    base.save(root / "mobilenetv2.keras")
+    make_images(root / "photos", 10)
+    run_under_jax([
+        ("extract_main", [str(data), "--base", str(probe_model), "--pooling", "avg",
+                          "--batch-size", "7", "--out", str(root / "probe.h5")]),
+        # The dense head (Keras) trains and saves under JAX too (its epochs are 2-4x
+        # faster there on CPU).
+        ("fit_head_main", [str(root / "probe.h5"), "--head", "dense", "--epochs", "3",
+                           "--out", str(root / "head")]),
+        ("predict_main", [str(root / "head"), str(data),
+                          "--out", str(root / "predictions-jax.csv")]),
+        ("extract_main", [str(root / "photos"), "--base", str(root / "mobilenetv2.keras"),
+                          "--pooling", "avg", "--preprocess", "tf", "--batch-size", "4",
+                          "--out", str(root / "photos-jax.h5")]),
+    ])
+    return JaxRuns(root, expected, sorted(bad))
+
+
+def test_jax_backend_keeps_every_row_in_place_and_heads_agree(jax_runs: JaxRuns) -> None:
+    root, expected = jax_runs.root, jax_runs.expected
+    data, out, heads = root / "data", root / "probe.h5", root / "head"
     cache = read_cache(out)
     assert cache.attrs["backend"] == "jax"
     check_alignment(out, expected, ["a", "b", "c"])
-    assert sorted(p.rsplit("/", 1)[-1] for p, _ in cache.skipped) == sorted(bad)
+    assert sorted(p.rsplit("/", 1)[-1] for p, _ in cache.skipped) == jax_runs.bad
 
-    # The dense head (Keras) trains and saves under JAX too (its epochs are 2-4x faster
-    # there on CPU), and predict.py gives the same answers with it under either backend.
-    heads = tmp_path / "head"
-    run_script("fit_head.py", str(out), "--head", "dense", "--epochs", "3", "--out", str(heads))
+    # predict.py gives the same answers with the JAX-trained head under either backend.
     metrics = json.loads((heads / "metrics.json").read_text())
     assert 0.0 <= metrics["accuracy"] <= 1.0
+    tf_csv = root / "predictions-tensorflow.csv"
+    run_predict(PredictConfig(str(heads), [str(data)], out=str(tf_csv)))  # this process: TF
     tables = {}
-    for backend in ("jax", "tensorflow"):
-        csv_out = tmp_path / f"predictions-{backend}.csv"
-        if backend == "jax":
-            run_script("predict.py", str(heads), str(data), "--out", str(csv_out))
-        else:  # this test process runs TensorFlow: no second process start needed
-            run_predict(PredictConfig(str(heads), [str(data)], out=str(csv_out)))
+    for backend, csv_out in (("jax", root / "predictions-jax.csv"), ("tensorflow", tf_csv)):
         with csv_out.open(newline="") as f:
             tables[backend] = list(csv.reader(f))
     jax_rows, tf_rows = tables["jax"], tables["tensorflow"]
@@ -72,21 +113,12 @@ def test_jax_backend_keeps_every_row_in_place_and_heads_agree(
     np.testing.assert_allclose(p_jax, p_tf, atol=1e-5)
 
 
-def test_jax_features_equal_tensorflow_features(tmp_path: Path) -> None:
-    import keras
-
-    base = keras.applications.MobileNetV2(input_shape=(32, 32, 3), alpha=0.35,
-                                          include_top=False, weights=None)
-    model = tmp_path / "mobilenetv2.keras"
-    base.save(model)
-    data = tmp_path / "data"
-    make_images(data, 10)
-    common = dict(base=str(model), pooling="avg", preprocess="tf", batch_size=4)
+def test_jax_features_equal_tensorflow_features(jax_runs: JaxRuns, tmp_path: Path) -> None:
     tf_out = tmp_path / "tf.h5"
-    run_extract(ExtractConfig(data_dir=str(data), out=str(tf_out), **common))
-    jax_out = tmp_path / "jax.h5"
-    run_script("extract.py", str(data), "--base", str(model), "--pooling", "avg",
-               "--preprocess", "tf", "--batch-size", "4", "--out", str(jax_out))
+    run_extract(ExtractConfig(data_dir=str(jax_runs.root / "photos"), out=str(tf_out),
+                              base=str(jax_runs.root / "mobilenetv2.keras"), pooling="avg",
+                              preprocess="tf", batch_size=4))
+    jax_out = jax_runs.root / "photos-jax.h5"
 
     a, b = read_cache(tf_out), read_cache(jax_out)
     assert (a.attrs["backend"], b.attrs["backend"]) == ("tensorflow", "jax")

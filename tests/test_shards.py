@@ -22,7 +22,10 @@ def convnet(data, out, **kw) -> ExtractConfig:
                          out=str(out), batch_size=4, **kw)
 
 
-@pytest.mark.parametrize("n", [1, 2, 3])
+@pytest.mark.parametrize("n", [
+    # 11 s each on 2 cores: three shards cover what one and two do (an edge shard, a middle one).
+    pytest.param(1, marks=pytest.mark.slow), pytest.param(2, marks=pytest.mark.slow), 3,
+])
 def test_sharded_runs_merge_into_the_single_process_cache(tmp_path, n):
     """Features and augmented copies of a real conv net, byte for byte, with an unreadable
     file shifting the rows (23 images in 6 forward batches: shards of 2, 2, 2 batches)."""
