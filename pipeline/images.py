@@ -9,11 +9,21 @@ Two layouts, as in Keras and in Chollet's 2016 post:
 Class ids are the sorted class folder names (in the split layout: the union over all
 splits); an empty class folder keeps its id, so emptying one never shifts the others.
 Order is Keras' ``image_dataset_from_directory(shuffle=False)`` order: classes in id
-order, then files by sorted folder walk. Policy, the same as Keras where Keras has one:
-files and folders whose name starts with "." are ignored; nested folders belong to their
-class; symlinked folders are not followed (no loops); symlinked files are read when
-their target is inside DATA_DIR and ignored otherwise; files directly in DATA_DIR are
-ignored. Every ignored entry is listed with its reason (``ImageIndex.ignored``).
+order, then files by sorted folder walk. Policy, Keras' (``index_directory`` with
+follow_links=False) unless marked as a deviation:
+
+- class folders are the subfolders not starting with "."; a symlinked class folder is a
+  class like any other, read wherever it points (``os.path.isdir`` follows the link);
+- nested folders belong to their class; a symlinked folder inside a class folder is not
+  descended (``os.walk``), so no loop is endless;
+- files directly in DATA_DIR are ignored;
+- deviation: files and folders starting with "." are ignored at every depth; Keras
+  ignores hidden class folders only and reads hidden files and folders inside a class;
+- deviation: a symlinked file is read only when its target lies inside DATA_DIR (or
+  inside the real folder behind a symlinked split or class folder); Keras reads it
+  wherever it points.
+
+Every ignored entry is listed with its reason (``ImageIndex.ignored``).
 
 Decoding: JPEG, PNG, GIF and BMP go through ``tf.io.decode_image`` like Keras (grayscale
 replicated, alpha dropped, palette expanded, 16-bit reduced to 8-bit, first GIF frame);
@@ -144,9 +154,12 @@ def image_files(class_dir: Path) -> list[Path]:
 
 
 def _walk(folder: Path) -> tuple[list[Path], list[Path]]:
-    """(image files, symlinked folders not followed) under ``folder``, sorted-walk order."""
+    """(image files, symlinked folders not descended) under ``folder``, sorted-walk order.
+
+    ``folder`` itself may be a symlink (Keras reads a symlinked class folder); below it,
+    os.walk does not descend symlinked folders (Keras' follow_links=False): no loops.
+    """
     files, linked = [], []
-    # os.walk does not follow symlinked folders (Keras' follow_links=False): no loops.
     for root, dirs, names in sorted(os.walk(folder), key=lambda item: item[0]):
         if not all(_visible(part) for part in Path(root).relative_to(folder).parts):
             continue
@@ -158,14 +171,16 @@ def _walk(folder: Path) -> tuple[list[Path], list[Path]]:
 
 
 def _subdirs(folder: Path) -> list[Path]:
-    return sorted(
-        p for p in folder.iterdir() if p.is_dir() and not p.is_symlink() and _visible(p.name)
-    )
+    """Visible subfolders, symlinked ones included (Keras lists them: os.path.isdir)."""
+    return sorted(p for p in folder.iterdir() if p.is_dir() and _visible(p.name))
 
 
-def _outside(path: Path, root: Path) -> bool:
-    """A symlink whose target lies outside the data folder."""
-    return path.is_symlink() and root.resolve() not in path.resolve().parents
+def _outside(path: Path, homes: Sequence[Path]) -> bool:
+    """A symlinked file whose target lies in none of ``homes`` (resolved folders)."""
+    if not path.is_symlink():
+        return False
+    target = path.resolve()
+    return not any(home in target.parents for home in homes)
 
 
 def index_images(data_dir: str | os.PathLike) -> ImageIndex:
@@ -180,8 +195,6 @@ def index_images(data_dir: str | os.PathLike) -> ImageIndex:
     top = _subdirs(root)
     ignored = [f"{p.name} (file outside any class folder)" for p in root.iterdir()
                if p.is_file() and _visible(p.name)]
-    ignored += [f"{p.name} (symlinked folder: not followed)" for p in root.iterdir()
-                if p.is_symlink() and p.is_dir() and _visible(p.name)]
     split_dirs = [d for d in top if d.name.lower() in SPLIT_FOLDERS]
     if split_dirs and len(split_dirs) == len(top):
         layout = "splits"
@@ -211,9 +224,11 @@ def index_images(data_dir: str | os.PathLike) -> ImageIndex:
             files, linked = _walk(class_dir)
             ignored += [f"{p.relative_to(root).as_posix()} (symlinked folder: not followed)"
                         for p in linked]
+            # The real folders behind a symlinked split or class folder count as inside.
+            homes = {d.resolve() for d in (root, group_dir, class_dir)}
             for path in files:
                 rel = path.relative_to(root).as_posix()
-                if _outside(path, root):
+                if _outside(path, list(homes)):
                     ignored.append(f"{rel} (symlink to a file outside the data folder)")
                     continue
                 records.append(ImageRecord(rel, class_ids[class_name], split))

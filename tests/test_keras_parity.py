@@ -1,0 +1,111 @@
+"""Keras parity: each folder or file case held against Keras itself.
+
+Rows, labels, order and pixels equal ``keras.utils.image_dataset_from_directory(
+shuffle=False)`` for every file Keras reads; where we deviate on purpose (README "Folder
+policy", docs/reliability.md) the test shows what Keras does and what we do instead.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import pytest
+from conftest import save_png
+
+from pipeline.images import index_images, load_image
+
+SIZE = (16, 16)  # 8x8 images, resized up: every output pixel depends on the decode
+needs_symlinks = pytest.mark.skipif(not hasattr(os, "symlink"), reason="no symlinks here")
+
+
+class Rows(NamedTuple):
+    class_names: list[str]
+    paths: list[str]  # relative to the data folder, '/'-separated
+    labels: list[int]
+    pixels: np.ndarray  # (N, H, W, 3) float32
+
+
+def random_pixels(seed: int, shape: tuple[int, ...] = (8, 8, 3)) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8)
+
+
+def keras_rows(root: Path, interpolation: str = "bilinear") -> Rows:
+    """What ``image_dataset_from_directory(shuffle=False)`` yields for ``root``."""
+    import keras
+
+    ds = keras.utils.image_dataset_from_directory(
+        root, shuffle=False, image_size=SIZE, batch_size=64, interpolation=interpolation,
+        verbose=False)
+    batches = list(ds)
+    return Rows(
+        ds.class_names,
+        [Path(p).relative_to(root).as_posix() for p in ds.file_paths],
+        [int(y) for _, labels in batches for y in np.asarray(labels)],
+        np.concatenate([np.asarray(x) for x, _ in batches]).astype(np.float32),
+    )
+
+
+def our_rows(root: Path, interpolation: str = "bilinear") -> Rows:
+    """The same through index_images + load_image (extract's decode path)."""
+    index = index_images(root)
+    return Rows(
+        index.class_names,
+        [r.path for r in index.records],
+        [r.label for r in index.records],
+        np.stack([load_image(root / r.path, SIZE, interpolation) for r in index.records]),
+    )
+
+
+def assert_same_rows(ours: Rows, theirs: Rows) -> None:
+    assert ours.class_names == theirs.class_names
+    assert ours.paths == theirs.paths
+    assert ours.labels == theirs.labels
+    np.testing.assert_array_equal(ours.pixels, theirs.pixels)
+
+
+@needs_symlinks
+def test_symlinked_class_folders_are_classes_as_in_keras(tmp_path):
+    """A class folder that is a symlink is listed and read, wherever it points; symlinked
+    folders deeper inside a class are not descended (os.walk), so no loop is endless."""
+    data = tmp_path / "data"
+    for i, rel in enumerate(["a/1.png", "a/2.png", "b/1.png", "b/sub/2.png"]):
+        (data / rel).parent.mkdir(parents=True, exist_ok=True)
+        save_png(random_pixels(i), data / rel)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    save_png(random_pixels(10), outside / "real.png")
+    os.symlink("real.png", outside / "alias.png")  # a file link inside the linked folder
+    os.symlink(data / "b", data / "linked")  # -> another class: a class of its own
+    os.symlink(outside, data / "ext")  # -> outside the data folder
+    os.symlink(data, data / "all")  # -> the data folder itself: walked once, no loop
+    os.symlink(data / "a", data / "a" / "loop")  # nested: not descended
+    os.symlink(outside, data / "b" / "deeper")  # nested: not descended
+    ours, theirs = our_rows(data), keras_rows(data)
+    assert_same_rows(ours, theirs)
+    assert ours.class_names == ["a", "all", "b", "ext", "linked"]
+    assert {"ext/alias.png", "ext/real.png", "linked/sub/2.png"} <= set(ours.paths)
+    ignored = index_images(data).ignored
+    assert "a/loop (symlinked folder: not followed)" in ignored
+    assert "b/deeper (symlinked folder: not followed)" in ignored
+    assert not any(p.split("/")[1] in ("loop", "deeper") for p in ours.paths)
+
+
+@needs_symlinks
+def test_symlinked_file_leading_outside_deviation(tmp_path):
+    """Keras reads a symlinked file wherever it points; we read it only when its target is
+    inside the data folder or inside the class folder it was found through."""
+    data = tmp_path / "data"
+    (data / "a").mkdir(parents=True)
+    save_png(random_pixels(0), data / "a" / "0.png")
+    save_png(random_pixels(1), tmp_path / "elsewhere.png")
+    os.symlink(tmp_path / "elsewhere.png", data / "a" / "escape.png")
+    os.symlink(data / "a" / "0.png", data / "a" / "inside.png")
+    theirs, ours = keras_rows(data), our_rows(data)
+    assert theirs.paths == ["a/0.png", "a/escape.png", "a/inside.png"]
+    assert ours.paths == ["a/0.png", "a/inside.png"]
+    np.testing.assert_array_equal(ours.pixels, theirs.pixels[[0, 2]])
+    assert ("a/escape.png (symlink to a file outside the data folder)"
+            in index_images(data).ignored)
