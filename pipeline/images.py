@@ -335,6 +335,18 @@ def _inspect(data: bytes) -> tuple[int, np.ndarray | None]:
     """
     if not data:
         raise ImageReadError("empty file (0 bytes)")
+    try:
+        return _inspect_with_pillow(data)
+    except ValueError:
+        if not data.startswith(_PNG_SIGNATURE):
+            raise
+        # Pillow caps each inflated text / ICC chunk at PngImagePlugin.MAX_TEXT_CHUNK (1 MB;
+        # a few KB on disk exceed it) and refuses the file; TF (Keras) ignores those chunks.
+        # Reading the header without them keeps the cap, module-wide, for everyone else.
+        return _inspect_with_pillow(_png_without_inflated_chunks(data))
+
+
+def _inspect_with_pillow(data: bytes) -> tuple[int, np.ndarray | None]:
     with Image.open(io.BytesIO(data)) as im:
         if im.width * im.height > MAX_PIXELS:
             raise ImageReadError(
@@ -346,6 +358,32 @@ def _inspect(data: bytes) -> tuple[int, np.ndarray | None]:
             return orientation, None
         im.load()
         return orientation, _to_rgb(ImageOps.exif_transpose(im))
+
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# The PNG chunks Pillow inflates while reading a header: text and the ICC profile. None
+# of them changes a pixel (neither Pillow nor TF applies the profile).
+_PNG_INFLATED = {b"tEXt", b"zTXt", b"iTXt", b"iCCP"}
+
+
+def _png_without_inflated_chunks(data: bytes) -> bytes:
+    """A PNG's bytes without its text and ICC-profile chunks (nothing is inflated).
+
+    A malformed chunk list is kept from the first bad length on, for Pillow to judge.
+    """
+    kept, at = [data[:8]], 8
+    while at + 12 <= len(data):
+        kind = data[at + 4 : at + 8]
+        end = at + 12 + int.from_bytes(data[at : at + 4], "big")
+        if end > len(data):
+            break
+        if kind not in _PNG_INFLATED:
+            kept.append(data[at:end])
+        at = end
+        if kind == b"IEND":
+            break
+    kept.append(data[at:])
+    return b"".join(kept)
 
 
 @functools.lru_cache(maxsize=64)

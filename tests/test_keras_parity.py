@@ -7,15 +7,19 @@ policy", docs/reliability.md) the test shows what Keras does and what we do inst
 
 from __future__ import annotations
 
+import io
 import os
+import struct
+import zlib
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 import pytest
 from conftest import save_png
+from PIL import Image
 
-from pipeline.images import index_images, load_image
+from pipeline.images import decode_image, index_images, load_image
 
 SIZE = (16, 16)  # 8x8 images, resized up: every output pixel depends on the decode
 needs_symlinks = pytest.mark.skipif(not hasattr(os, "symlink"), reason="no symlinks here")
@@ -91,6 +95,45 @@ def test_symlinked_class_folders_are_classes_as_in_keras(tmp_path):
     assert "a/loop (symlinked folder: not followed)" in ignored
     assert "b/deeper (symlinked folder: not followed)" in ignored
     assert not any(p.split("/")[1] in ("loop", "deeper") for p in ours.paths)
+
+
+def png_with_chunk(pixels: np.ndarray, kind: bytes, body: bytes, *, after_idat: bool) -> bytes:
+    """A PNG of ``pixels`` with one extra chunk, before the first IDAT or after the last."""
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    plain = buffer.getvalue()
+    chunk = (struct.pack(">I", len(body)) + kind + body
+             + struct.pack(">I", zlib.crc32(kind + body)))
+    at = plain.rindex(b"IEND") - 4 if after_idat else plain.index(b"IDAT") - 4
+    return plain[:at] + chunk + plain[at:]
+
+
+TWO_MB = zlib.compress(b"x" * 2_000_000)  # 2 KB on disk, 2 MB inflated (Pillow's cap: 1 MB)
+
+
+@pytest.mark.parametrize("kind, body, after_idat", [
+    (b"zTXt", b"Comment\0\0" + TWO_MB, False),
+    (b"zTXt", b"Comment\0\0" + TWO_MB, True),
+    (b"iTXt", b"Comment\0\1\0\0\0" + TWO_MB, False),
+    (b"iCCP", b"profile\0\0" + TWO_MB, False),
+], ids=["zTXt", "zTXt-after-IDAT", "iTXt", "iCCP"])
+def test_png_with_a_huge_compressed_chunk_decodes_as_in_keras(tmp_path, monkeypatch, kind,
+                                                               body, after_idat):
+    from PIL import PngImagePlugin
+
+    import pipeline.images
+
+    data = tmp_path / "data"
+    (data / "a").mkdir(parents=True)
+    save_png(random_pixels(1), data / "a" / "0.png")
+    data_bytes = png_with_chunk(random_pixels(2), kind, body, after_idat=after_idat)
+    assert len(data_bytes) < 5000
+    (data / "a" / "1.png").write_bytes(data_bytes)
+    cap = PngImagePlugin.MAX_TEXT_CHUNK
+    assert_same_rows(our_rows(data), keras_rows(data))
+    assert PngImagePlugin.MAX_TEXT_CHUNK == cap  # no global side effect
+    monkeypatch.setattr(pipeline.images, "has_tensorflow", lambda: False)  # Pillow decodes
+    np.testing.assert_array_equal(decode_image(data / "a" / "1.png"), random_pixels(2))
 
 
 @needs_symlinks
