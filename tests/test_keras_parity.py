@@ -136,6 +136,22 @@ def test_png_with_a_huge_compressed_chunk_decodes_as_in_keras(tmp_path, monkeypa
     np.testing.assert_array_equal(decode_image(data / "a" / "1.png"), random_pixels(2))
 
 
+def test_cmyk_jpeg_pixels_equal_keras(tmp_path, monkeypatch):
+    """TF decodes CMYK JPEGs (as Keras); without TF, Pillow's CMYK -> RGB differs by a few
+    levels (documented)."""
+    import pipeline.images
+
+    data = tmp_path / "data"
+    (data / "a").mkdir(parents=True)
+    for i in range(3):
+        Image.fromarray(random_pixels(i, (8, 8, 4)), "CMYK").save(data / "a" / f"{i}.jpg")
+    theirs = keras_rows(data)
+    assert_same_rows(our_rows(data), theirs)
+    monkeypatch.setattr(pipeline.images, "has_tensorflow", lambda: False)
+    without_tf = our_rows(data)
+    assert 0 < np.abs(without_tf.pixels - theirs.pixels).max() <= 8
+
+
 @needs_symlinks
 def test_symlinked_file_leading_outside_deviation(tmp_path):
     """Keras reads a symlinked file wherever it points; we read it only when its target is
