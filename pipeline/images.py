@@ -27,11 +27,12 @@ Every ignored entry is listed with its reason (``ImageIndex.ignored``).
 
 Decoding: JPEG (CMYK ones too), PNG, GIF and BMP go through ``tf.io.decode_image`` like
 Keras (grayscale replicated, alpha dropped, palette expanded, 16-bit reduced to 8-bit,
-first GIF frame); the other formats Pillow reads go through Pillow, converted the same
-way. The EXIF orientation is applied (Keras does not). Then ``tf.image.resize`` with
-Keras' method, so pixels equal ``image_dataset_from_directory``'s for every file Keras
-reads. Without TensorFlow Pillow decodes everything: lossless formats give the same
-pixels; JPEGs, CMYK ones included, differ by up to ~5 levels (Pillow sets libjpeg's
+first GIF frame); the other formats Pillow reads, and the BMPs TF does not read (1-, 4-
+and 16-bit, run-length encoded, OS/2: Keras stops on them), go through Pillow, converted
+the same way. The EXIF orientation is applied (Keras does not). Then ``tf.image.resize``
+with Keras' method, so pixels equal ``image_dataset_from_directory``'s for every file
+Keras reads. Without TensorFlow Pillow decodes everything: lossless formats give the
+same pixels; JPEGs, CMYK ones included, differ by up to ~5 levels (Pillow sets libjpeg's
 IDCT and chroma upsampling otherwise than TF; measured: mean 1, max 4-5).
 """
 
@@ -44,6 +45,7 @@ import importlib.util
 import io
 import os
 import re
+import struct
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -299,7 +301,7 @@ def decode_bytes(data: bytes) -> np.ndarray:
     """Decode an encoded image to a (H, W, 3) uint8 RGB array, EXIF orientation applied.
 
     JPEG, PNG, GIF and BMP are decoded by ``tf.io.decode_image`` (Keras' own decoder);
-    other formats Pillow reads (WebP, TIFF, ...) by Pillow.
+    other formats Pillow reads (WebP, TIFF, ...) and BMPs TF does not read by Pillow.
 
     Raises:
         ImageReadError: the data is empty, truncated, not an image or too large; the
@@ -358,10 +360,25 @@ def _inspect_with_pillow(data: bytes) -> tuple[int, np.ndarray | None]:
                 "possible decompression bomb"
             )
         orientation = int(im.getexif().get(0x0112, 1) or 1)
-        if im.format in _TF_FORMATS and im.mode in _TF_MODES and has_tensorflow():
+        if (im.format in _TF_FORMATS and im.mode in _TF_MODES and has_tensorflow()
+                and (im.format != "BMP" or _tf_reads_bmp(data))):
             return orientation, None
         im.load()
         return orientation, _to_rgb(ImageOps.exif_transpose(im))
+
+
+def _tf_reads_bmp(data: bytes) -> bool:
+    """Whether TF's BMP decoder takes this file: an info header (40 bytes or more), 8, 24
+    or 32 bits per pixel, not run-length encoded.
+
+    TF refuses the others (1-, 4- and 16-bit ones: "Number of channels inherent in the
+    image must be 1, 3 or 4") or would read their bytes as raw pixels, so Keras stops on
+    them; Pillow decodes them (a documented deviation).
+    """
+    if len(data) < 34:
+        return False
+    header, bits, compression = struct.unpack_from("<I10xHI", data, 14)
+    return header >= 40 and bits in (8, 24, 32) and compression in (0, 3)  # BI_RGB, BITFIELDS
 
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

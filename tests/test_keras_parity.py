@@ -152,6 +152,32 @@ def test_cmyk_jpeg_pixels_equal_keras(tmp_path, monkeypatch):
     assert 0 < np.abs(without_tf.pixels - theirs.pixels).max() <= 8
 
 
+def test_bmp_tf_cannot_decode_is_read_with_pillow(tmp_path):
+    """Deviation: a 1-bit BMP stops Keras' dataset (TF reads 8, 24, 32 bits per pixel);
+    we decode it with Pillow. Every BMP TF reads keeps Keras' pixels."""
+    import tensorflow as tf
+
+    one_bit = tmp_path / "one-bit"
+    (one_bit / "a").mkdir(parents=True)
+    bits = Image.fromarray(random_pixels(3, (8, 8)) > 127)
+    assert bits.mode == "1"
+    bits.save(one_bit / "a" / "bits.bmp")
+    with pytest.raises(tf.errors.InvalidArgumentError, match="channels"):
+        keras_rows(one_bit)
+    expected = np.repeat(np.where(np.asarray(bits), 255, 0).astype(np.uint8)[..., None], 3, -1)
+    np.testing.assert_array_equal(decode_image(one_bit / "a" / "bits.bmp"), expected)
+    ours = our_rows(one_bit)
+    assert ours.paths == ["a/bits.bmp"]
+    np.testing.assert_array_equal(
+        ours.pixels[0], tf.image.resize(expected, SIZE).numpy())
+
+    tf_reads = tmp_path / "tf-reads"
+    (tf_reads / "a").mkdir(parents=True)
+    for mode in ("L", "P", "RGB", "RGBA"):
+        Image.fromarray(random_pixels(4)).convert(mode).save(tf_reads / "a" / f"{mode}.bmp")
+    assert_same_rows(our_rows(tf_reads), keras_rows(tf_reads))
+
+
 @needs_symlinks
 def test_symlinked_file_leading_outside_deviation(tmp_path):
     """Keras reads a symlinked file wherever it points; we read it only when its target is
