@@ -19,7 +19,7 @@ import pytest
 from conftest import save_png
 from PIL import Image
 
-from pipeline.images import decode_image, index_images, load_image
+from pipeline.images import ImageReadError, decode_image, index_images, load_image
 
 SIZE = (16, 16)  # 8x8 images, resized up: every output pixel depends on the decode
 needs_symlinks = pytest.mark.skipif(not hasattr(os, "symlink"), reason="no symlinks here")
@@ -176,6 +176,66 @@ def test_bmp_tf_cannot_decode_is_read_with_pillow(tmp_path):
     for mode in ("L", "P", "RGB", "RGBA"):
         Image.fromarray(random_pixels(4)).convert(mode).save(tf_reads / "a" / f"{mode}.bmp")
     assert_same_rows(our_rows(tf_reads), keras_rows(tf_reads))
+
+
+def jpeg_bytes(pixels: np.ndarray, **kw) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="JPEG", **kw)
+    return buffer.getvalue()
+
+
+def test_truncated_jpeg_is_skipped_in_plain_words_and_silently(tmp_path, capfd):
+    """Keras stops on a truncated JPEG; we skip it, with a plain reason and nothing printed
+    by TF's decoder on stderr."""
+    import tensorflow as tf
+
+    from pipeline.images import read_image
+
+    data = tmp_path / "data"
+    (data / "a").mkdir(parents=True)
+    whole = jpeg_bytes(random_pixels(5, (64, 64, 3)))
+    (data / "a" / "cut.jpg").write_bytes(whole[: len(whole) * 9 // 10])
+    with pytest.raises(tf.errors.InvalidArgumentError):
+        keras_rows(data)
+    capfd.readouterr()
+    for cut in (0.3, 0.6, 0.9, 0.99):
+        for progressive in (False, True):
+            path = tmp_path / f"cut-{cut}-{progressive}.jpg"
+            whole = jpeg_bytes(random_pixels(5, (64, 64, 3)), progressive=progressive)
+            path.write_bytes(whole[: int(len(whole) * cut)])
+            for read in (decode_image, lambda p: read_image(p, SIZE)):
+                with pytest.raises(ImageReadError) as caught:
+                    read(path)
+                assert "truncated" in str(caught.value), str(caught.value)
+    err = capfd.readouterr().err
+    assert "Input file read error" not in err and "JPEG" not in err, err
+
+
+def damaged(fmt: str, how: str) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(random_pixels(6, (24, 40, 3))).save(buffer, format=fmt)
+    data = bytearray(buffer.getvalue())
+    if how == "cut":
+        return bytes(data[: len(data) * 2 // 3])
+    for i in range(len(data) // 2, len(data) - 2):  # keep the header, wreck the pixels
+        data[i] ^= 0x5A
+    return bytes(data)
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "GIF", "BMP", "WEBP"])
+@pytest.mark.parametrize("how", ["cut", "flipped"])
+def test_skip_reasons_are_plain_words(tmp_path, fmt, how):
+    """No decoder internals ({{function_node ...}}, [Op:...]) in any skip reason."""
+    from pipeline.images import read_image
+
+    path = tmp_path / f"x.{fmt.lower()}"
+    path.write_bytes(damaged(fmt, how))
+    try:
+        read_image(path, SIZE)
+    except ImageReadError as exc:
+        reason = str(exc)
+        assert not any(s in reason for s in ("{{", "function_node", "[Op:", "[[")), reason
+        assert "\n" not in reason
 
 
 @needs_symlinks
