@@ -61,6 +61,7 @@ __all__ = [
     "ImageIndex",
     "ImageReadError",
     "ImageRecord",
+    "check_interpolation",
     "decode_bytes",
     "decode_image",
     "has_tensorflow",
@@ -121,6 +122,20 @@ class ImageIndex:
         """Each path's position in the whole folder's list (forward batches follow it)."""
         where = {r.path: self.first + i for i, r in enumerate(self.records)}
         return [where[p] for p in paths]
+
+
+def check_interpolation(interpolation: str) -> str:
+    """Validate ``--interpolation``, any case, as Keras does; return it in lower case (the
+    form recorded in a cache).
+
+    Raises:
+        ValueError: not one of ``INTERPOLATIONS``.
+    """
+    name = interpolation.lower() if isinstance(interpolation, str) else interpolation
+    if name not in INTERPOLATIONS:
+        raise ValueError(f"`interpolation` must be one of {INTERPOLATIONS} (any case). "
+                         f"Received: interpolation={interpolation!r}")
+    return name
 
 
 def parse_size(value: str | int | tuple[int, int] | None) -> tuple[int, int] | None:
@@ -580,7 +595,9 @@ def _decode_resized(data: bytes, size: tuple[int, int], interpolation: str) -> n
 
     Raises:
         ImageReadError: see :func:`decode_bytes`.
+        ValueError: an unknown interpolation.
     """
+    interpolation = check_interpolation(interpolation)
     with _reasons(data):
         orientation, pixels = _inspect(data)
     if pixels is None:
@@ -624,8 +641,9 @@ def resize(pixels: np.ndarray, size: tuple[int, int], interpolation: str) -> np.
     """Resize decoded pixels to (H, W, 3) float32 with Keras' kernel (NumPy without TF).
 
     Raises:
-        ValueError: an interpolation other than bilinear without TensorFlow.
+        ValueError: an unknown interpolation, or one other than bilinear without TensorFlow.
     """
+    interpolation = check_interpolation(interpolation)
     if not has_tensorflow():
         if interpolation != "bilinear":
             raise ValueError(

@@ -238,6 +238,26 @@ def test_skip_reasons_are_plain_words(tmp_path, fmt, how):
         assert "\n" not in reason
 
 
+def test_interpolation_is_case_insensitive_as_in_keras(tmp_path, probe_model):
+    from pipeline.cache import read_cache
+    from pipeline.extract import ExtractConfig, run_extract
+    from pipeline.images import check_interpolation
+
+    assert check_interpolation("Bicubic") == "bicubic"
+    with pytest.raises(ValueError, match="Received: interpolation='cubic'"):
+        check_interpolation("cubic")
+    data = tmp_path / "data"
+    (data / "a").mkdir(parents=True)
+    for i in range(2):
+        save_png(random_pixels(i), data / "a" / f"{i}.png")
+    assert_same_rows(our_rows(data, "Bicubic"), keras_rows(data, "Bicubic"))
+    out = tmp_path / "c.h5"
+    run_extract(ExtractConfig(str(data), str(probe_model), pooling="avg", preprocess="none",
+                              interpolation="Bicubic", out=str(out)))
+    cache = read_cache(out)
+    assert cache.attrs["interpolation"] == "bicubic"
+
+
 @needs_symlinks
 def test_symlinked_file_leading_outside_deviation(tmp_path):
     """Keras reads a symlinked file wherever it points; we read it only when its target is
