@@ -17,13 +17,16 @@ follow_links=False) unless marked as a deviation:
 - nested folders belong to their class; a symlinked folder inside a class folder is not
   descended (``os.walk``), so no loop is endless;
 - files directly in DATA_DIR are ignored;
-- deviation: files and folders starting with "." are ignored at every depth; Keras
-  ignores hidden class folders only and reads hidden files and folders inside a class;
+- folders starting with "." are not classes; deviation: inside a class folder, files
+  and folders starting with "." are ignored too (and listed), where Keras reads them:
+  macOS "._photo.jpg" resource forks are no images, NAS thumbnail folders (".@__thumb")
+  hold copies;
 - deviation: a symlinked file is read only when its target lies inside DATA_DIR (or
   inside the real folder behind a symlinked split or class folder); Keras reads it
   wherever it points.
 
-Every ignored entry is listed with its reason (``ImageIndex.ignored``).
+Every image or folder left out is listed with its reason (``ImageIndex.ignored``), but
+hidden class folders, which Keras skips too.
 
 Decoding: JPEG (CMYK ones too), PNG, GIF and BMP go through ``tf.io.decode_image`` like
 Keras (grayscale replicated, alpha dropped, palette expanded, 16-bit reduced to 8-bit,
@@ -173,21 +176,31 @@ def image_files(class_dir: Path) -> list[Path]:
     return _walk(class_dir)[0]
 
 
-def _walk(folder: Path) -> tuple[list[Path], list[Path]]:
-    """(image files, symlinked folders not descended) under ``folder``, sorted-walk order.
+def _walk(folder: Path) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """(image files in sorted-walk order, [(entry left out, why)]) under ``folder``.
 
     ``folder`` itself may be a symlink (Keras reads a symlinked class folder); below it,
     os.walk does not descend symlinked folders (Keras' follow_links=False): no loops.
+    Hidden folders are not walked; they and hidden image files are left out (a deviation:
+    Keras reads both inside a class folder).
     """
-    files, linked = [], []
-    for root, dirs, names in sorted(os.walk(folder), key=lambda item: item[0]):
-        if not all(_visible(part) for part in Path(root).relative_to(folder).parts):
-            continue
-        linked += [Path(root) / d for d in sorted(dirs) if (Path(root) / d).is_symlink()]
+    walked, left_out = [], []
+    for root, dirs, names in os.walk(folder):
+        here = Path(root)
+        left_out += [(here / d, "hidden folder: not read") for d in dirs if not _visible(d)]
+        dirs[:] = [d for d in dirs if _visible(d)]
+        left_out += [(here / d, "symlinked folder: not followed") for d in dirs
+                     if (here / d).is_symlink()]
+        walked.append((root, names))
+    files = []
+    for root, names in sorted(walked, key=lambda item: item[0]):
         for name in sorted(names):
-            if _visible(name) and name.lower().endswith(IMAGE_EXTENSIONS):
-                files.append(Path(root) / name)
-    return files, linked
+            if name.lower().endswith(IMAGE_EXTENSIONS):
+                if _visible(name):
+                    files.append(Path(root) / name)
+                else:
+                    left_out.append((Path(root) / name, "hidden file: not read"))
+    return files, sorted(left_out)
 
 
 def _subdirs(folder: Path) -> list[Path]:
@@ -241,9 +254,8 @@ def index_images(data_dir: str | os.PathLike) -> ImageIndex:
             class_dir = group_dir / class_name
             if not class_dir.is_dir():
                 continue
-            files, linked = _walk(class_dir)
-            ignored += [f"{p.relative_to(root).as_posix()} (symlinked folder: not followed)"
-                        for p in linked]
+            files, left_out = _walk(class_dir)
+            ignored += [f"{p.relative_to(root).as_posix()} ({why})" for p, why in left_out]
             # The real folders behind a symlinked split or class folder count as inside.
             homes = {d.resolve() for d in (root, group_dir, class_dir)}
             for path in files:

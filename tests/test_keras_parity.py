@@ -258,6 +258,28 @@ def test_interpolation_is_case_insensitive_as_in_keras(tmp_path, probe_model):
     assert cache.attrs["interpolation"] == "bicubic"
 
 
+def test_hidden_entries_inside_a_class_deviation(tmp_path):
+    """Keras skips only hidden class folders; inside a class it reads hidden files and hidden
+    folders. We skip those too (macOS ._ files, NAS thumbnail folders) and list each one."""
+    data = tmp_path / "data"
+    for i, rel in enumerate(["a/x.png", "a/.hidden.png", "a/.thumbs/t.png", "a/sub/.y.png",
+                             ".hidden-class/z.png", "b/z.png"]):
+        (data / rel).parent.mkdir(parents=True, exist_ok=True)
+        save_png(random_pixels(i), data / rel)
+    theirs, ours = keras_rows(data), our_rows(data)
+    assert theirs.class_names == ours.class_names == ["a", "b"]
+    hidden = {"a/.hidden.png", "a/.thumbs/t.png", "a/sub/.y.png"}
+    assert hidden <= set(theirs.paths)
+    keep = [i for i, p in enumerate(theirs.paths) if p not in hidden]
+    assert_same_rows(ours, Rows(theirs.class_names, [theirs.paths[i] for i in keep],
+                                [theirs.labels[i] for i in keep], theirs.pixels[keep]))
+    ignored = index_images(data).ignored
+    assert "a/.hidden.png (hidden file: not read)" in ignored
+    assert "a/sub/.y.png (hidden file: not read)" in ignored
+    assert "a/.thumbs (hidden folder: not read)" in ignored
+    assert not any(".hidden-class" in entry for entry in ignored)  # Keras skips it too
+
+
 @needs_symlinks
 def test_symlinked_file_leading_outside_deviation(tmp_path):
     """Keras reads a symlinked file wherever it points; we read it only when its target is
