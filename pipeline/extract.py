@@ -41,10 +41,10 @@ from pipeline.cache import (
     read_row_state,
 )
 from pipeline.images import (
-    INTERPOLATIONS,
     ImageIndex,
     ImageReadError,
     ImageRecord,
+    check_interpolation,
     has_tensorflow,
     index_images,
     parse_size,
@@ -166,11 +166,7 @@ def _validate(config: ExtractConfig) -> tuple[int, int] | None:
     check_pooling(config.pooling)
     if config.preprocess is not None:
         check_preprocess(config.preprocess)
-    if config.interpolation not in INTERPOLATIONS:
-        raise ValueError(
-            f"`interpolation` must be one of {INTERPOLATIONS}. "
-            f"Received: interpolation={config.interpolation!r}"
-        )
+    check_interpolation(config.interpolation)
     if config.dtype not in DTYPES:
         raise ValueError(f"`dtype` must be one of {DTYPES}. Received: dtype={config.dtype!r}")
     if config.batch_size < 1:
@@ -547,6 +543,8 @@ def run_extract(config: ExtractConfig) -> ExtractResult:
         CacheError: a cache of another configuration exists at the output path.
         ExtractInterrupted: stopped by Ctrl-C or SIGTERM; the partial cache is resumable.
     """
+    # Keras lower-cases the method; the cache records (and compares) the lower-case name.
+    config = dataclasses.replace(config, interpolation=check_interpolation(config.interpolation))
     size = _validate(config)
     index: ImageIndex = index_images(config.data_dir)
     if (shard := parse_shard(config.shard)) is not None:

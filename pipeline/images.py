@@ -9,17 +9,34 @@ Two layouts, as in Keras and in Chollet's 2016 post:
 Class ids are the sorted class folder names (in the split layout: the union over all
 splits); an empty class folder keeps its id, so emptying one never shifts the others.
 Order is Keras' ``image_dataset_from_directory(shuffle=False)`` order: classes in id
-order, then files by sorted folder walk. Policy, the same as Keras where Keras has one:
-files and folders whose name starts with "." are ignored; nested folders belong to their
-class; symlinked folders are not followed (no loops); symlinked files are read when
-their target is inside DATA_DIR and ignored otherwise; files directly in DATA_DIR are
-ignored. Every ignored entry is listed with its reason (``ImageIndex.ignored``).
+order, then files by sorted folder walk. Policy, Keras' (``index_directory`` with
+follow_links=False) unless marked as a deviation:
 
-Decoding: JPEG, PNG, GIF and BMP go through ``tf.io.decode_image`` like Keras (grayscale
-replicated, alpha dropped, palette expanded, 16-bit reduced to 8-bit, first GIF frame);
-CMYK JPEGs and the other formats Pillow reads go through Pillow, converted the same way.
-The EXIF orientation is applied (Keras does not). Then ``tf.image.resize`` with Keras'
-method, so pixels equal ``image_dataset_from_directory``'s for every file Keras reads.
+- class folders are the subfolders not starting with "."; a symlinked class folder is a
+  class like any other, read wherever it points (``os.path.isdir`` follows the link);
+- nested folders belong to their class; a symlinked folder inside a class folder is not
+  descended (``os.walk``), so no loop is endless;
+- files directly in DATA_DIR are ignored;
+- folders starting with "." are not classes; deviation: inside a class folder, files
+  and folders starting with "." are ignored too (and listed), where Keras reads them:
+  macOS "._photo.jpg" resource forks are no images, NAS thumbnail folders (".@__thumb")
+  hold copies;
+- deviation: a symlinked file is read only when its target lies inside DATA_DIR (or
+  inside the real folder behind a symlinked split or class folder); Keras reads it
+  wherever it points.
+
+Every image or folder left out is listed with its reason (``ImageIndex.ignored``), but
+hidden class folders, which Keras skips too.
+
+Decoding: JPEG (CMYK ones too), PNG, GIF and BMP go through ``tf.io.decode_image`` like
+Keras (grayscale replicated, alpha dropped, palette expanded, 16-bit reduced to 8-bit,
+first GIF frame); the other formats Pillow reads, and the BMPs TF does not read (1-, 4-
+and 16-bit, run-length encoded, OS/2: Keras stops on them), go through Pillow, converted
+the same way. The EXIF orientation is applied (Keras does not). Then ``tf.image.resize``
+with Keras' method, so pixels equal ``image_dataset_from_directory``'s for every file
+Keras reads. Without TensorFlow Pillow decodes everything: lossless formats give the
+same pixels; JPEGs, CMYK ones included, differ by up to ~5 levels (Pillow sets libjpeg's
+IDCT and chroma upsampling otherwise than TF; measured: mean 1, max 4-5).
 """
 
 from __future__ import annotations
@@ -31,6 +48,7 @@ import importlib.util
 import io
 import os
 import re
+import struct
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -46,6 +64,7 @@ __all__ = [
     "ImageIndex",
     "ImageReadError",
     "ImageRecord",
+    "check_interpolation",
     "decode_bytes",
     "decode_image",
     "has_tensorflow",
@@ -108,6 +127,20 @@ class ImageIndex:
         return [where[p] for p in paths]
 
 
+def check_interpolation(interpolation: str) -> str:
+    """Validate ``--interpolation``, any case, as Keras does; return it in lower case (the
+    form recorded in a cache).
+
+    Raises:
+        ValueError: not one of ``INTERPOLATIONS``.
+    """
+    name = interpolation.lower() if isinstance(interpolation, str) else interpolation
+    if name not in INTERPOLATIONS:
+        raise ValueError(f"`interpolation` must be one of {INTERPOLATIONS} (any case). "
+                         f"Received: interpolation={interpolation!r}")
+    return name
+
+
 def parse_size(value: str | int | tuple[int, int] | None) -> tuple[int, int] | None:
     """Parse ``--input-size``: ``N`` (square) or ``HxW``.
 
@@ -143,29 +176,44 @@ def image_files(class_dir: Path) -> list[Path]:
     return _walk(class_dir)[0]
 
 
-def _walk(folder: Path) -> tuple[list[Path], list[Path]]:
-    """(image files, symlinked folders not followed) under ``folder``, sorted-walk order."""
-    files, linked = [], []
-    # os.walk does not follow symlinked folders (Keras' follow_links=False): no loops.
-    for root, dirs, names in sorted(os.walk(folder), key=lambda item: item[0]):
-        if not all(_visible(part) for part in Path(root).relative_to(folder).parts):
-            continue
-        linked += [Path(root) / d for d in sorted(dirs) if (Path(root) / d).is_symlink()]
+def _walk(folder: Path) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """(image files in sorted-walk order, [(entry left out, why)]) under ``folder``.
+
+    ``folder`` itself may be a symlink (Keras reads a symlinked class folder); below it,
+    os.walk does not descend symlinked folders (Keras' follow_links=False): no loops.
+    Hidden folders are not walked; they and hidden image files are left out (a deviation:
+    Keras reads both inside a class folder).
+    """
+    walked, left_out = [], []
+    for root, dirs, names in os.walk(folder):
+        here = Path(root)
+        left_out += [(here / d, "hidden folder: not read") for d in dirs if not _visible(d)]
+        dirs[:] = [d for d in dirs if _visible(d)]
+        left_out += [(here / d, "symlinked folder: not followed") for d in dirs
+                     if (here / d).is_symlink()]
+        walked.append((root, names))
+    files = []
+    for root, names in sorted(walked, key=lambda item: item[0]):
         for name in sorted(names):
-            if _visible(name) and name.lower().endswith(IMAGE_EXTENSIONS):
-                files.append(Path(root) / name)
-    return files, linked
+            if name.lower().endswith(IMAGE_EXTENSIONS):
+                if _visible(name):
+                    files.append(Path(root) / name)
+                else:
+                    left_out.append((Path(root) / name, "hidden file: not read"))
+    return files, sorted(left_out)
 
 
 def _subdirs(folder: Path) -> list[Path]:
-    return sorted(
-        p for p in folder.iterdir() if p.is_dir() and not p.is_symlink() and _visible(p.name)
-    )
+    """Visible subfolders, symlinked ones included (Keras lists them: os.path.isdir)."""
+    return sorted(p for p in folder.iterdir() if p.is_dir() and _visible(p.name))
 
 
-def _outside(path: Path, root: Path) -> bool:
-    """A symlink whose target lies outside the data folder."""
-    return path.is_symlink() and root.resolve() not in path.resolve().parents
+def _outside(path: Path, homes: Sequence[Path]) -> bool:
+    """A symlinked file whose target lies in none of ``homes`` (resolved folders)."""
+    if not path.is_symlink():
+        return False
+    target = path.resolve()
+    return not any(home in target.parents for home in homes)
 
 
 def index_images(data_dir: str | os.PathLike) -> ImageIndex:
@@ -180,8 +228,6 @@ def index_images(data_dir: str | os.PathLike) -> ImageIndex:
     top = _subdirs(root)
     ignored = [f"{p.name} (file outside any class folder)" for p in root.iterdir()
                if p.is_file() and _visible(p.name)]
-    ignored += [f"{p.name} (symlinked folder: not followed)" for p in root.iterdir()
-                if p.is_symlink() and p.is_dir() and _visible(p.name)]
     split_dirs = [d for d in top if d.name.lower() in SPLIT_FOLDERS]
     if split_dirs and len(split_dirs) == len(top):
         layout = "splits"
@@ -208,12 +254,13 @@ def index_images(data_dir: str | os.PathLike) -> ImageIndex:
             class_dir = group_dir / class_name
             if not class_dir.is_dir():
                 continue
-            files, linked = _walk(class_dir)
-            ignored += [f"{p.relative_to(root).as_posix()} (symlinked folder: not followed)"
-                        for p in linked]
+            files, left_out = _walk(class_dir)
+            ignored += [f"{p.relative_to(root).as_posix()} ({why})" for p, why in left_out]
+            # The real folders behind a symlinked split or class folder count as inside.
+            homes = {d.resolve() for d in (root, group_dir, class_dir)}
             for path in files:
                 rel = path.relative_to(root).as_posix()
-                if _outside(path, root):
+                if _outside(path, list(homes)):
                     ignored.append(f"{rel} (symlink to a file outside the data folder)")
                     continue
                 records.append(ImageRecord(rel, class_ids[class_name], split))
@@ -242,7 +289,8 @@ def _to_rgb(im: Image.Image) -> np.ndarray:
 # Formats whose decoding is left to TensorFlow, exactly as Keras does, so pixels match
 # image_dataset_from_directory (Pillow's JPEG decoder rounds chroma differently).
 _TF_FORMATS = {"JPEG", "MPO", "PNG", "GIF", "BMP"}
-_TF_MODES = {"RGB", "RGBA", "L", "LA", "P", "PA", "1", "I;16", "I;16B", "I;16L", "I", "YCbCr"}
+_TF_MODES = {"RGB", "RGBA", "L", "LA", "P", "PA", "1", "I;16", "I;16B", "I;16L", "I", "YCbCr",
+             "CMYK"}
 
 
 def _orient(pixels: np.ndarray, orientation: int) -> np.ndarray:
@@ -280,13 +328,13 @@ def decode_bytes(data: bytes) -> np.ndarray:
     """Decode an encoded image to a (H, W, 3) uint8 RGB array, EXIF orientation applied.
 
     JPEG, PNG, GIF and BMP are decoded by ``tf.io.decode_image`` (Keras' own decoder);
-    CMYK JPEGs and other formats Pillow reads (WebP, TIFF, ...) by Pillow.
+    other formats Pillow reads (WebP, TIFF, ...) and BMPs TF does not read by Pillow.
 
     Raises:
         ImageReadError: the data is empty, truncated, not an image or too large; the
             message is the reason recorded in the cache.
     """
-    with _reasons():
+    with _reasons(data):
         orientation, pixels = _inspect(data)
         if pixels is None:
             import tensorflow as tf
@@ -297,8 +345,9 @@ def decode_bytes(data: bytes) -> np.ndarray:
 
 
 @contextlib.contextmanager
-def _reasons() -> Iterator[None]:
-    """Turn any decoder failure into an :class:`ImageReadError` whose message is the reason."""
+def _reasons(data: bytes) -> Iterator[None]:
+    """Turn any decoder failure on ``data`` into an :class:`ImageReadError` whose message
+    is the reason, in plain words (never a decoder's internal text)."""
     try:
         yield
     except ImageReadError:
@@ -306,10 +355,39 @@ def _reasons() -> Iterator[None]:
     except Image.DecompressionBombError as exc:
         raise ImageReadError(f"possible decompression bomb: {exc}") from exc
     except UnidentifiedImageError as exc:
-        raise ImageReadError("cannot decode image: not an image format Pillow or TF reads") from exc
-    except Exception as exc:  # noqa: BLE001 - any decoder failure is a skip reason
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        kind = _kind(data)
+        reason = (f"truncated or corrupt {kind}" if kind != "image"
+                  else "not an image format Pillow or TF reads")
         raise ImageReadError(f"cannot decode image: {reason}") from exc
+    except Exception as exc:  # noqa: BLE001 - any decoder failure is a skip reason
+        raise ImageReadError(f"cannot decode image: {_plain_reason(exc, data)}") from exc
+
+
+# File signatures, to name the format in a reason when no decoder got that far.
+_SIGNATURES = {b"\xff\xd8": "JPEG", b"\x89PNG": "PNG", b"GIF8": "GIF", b"BM": "BMP",
+               b"RIFF": "WebP", b"II*\x00": "TIFF", b"MM\x00*": "TIFF"}
+# What TF's kernels and Pillow's plugins say (lower-cased) about damaged bytes.
+_DAMAGE = ("truncated", "premature end", "jpeg::uncompress failed", "invalid jpeg data",
+           "invalid png data", "invalid gif data", "failed to slurp", "input size should match",
+           "broken data stream", "could not create decoder object", "corrupt")
+# TF's wrapping of an op's message: {{function_node ...}}, [[{{node ...}}]], [Op:...].
+_TF_WRAPPING = re.compile(r"\[\[.*?\]\]|\{\{.*?\}\}|\[Op:[^\]]*\]")
+
+
+def _kind(data: bytes) -> str:
+    """The format ``data`` claims by its signature ("image" when none is known)."""
+    return next((kind for sig, kind in _SIGNATURES.items() if data.startswith(sig)), "image")
+
+
+def _plain_reason(exc: BaseException, data: bytes) -> str:
+    """A decoder's exception in plain words: "truncated or corrupt PNG", or its message
+    on one line without TF's wrapping."""
+    text = str(exc)
+    if any(words in text.lower() for words in _DAMAGE):
+        return f"truncated or corrupt {_kind(data)}"
+    text = " ".join(_TF_WRAPPING.sub(" ", text.strip().splitlines()[0] if text.strip()
+                                     else "").split())
+    return text or type(exc).__name__
 
 
 def _inspect(data: bytes) -> tuple[int, np.ndarray | None]:
@@ -320,17 +398,113 @@ def _inspect(data: bytes) -> tuple[int, np.ndarray | None]:
     """
     if not data:
         raise ImageReadError("empty file (0 bytes)")
+    try:
+        return _inspect_with_pillow(data)
+    except ValueError:
+        if not data.startswith(_PNG_SIGNATURE):
+            raise
+        # Pillow caps each inflated text / ICC chunk at PngImagePlugin.MAX_TEXT_CHUNK (1 MB;
+        # a few KB on disk exceed it) and refuses the file; TF (Keras) ignores those chunks.
+        # Reading the header without them keeps the cap, module-wide, for everyone else.
+        return _inspect_with_pillow(_png_without_inflated_chunks(data))
+
+
+def _inspect_with_pillow(data: bytes) -> tuple[int, np.ndarray | None]:
     with Image.open(io.BytesIO(data)) as im:
         if im.width * im.height > MAX_PIXELS:
             raise ImageReadError(
                 f"image too large ({im.width}x{im.height} pixels > {MAX_PIXELS}): "
                 "possible decompression bomb"
             )
+        if im.format in ("JPEG", "MPO") and not _jpeg_complete(data):
+            raise ImageReadError("cannot decode image: truncated JPEG (the file ends before "
+                                 "the image does)")
         orientation = int(im.getexif().get(0x0112, 1) or 1)
-        if im.format in _TF_FORMATS and im.mode in _TF_MODES and has_tensorflow():
+        if (im.format in _TF_FORMATS and im.mode in _TF_MODES and has_tensorflow()
+                and (im.format != "BMP" or _tf_reads_bmp(data))):
             return orientation, None
         im.load()
         return orientation, _to_rgb(ImageOps.exif_transpose(im))
+
+
+# A marker inside entropy-coded data: 0xFF followed by neither 0x00 (a stuffed byte), a
+# restart marker (0xD0-0xD7) nor 0xFF (a fill byte).
+_JPEG_MARKER = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")
+
+
+def _jpeg_complete(data: bytes) -> bool:
+    """Whether a JPEG's segments and scans reach its end-of-image marker within ``data``.
+
+    Why: on a truncated JPEG TF's decoder fails only after libjpeg has printed "Input file
+    read error" on stderr (twice: graph, then eager). This walk (segment lengths, then a
+    search for the marker after each scan) finds the cut first, in ~5 % of a decode; over
+    every cut point of baseline, progressive and thumbnail-carrying files it agrees with
+    TF's accept/refuse exactly. Bytes after the marker (camera trailers) are allowed.
+    """
+    end, at = len(data), 2
+    while True:
+        while data[at : at + 2] == b"\xff\xff":  # fill bytes before a marker
+            at += 1
+        if at + 2 > end:
+            return False
+        if data[at] != 0xFF:
+            return True  # damaged, not short: the decoder judges
+        code = data[at + 1]
+        if code == 0xD9:  # end of image
+            return True
+        if 0xD0 <= code <= 0xD7 or code == 0x01:  # markers without a length
+            at += 2
+            continue
+        if at + 4 > end:
+            return False
+        at += 2 + int.from_bytes(data[at + 2 : at + 4], "big")
+        if code == 0xDA:  # start of scan: entropy-coded data up to the next marker
+            marker = _JPEG_MARKER.search(data, at)
+            if marker is None:
+                return False
+            at = marker.start()
+        elif at > end:
+            return False
+
+
+def _tf_reads_bmp(data: bytes) -> bool:
+    """Whether TF's BMP decoder takes this file: an info header (40 bytes or more), 8, 24
+    or 32 bits per pixel, not run-length encoded.
+
+    TF refuses the others (1-, 4- and 16-bit ones: "Number of channels inherent in the
+    image must be 1, 3 or 4") or would read their bytes as raw pixels, so Keras stops on
+    them; Pillow decodes them (a documented deviation).
+    """
+    if len(data) < 34:
+        return False
+    header, bits, compression = struct.unpack_from("<I10xHI", data, 14)
+    return header >= 40 and bits in (8, 24, 32) and compression in (0, 3)  # BI_RGB, BITFIELDS
+
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# The PNG chunks Pillow inflates while reading a header: text and the ICC profile. None
+# of them changes a pixel (neither Pillow nor TF applies the profile).
+_PNG_INFLATED = {b"tEXt", b"zTXt", b"iTXt", b"iCCP"}
+
+
+def _png_without_inflated_chunks(data: bytes) -> bytes:
+    """A PNG's bytes without its text and ICC-profile chunks (nothing is inflated).
+
+    A malformed chunk list is kept from the first bad length on, for Pillow to judge.
+    """
+    kept, at = [data[:8]], 8
+    while at + 12 <= len(data):
+        kind = data[at + 4 : at + 8]
+        end = at + 12 + int.from_bytes(data[at : at + 4], "big")
+        if end > len(data):
+            break
+        if kind not in _PNG_INFLATED:
+            kept.append(data[at:end])
+        at = end
+        if kind == b"IEND":
+            break
+    kept.append(data[at:])
+    return b"".join(kept)
 
 
 @functools.lru_cache(maxsize=64)
@@ -433,8 +607,10 @@ def _decode_resized(data: bytes, size: tuple[int, int], interpolation: str) -> n
 
     Raises:
         ImageReadError: see :func:`decode_bytes`.
+        ValueError: an unknown interpolation.
     """
-    with _reasons():
+    interpolation = check_interpolation(interpolation)
+    with _reasons(data):
         orientation, pixels = _inspect(data)
     if pixels is None:
         try:
@@ -477,8 +653,9 @@ def resize(pixels: np.ndarray, size: tuple[int, int], interpolation: str) -> np.
     """Resize decoded pixels to (H, W, 3) float32 with Keras' kernel (NumPy without TF).
 
     Raises:
-        ValueError: an interpolation other than bilinear without TensorFlow.
+        ValueError: an unknown interpolation, or one other than bilinear without TensorFlow.
     """
+    interpolation = check_interpolation(interpolation)
     if not has_tensorflow():
         if interpolation != "bilinear":
             raise ValueError(

@@ -83,4 +83,4 @@ def bad_files(folder: Path) -> dict[str, str]:
     Image.fromarray(good).save(path, quality=90)
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
-    return {"zero.png": "empty", "text.jpg": "cannot", "truncated.jpg": "cannot"}
+    return {"zero.png": "empty", "text.jpg": "cannot", "truncated.jpg": "truncated"}

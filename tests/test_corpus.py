@@ -125,13 +125,15 @@ def test_symlink_and_empty_folder_policy(tmp_path):
     os.symlink(outside, data / "a" / "escape.png")  # leads outside: ignored
     os.symlink(data / "b" / "img0001.png", data / "a" / "inside.png")  # inside: read
     os.symlink(data / "a", data / "a" / "loop")  # a folder loop: not followed
-    os.symlink(data / "b", data / "linked-class")  # symlinked class folder: not followed
+    os.symlink(data / "b", data / "linked-class")  # symlinked class folder: a class (Keras)
     index = index_images(data)
-    assert index.class_names == ["a", "b", "empty"]
+    assert index.class_names == ["a", "b", "empty", "linked-class"]
     paths = [r.path for r in index.records]
     assert "a/inside.png" in paths and "a/escape.png" not in paths
-    assert not any(p.startswith(("a/loop/", "linked-class/")) for p in paths)
+    assert not any(p.startswith("a/loop/") for p in paths)
+    assert [p for p in paths if p.startswith("linked-class/")] == [
+        p.replace("b/", "linked-class/") for p in paths if p.startswith("b/")]
     reasons = " | ".join(index.ignored)
     assert "a/escape.png (symlink to a file outside the data folder)" in reasons
     assert "a/loop (symlinked folder: not followed)" in reasons
-    assert "linked-class (symlinked folder: not followed)" in reasons
+    assert "linked-class" not in reasons

@@ -61,7 +61,9 @@ def test_extension_case_hidden_files_and_root_files(tmp_path):
     Image.new("RGB", (4, 4)).save(tmp_path / "stray.png")
     index = index_images(tmp_path)
     assert [r.path for r in index.records] == ["a/x.JPG", "a/y.Png", "a/z.jpeg"]
-    assert index.ignored == ["stray.png (file outside any class folder)"]
+    assert index.ignored == ["stray.png (file outside any class folder)",
+                             "a/.git (hidden folder: not read)",
+                             "a/.hidden.png (hidden file: not read)"]
 
 
 def test_missing_and_empty_folders_are_clear_errors(tmp_path):
