@@ -321,6 +321,9 @@ class ScratchConvnet(DenseHead):
     are DenseHead's; compare builds it with ``hidden=64``, the width of Chollet's script.
     """
 
+    # Its trunk learns (and starts with Rescaling(1/255)): nothing to standardise before it.
+    _standardises = False
+
     def _trunk(self, feature_shape: tuple[int, ...]) -> list[Any]:
         import keras
 

@@ -2,7 +2,8 @@
 
 Five heads, all trained by ``fit(X, y)`` and used by ``predict(X)``:
 
-    dense        Keras: Flatten -> Dense(256, relu) -> Dropout(0.5) -> softmax (Chollet's head)
+    dense        Keras: Flatten -> standardise -> Dense(256, relu) -> Dropout(0.5) -> softmax
+                 (Chollet's head, with the scaling the other heads get from StandardScaler)
     logreg       flatten -> StandardScaler -> LogisticRegression
     linear-svm   flatten -> StandardScaler -> LinearSVC
     svm          flatten -> StandardScaler -> SVC(kernel="rbf")
@@ -15,9 +16,11 @@ A fitted head is saved to a folder with :func:`save_head` and read back with :fu
 from __future__ import annotations
 
 import json
+import math
 import os
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +42,9 @@ from pipeline.bases import file_sha256
 __all__ = [
     "HEADS",
     "DenseHead",
+    "FeatureMoments",
+    "feature_moments",
+    "feature_scale",
     "head_name",
     "head_params",
     "load_head",
@@ -56,6 +62,12 @@ _INTERNAL_VAL_FRACTION = 0.1
 # trains ~1.5x faster on CPU with bit-identical weights (docs/performance.md). Batch-level
 # callbacks then fire every 32 steps, which no head here uses.
 _STEPS_PER_EXECUTION = 32
+# Rows per float64 block when DenseHead measures its training features: about 16 MiB.
+_MOMENT_BYTES = 16 << 20
+# Keras' Normalization divides by max(std, 1e-7), and a float32 variance overflows above
+# std ~1e19: features whose largest std lies outside 2**-10 .. 2**10 are first multiplied
+# by a power of two (exact in float32) that brings it near 1.
+_UNSCALED_STD_RANGE = (2.0**-10, 2.0**10)
 
 
 def _check_head_args(
@@ -175,6 +187,98 @@ def make_head(
     return _sklearn_pipeline(clf)
 
 
+@dataclass(frozen=True)
+class FeatureMoments:
+    """Per-feature count, mean and variance (ddof 0) of flattened rows, in float64."""
+
+    count: int
+    mean: np.ndarray
+    variance: np.ndarray
+
+
+def feature_moments(batches: Iterable[Any]) -> FeatureMoments:
+    """Mean and variance of every flattened feature over batches of rows, in float64.
+
+    Each batch is reduced on its own (mean, then squared deviations from it) and merged
+    with the running totals by Chan et al.'s pairwise update, so features far from zero
+    (a mean 1e4 with std 1) or tiny ones (1e-11) lose no precision, and one pass over
+    streamed batches suffices.
+
+    Args:
+        batches: arrays of shape ``(rows, ...)``, the same row shape each.
+
+    Returns:
+        The moments over all rows.
+
+    Raises:
+        ValueError: no rows.
+    """
+    count, mean, m2 = 0, None, None
+    for batch in batches:
+        x = np.asarray(batch, dtype=np.float64)
+        x = x.reshape(len(x), -1)
+        if not len(x):
+            continue
+        b_mean = x.mean(axis=0)
+        b_m2 = np.square(x - b_mean).sum(axis=0)
+        if mean is None:
+            count, mean, m2 = len(x), b_mean, b_m2
+            continue
+        total = count + len(x)
+        delta = b_mean - mean
+        mean = mean + delta * (len(x) / total)
+        m2 = m2 + b_m2 + np.square(delta) * (count * len(x) / total)
+        count = total
+    if mean is None:
+        raise ValueError("Need at least one row to measure the features. Received: 0 rows")
+    return FeatureMoments(count, mean, m2 / count)
+
+
+def _row_blocks(X: np.ndarray) -> Iterable[np.ndarray]:
+    """``X`` in blocks of rows that take about ``_MOMENT_BYTES`` once widened to float64."""
+    rows = max(1, _MOMENT_BYTES // (8 * max(1, int(np.prod(X.shape[1:])))))
+    return (X[start : start + rows] for start in range(0, len(X), rows))
+
+
+def feature_scale(std: np.ndarray) -> float:
+    """The power of two that features are multiplied by before Normalization (often 1).
+
+    1 while the largest std is within ``_UNSCALED_STD_RANGE``; otherwise the power of two
+    nearest its reciprocal, so that no float32 statistic underflows Keras' epsilon or
+    overflows. A power of two changes no float32 value's digits.
+    """
+    largest = float(np.max(std, initial=0.0))
+    low, high = _UNSCALED_STD_RANGE
+    if largest == 0.0 or low <= largest <= high:
+        return 1.0
+    return 2.0 ** -round(math.log2(largest))
+
+
+def _standardise_layers(moments: FeatureMoments) -> list[keras.layers.Layer]:
+    """Frozen layers mapping flattened features to (x - mean) / std, as StandardScaler does.
+
+    Constant features (variance within rounding error of 0) are only centred. The
+    statistics are weights of the layer, so they travel in the saved ``.keras`` file and
+    apply wherever the model does (predict, finetune, export).
+    """
+    n, mean, variance = moments.count, moments.mean, moments.variance
+    # StandardScaler's test: a variance within rounding error of 0 is a constant feature.
+    eps = np.finfo(np.float64).eps
+    constant = variance <= n * eps * variance + np.square(n * mean * eps)
+    scale = feature_scale(np.sqrt(np.where(constant, 0.0, variance)))
+    mean = (mean * scale).astype(np.float32)
+    variance = np.where(constant, 1.0, variance * scale**2).astype(np.float32)
+    layers: list[keras.layers.Layer] = []
+    if scale != 1.0:
+        layers.append(keras.layers.Rescaling(scale, name="feature_scale"))
+    norm = keras.layers.Normalization(name="standardise")
+    norm.build((None, len(mean)))
+    # The weights adapt() would set (mean, variance, count), computed in float64 above.
+    norm.set_weights([mean, variance, np.asarray(moments.count, dtype=norm.count.dtype)])
+    norm.finalize_state()  # as adapt() does: the layer divides by what was just set
+    return [*layers, norm]
+
+
 def _stratified_holdout(
     y_idx: np.ndarray, fraction: float, seed: int | None
 ) -> tuple[np.ndarray, np.ndarray] | None:
@@ -191,6 +295,13 @@ def _stratified_holdout(
 
 class DenseHead(ClassifierMixin, BaseEstimator):
     """Keras bottleneck head: Flatten -> Dense(relu) -> Dropout -> softmax (sigmoid for 2 classes).
+
+    Between Flatten and the hidden layer a frozen ``Normalization`` standardises every
+    flattened feature with the mean and variance of the training rows (measured in float64;
+    preceded by a power-of-two ``Rescaling`` when the features are tiny or huge, see
+    :func:`feature_scale`). Features straight from a base range from 1e-11 to hundreds; the
+    scikit-learn heads standardise them with StandardScaler, and so does this one, inside
+    the Keras model, so predict, finetune and export apply the same scaling.
 
     Early stopping watches the validation loss and restores the best weights. Without
     ``validation_data``, ``fit`` holds out a seeded stratified 10% of the rows; when a class
@@ -232,6 +343,10 @@ class DenseHead(ClassifierMixin, BaseEstimator):
         self.random_state = random_state
         self.verbose = verbose
 
+    # Whether fit standardises the trunk's output with the training rows' statistics. A
+    # subclass whose trunk learns (the scratch convnet) turns it off.
+    _standardises = True
+
     def _features(self, X: Any) -> np.ndarray:
         X = np.asarray(X, dtype=np.float32)
         if X.ndim < 2:
@@ -251,15 +366,23 @@ class DenseHead(ClassifierMixin, BaseEstimator):
         return np.searchsorted(self.classes_, y)
 
     def _trunk(self, feature_shape: tuple[int, ...]) -> list[keras.layers.Layer]:
-        # The layers between the input and the hidden Dense layer; a subclass may put a
-        # whole convnet here (compare's from-scratch baseline) and keep fit/predict as is.
+        # The layers between the input and the standardisation (or the hidden Dense layer);
+        # a subclass may put a whole convnet here (compare's from-scratch baseline) and keep
+        # fit/predict as is.
         return [keras.layers.Flatten(name="flatten")] if len(feature_shape) > 1 else []
 
-    def _build(self, feature_shape: tuple[int, ...], n_classes: int) -> keras.Model:
+    def _build(
+        self,
+        feature_shape: tuple[int, ...],
+        n_classes: int,
+        moments: FeatureMoments | None = None,
+    ) -> keras.Model:
         layers: list[keras.layers.Layer] = [
             keras.Input(shape=feature_shape),
             *self._trunk(feature_shape),
         ]
+        if moments is not None:  # None: the unstandardised head, as heads saved before it
+            layers += _standardise_layers(moments)
         layers += [
             keras.layers.Dense(self.hidden, activation="relu", name="hidden"),
             keras.layers.Dropout(self.dropout, name="dropout"),
@@ -332,9 +455,11 @@ class DenseHead(ClassifierMixin, BaseEstimator):
                 X_fit, y_fit = X[fit_idx], y_idx[fit_idx]
                 X_val, y_val = X[val_idx], y_idx[val_idx]
 
+        # Statistics of the rows the weights are fitted on (not the early-stopping holdout).
+        moments = feature_moments(_row_blocks(X_fit)) if self._standardises else None
         if self.random_state is not None:
             keras.utils.set_random_seed(int(self.random_state))
-        model = self._build(self.feature_shape_, n_classes)
+        model = self._build(self.feature_shape_, n_classes, moments)
         weights = None
         if self.class_weight == "balanced":
             w = compute_class_weight("balanced", classes=np.arange(n_classes), y=y_fit)
@@ -391,9 +516,15 @@ class DenseHead(ClassifierMixin, BaseEstimator):
         self.classes_ = np.asarray(classes)
         self.feature_shape_ = tuple(int(d) for d in feature_shape)
         self.n_features_in_ = int(np.prod(self.feature_shape_))
+        # One extra pass over the training batches, before the first epoch.
+        moments = (
+            feature_moments(train[i][0] for i in range(len(train)))
+            if self._standardises
+            else None
+        )
         if self.random_state is not None:
             keras.utils.set_random_seed(int(self.random_state))
-        model = self._build(self.feature_shape_, len(self.classes_))
+        model = self._build(self.feature_shape_, len(self.classes_), moments)
         weights = None
         if self.class_weight == "balanced" and y_for_weights is not None:
             w = compute_class_weight("balanced", classes=np.arange(len(self.classes_)),

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
-from helpers_fit import blobs
+from helpers_fit import blobs, offset_blobs
 from sklearn.base import clone, is_classifier
 from sklearn.linear_model import LogisticRegression
 from sklearn.svm import SVC, LinearSVC
@@ -14,6 +15,8 @@ from sklearn.svm import SVC, LinearSVC
 from pipeline.heads import (
     HEADS,
     DenseHead,
+    feature_moments,
+    feature_scale,
     head_name,
     head_params,
     load_head,
@@ -186,6 +189,103 @@ def test_dense_rejects_bad_input():
     head = DenseHead(epochs=1).fit(X, y)
     with pytest.raises(ValueError, match=r"Expected features of shape \(n, 16\)"):
         head.predict(X[:, :8])
+
+
+@pytest.mark.parametrize("scale", [1e-3, 1.0, 255.0, 1e4])
+def test_dense_standardises_features_of_any_scale(scale):
+    # Issue 13: on features far from zero the unscaled head predicted one class at every
+    # scale, while logreg (StandardScaler inside) separates them perfectly.
+    X, y = offset_blobs(60, 3, scale=scale, seed=11)
+    head = DenseHead(**FAST).fit(X[::2], y[::2])
+    assert (head.predict(X[1::2]) == y[1::2]).mean() >= 0.95
+
+
+def test_dense_is_chollets_head_after_the_training_rows_statistics():
+    import keras
+
+    X, y = offset_blobs(30, 3, scale=255.0, shape=(2, 2, 4), seed=12)
+    X_val, y_val = offset_blobs(5, 3, scale=255.0, shape=(2, 2, 4), seed=12)
+    head = DenseHead(epochs=1).fit(X, y, validation_data=(X_val, y_val))
+    layers = head.model_.layers
+    assert [type(layer) for layer in layers] == [
+        keras.layers.Flatten,
+        keras.layers.Normalization,
+        keras.layers.Dense,
+        keras.layers.Dropout,
+        keras.layers.Dense,
+    ]
+    hidden, dropout, output = layers[2:]
+    assert (hidden.units, hidden.activation.__name__) == (256, "relu")
+    assert dropout.rate == 0.5
+    assert (output.units, output.activation.__name__) == (3, "softmax")
+    # Per flattened feature, from the fitted rows only (not validation_data), in float64.
+    norm = head.model_.get_layer("standardise")
+    assert not norm.trainable_weights
+    rows = X.reshape(len(X), -1).astype(np.float64)
+    mean, variance, count = norm.get_weights()
+    np.testing.assert_allclose(mean, rows.mean(axis=0), rtol=1e-6)
+    np.testing.assert_allclose(variance, rows.var(axis=0), rtol=1e-5)
+    assert count == len(X)
+
+
+def test_tiny_features_are_rescaled_by_a_power_of_two_and_reload(tmp_path):
+    # MobileNetV2 with random weights gives features ~1e-11: a float32 variance there is
+    # below Keras' epsilon, and the unscaled head gave every class probability 1/3.
+    X, y = offset_blobs(30, 3, scale=1e-11, shape=(2, 2, 4), seed=13)
+    head = DenseHead(**FAST).fit(X, y)
+    assert (head.predict(X) == y).mean() >= 0.95
+    names = [layer.name for layer in head.model_.layers]
+    assert names == ["flatten", "feature_scale", "standardise", "hidden", "dropout", "output"]
+    assert math.log2(head.model_.get_layer("feature_scale").scale).is_integer()
+    save_head(head, tmp_path)
+    loaded = load_head(tmp_path)
+    assert [layer.name for layer in loaded.model_.layers] == names
+    np.testing.assert_array_equal(loaded.predict_proba(X), head.predict_proba(X))
+
+
+def test_constant_features_are_only_centred():
+    X, y = offset_blobs(20, 2, scale=1.0, seed=14)
+    X[:, 3] = 0.0
+    X[:, 5] = far = np.float32(1234.567)  # a constant far from zero
+    head = DenseHead(epochs=2).fit(X, y)
+    mean, variance, _ = head.model_.get_layer("standardise").get_weights()
+    assert (mean[3], variance[3]) == (0.0, 1.0)
+    assert (mean[5], variance[5]) == (far, 1.0)
+    assert np.isfinite(head.predict_proba(X)).all()
+
+
+def test_dense_head_saved_before_standardising_still_loads(tmp_path, monkeypatch):
+    # A head fitted before the Normalization layer existed: Flatten -> Dense -> Dropout ->
+    # Dense. It loads as it was saved and predicts as it was trained (on raw features).
+    X, y = blobs(20, 3, seed=16)
+    monkeypatch.setattr(DenseHead, "_standardises", False)
+    old = DenseHead(epochs=2).fit(X, y)
+    save_head(old, tmp_path)
+    monkeypatch.undo()
+    loaded = load_head(tmp_path)
+    assert [layer.name for layer in loaded.model_.layers] == ["hidden", "dropout", "output"]
+    np.testing.assert_array_equal(loaded.predict_proba(X), old.predict_proba(X))
+
+
+def test_feature_moments_merge_batches_without_losing_precision():
+    # Features 1e4 from zero with a std of 1e-2: E[x^2] - E[x]^2 would lose all digits.
+    rng = np.random.default_rng(15)
+    X = (1e4 + 1e-2 * rng.normal(size=(103, 2, 3))).astype(np.float32)
+    rows = X.reshape(len(X), -1).astype(np.float64)
+    moments = feature_moments(X[i : i + 10] for i in range(0, len(X), 10))
+    assert moments.count == len(X)
+    np.testing.assert_allclose(moments.mean, rows.mean(axis=0), rtol=1e-12)
+    np.testing.assert_allclose(moments.variance, rows.var(axis=0), rtol=1e-9)
+    with pytest.raises(ValueError, match="Received: 0 rows"):
+        feature_moments([])
+
+
+@pytest.mark.parametrize(
+    ("largest_std", "expected"),
+    [(1.0, 1.0), (300.0, 1.0), (2.0**-10, 1.0), (0.0, 1.0), (1e4, 2.0**-13), (1e-11, 2.0**37)],
+)
+def test_feature_scale_is_a_power_of_two_only_far_from_unit_scale(largest_std, expected):
+    assert feature_scale(np.array([largest_std / 8, largest_std])) == expected
 
 
 def _outputs(head, X):

@@ -170,6 +170,29 @@ def test_exported_model_equals_predict(models, tmp_path, setup):
     np.testing.assert_allclose(probs, want, **TOL)
 
 
+def test_mean_colour_cache_is_standardised_by_the_head_and_its_export(tmp_path, probe_model):
+    """Issue 13's cache: three mean colours in 0..255 (the probe base), the blue one encoding
+    the class. logreg scored 1.0 and the dense head one class; the exported model must apply
+    the head's standardisation to the raw features itself."""
+    data = tmp_path / "data"
+    write_index_images(data, 60)
+    cache_path = tmp_path / "cache.h5"
+    run_extract(ExtractConfig(str(data), str(probe_model), pooling="avg", preprocess="none",
+                              out=str(cache_path)))
+    model_dir, metrics = run_fit(FitConfig(str(cache_path), head="dense", out=str(tmp_path / "m"),
+                                           epochs=10, lr=1e-2))
+    assert metrics["accuracy"] >= 0.95
+    cache = read_cache(cache_path)
+    X = np.asarray(cache.features, dtype=np.float32)
+    assert X.max() > 50  # raw colours, not scaled ones
+    want = load_head(model_dir).predict_proba(X)
+    exported = export_model(model_dir, tmp_path / "e.keras")
+    model = keras.models.load_model(exported, safe_mode=True, compile=False)
+    assert "standardise" in {layer.name for layer in model.get_layer("dense_head").layers}
+    images = np.stack([load_image(data / path, (8, 8)) for path in cache.paths])
+    np.testing.assert_allclose(model.predict_on_batch(images), want, **TOL)
+
+
 def test_finetune_layout_folder_is_read(models, tmp_path):
     """A finetune output folder: model.keras + head.json (end-to-end) + metrics.json."""
     data, _, heads = models["3-class"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from helpers_fit import blobs, make_cache
+from helpers_fit import blobs, make_cache, offset_blobs
 
 from pipeline.fit import FitConfig, run_fit
 from pipeline.heads import load_head
@@ -45,3 +45,24 @@ def test_stream_refuses_rbf_svm_and_nan(tmp_path):
     bad = make_cache(tmp_path / "bad.h5", X, y)
     with pytest.raises(ValueError, match="NaN or infinite"):
         run_fit(FitConfig(str(bad), head="logreg", out=str(tmp_path / "n"), stream=True))
+
+
+@pytest.mark.parametrize("scale", [1e-3, 1.0, 255.0, 1e4])
+def test_streamed_dense_standardises_like_the_in_memory_one(tmp_path, scale):
+    # Issue 13: statistics from one pass over the streamed training batches, the same as
+    # the in-memory head's (it fits on the same training rows: fit_head early-stops on val).
+    X, y = offset_blobs(n_per_class=40, n_classes=3, scale=scale, shape=(2, 2, 4), seed=21)
+    cache = make_cache(tmp_path / "c.h5", X, y, batch=50)
+    config = {"head": "dense", "epochs": 10, "lr": 1e-2, "batch_size": 16}
+    _, metrics = run_fit(FitConfig(str(cache), out=str(tmp_path / "s"), stream=True, **config))
+    assert metrics["accuracy"] >= 0.95
+    run_fit(FitConfig(str(cache), out=str(tmp_path / "m"), **config))
+    streamed, in_memory = (load_head(tmp_path / name).model_ for name in ("s", "m"))
+    names = [layer.name for layer in in_memory.layers]
+    assert [layer.name for layer in streamed.layers] == names
+    if "feature_scale" in names:
+        assert streamed.get_layer("feature_scale").scale == in_memory.get_layer(
+            "feature_scale").scale
+    for a, b in zip(streamed.get_layer("standardise").get_weights(),
+                    in_memory.get_layer("standardise").get_weights(), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-6)
