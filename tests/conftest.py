@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -14,6 +16,19 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ROOT / "scripts"
 PYTHON = sys.executable
+
+
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def popen_interruptible(cmd: list[str], **kwargs) -> subprocess.Popen:
+    """Start ``cmd`` so that SIGINT reaches it as Ctrl-C would.
+
+    A shell starts background jobs (``pytest ... &``) with SIGINT ignored, children inherit
+    that, and Python keeps an ignored SIGINT ignored: the child would never see the signal.
+    """
+    return subprocess.Popen(cmd, preexec_fn=_default_sigint, **kwargs)
 
 
 def save_png(pixels: np.ndarray, path: Path) -> None:

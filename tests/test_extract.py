@@ -12,7 +12,15 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from conftest import PYTHON, SCRIPTS, bad_files, index_pixel, save_png, write_index_images
+from conftest import (
+    PYTHON,
+    SCRIPTS,
+    bad_files,
+    index_pixel,
+    popen_interruptible,
+    save_png,
+    write_index_images,
+)
 
 from pipeline.cache import CacheError, partial_path, read_cache
 from pipeline.extract import ExtractConfig, run_extract
@@ -152,7 +160,7 @@ def extract_cmd(data: Path, out: Path, *extra: str) -> list[str]:
 
 def run_until_progress(cmd: list[str], min_done: int) -> subprocess.Popen:
     """Start ``cmd`` and return once it has logged ``min_done`` images done (or ended)."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = popen_interruptible(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 120
     for line in proc.stdout:
         # Progress lines only ("extract: 12/243 (5%), ..."), not messages naming a path.
