@@ -1,7 +1,9 @@
 """Argparse for every command; ``scripts/*.py`` and the console scripts call into here.
 
 Each ``*_main`` returns an exit code: 0 on success, 2 for a bad argument, input or cache
-(one clear message, no traceback), 130/143 when interrupted (resumable).
+(one clear message, no traceback), 130 on Ctrl-C and 143 on SIGTERM (one line saying what
+was kept; extract resumes). Ctrl-C is handled by :func:`pipeline.interrupts.guard`, so it
+stops the command wherever it lands, even during library imports or model building.
 """
 
 from __future__ import annotations
@@ -218,23 +220,34 @@ def compare_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _run(command: Callable[[], int]) -> int:
-    """Turn expected failures into one clear line on stderr and an exit code."""
+def _run(prog: str, command: Callable[[], int], *, kept: str | None = None) -> int:
+    """Run ``command`` under the Ctrl-C guard and turn its end into an exit code.
+
+    Expected failures print one line ``error: ...`` (2); an interrupt prints one line
+    ``<prog>: interrupted by Ctrl-C`` (130; SIGTERM: 143), the exception's own message
+    when it has one (what was kept, how to resume), else ``kept`` when given.
+    """
+    from pipeline.interrupts import Interrupted, guard
+
+    try:
+        with guard():
+            return _report_failures(command)
+    except KeyboardInterrupt as exc:
+        kind = exc if isinstance(exc, Interrupted) else Interrupted()
+        line = f"{prog}: interrupted by {kind.signal_name}" + (f"; {kept}" if kept else ".")
+        print(str(kind) or line, file=sys.stderr)
+        return kind.exit_code
+
+
+def _report_failures(command: Callable[[], int]) -> int:
     from pipeline.cache import CacheError
-    from pipeline.extract import ExtractInterrupted
     from pipeline.lock import CacheLockedError
 
     try:
         return command()
-    except ExtractInterrupted as exc:
-        print(str(exc), file=sys.stderr)
-        return exc.exit_code
     except (ValueError, CacheError, CacheLockedError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted.", file=sys.stderr)
-        return 130
     except Exception:
         traceback.print_exc()
         print("error: unexpected failure (traceback above); nothing was marked complete.",
@@ -267,7 +280,8 @@ def extract_main(argv: Sequence[str] | None = None) -> int:
         print(result.summary(), flush=True)
         return 0
 
-    return _run(command)
+    return _run("extract", command, kept=None if args.merge else
+                "no cache was written yet. Run the same command again to start.")
 
 
 def fit_head_main(argv: Sequence[str] | None = None) -> int:
@@ -298,7 +312,7 @@ def fit_head_main(argv: Sequence[str] | None = None) -> int:
                   flush=True)
         return 0
 
-    return _run(command)
+    return _run("fit_head", command)
 
 
 def predict_main(argv: Sequence[str] | None = None) -> int:
@@ -320,7 +334,7 @@ def predict_main(argv: Sequence[str] | None = None) -> int:
         print(result.summary(), flush=True)
         return 0
 
-    return _run(command)
+    return _run("predict", command)
 
 
 def finetune_main(argv: Sequence[str] | None = None) -> int:
@@ -341,7 +355,7 @@ def finetune_main(argv: Sequence[str] | None = None) -> int:
         )
         return 0
 
-    return _run(command)
+    return _run("finetune", command)
 
 
 def compare_main(argv: Sequence[str] | None = None) -> int:
@@ -365,11 +379,15 @@ def compare_main(argv: Sequence[str] | None = None) -> int:
         print(result.summary(), flush=True)
         return 0 if result.leaderboard else 2  # nothing could run: the report says why
 
-    return _run(command)
+    return _run("compare", command)
 
 
 def demo_main(argv: Sequence[str] | None = None) -> int:
     """``demo.py``: the offline digits demo."""
-    from pipeline.demo import main
 
-    return main(argv)
+    def command() -> int:
+        from pipeline.demo import main
+
+        return main(argv)
+
+    return _run("demo", command)

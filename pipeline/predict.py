@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.images import IMAGE_EXTENSIONS, image_files
+from pipeline.interrupts import deferred
 from pipeline.progress import Progress, format_duration
 
 __all__ = [
@@ -405,7 +406,8 @@ def run_predict(config: PredictConfig) -> PredictResult:
     _validate(config)
     located = _locate(config.model)
     paths = list_images(config.images)
-    predictor = _load(located)
+    with deferred():  # Ctrl-C while the model is built stops right after it
+        predictor = _load(located)
     n_classes = len(predictor.class_names)
     top_k = config.top_k or 0
     if top_k > n_classes:
