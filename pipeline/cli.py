@@ -9,11 +9,16 @@ stops the command wherever it lands, even during library imports or model buildi
 from __future__ import annotations
 
 import argparse
+import errno
+import os
 import sys
+import tempfile
 import traceback
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 __all__ = [
+    "check_output",
     "compare_main",
     "demo_main",
     "extract_main",
@@ -220,6 +225,57 @@ def compare_parser() -> argparse.ArgumentParser:
     return p
 
 
+# Why a folder takes no new file, by errno (else the system's own words).
+_CANNOT_CREATE = {
+    errno.EACCES: "permission denied",
+    errno.EPERM: "permission denied",
+    errno.EROFS: "read-only file system",
+    errno.ENOSPC: "no space left on the device",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.ENOENT: "virtual file system",  # /proc answers "No such file or directory"
+}
+
+
+def check_output(flag: str, value: str | None, *, folder: bool = False) -> None:
+    """Refuse an output path that cannot be written, before any expensive work.
+
+    Missing folders on the way are fine (commands create them); what is checked is that
+    the nearest existing one takes a new file, by creating and removing one.
+
+    Args:
+        flag: the option as the user typed it (``--out``), named in the message.
+        value: its value; None (a default decided later) is not checked.
+        folder: the option names a folder to write files into, else one file.
+
+    Raises:
+        ValueError: a folder where a file is wanted or a file where a folder is, a path
+            below a file, or a folder that takes no new file (permission, read-only file
+            system, no space, a virtual file system such as /proc).
+    """
+    if value is None:
+        return
+    path = Path(value)
+    received = f"Received: {flag}={value!r}"
+    if not folder and (path.is_dir() or value.endswith(("/", os.sep))):
+        raise ValueError(f"`{flag}` must name a file, but {value} is a folder. {received}")
+    if folder and path.exists() and not path.is_dir():
+        raise ValueError(f"`{flag}` must name a folder, but {value} is a file. {received}")
+    existing = path if folder else path.parent
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"`{flag}` cannot be created: {existing} is a file, not a folder. "
+                         f"{received}")
+    try:
+        handle, probe = tempfile.mkstemp(prefix=".write-test-", dir=existing)
+    except OSError as exc:
+        why = _CANNOT_CREATE.get(exc.errno, exc.strerror or str(exc))
+        raise ValueError(f"`{flag}` cannot be written: no file can be created in {existing} "
+                         f"({why}). {received}") from None
+    os.close(handle)
+    os.unlink(probe)
+
+
 def _run(prog: str, command: Callable[[], int], *, kept: str | None = None) -> int:
     """Run ``command`` under the Ctrl-C guard and turn its end into an exit code.
 
@@ -260,6 +316,7 @@ def extract_main(argv: Sequence[str] | None = None) -> int:
     args = extract_parser().parse_args(argv)
 
     def command() -> int:
+        check_output("--out", args.out)
         from pipeline.extract import ExtractConfig, run_extract
 
         options = vars(args)
@@ -291,6 +348,8 @@ def fit_head_main(argv: Sequence[str] | None = None) -> int:
     export = options.pop("export")  # not a FitConfig field: done after the fit
 
     def command() -> int:
+        check_output("--out", args.out, folder=True)
+        check_output("--export", export)
         from pipeline.fit import FitConfig, run_fit
 
         if export is not None:
@@ -322,6 +381,9 @@ def predict_main(argv: Sequence[str] | None = None) -> int:
     export = options.pop("export")
 
     def command() -> int:
+        if args.images:
+            check_output("--out", args.out)
+        check_output("--export", export)
         from pipeline.predict import PredictConfig, export_model, run_predict
 
         if export is not None:
@@ -342,6 +404,7 @@ def finetune_main(argv: Sequence[str] | None = None) -> int:
     args = finetune_parser().parse_args(argv)
 
     def command() -> int:
+        check_output("--out", args.out, folder=True)
         from pipeline.finetune import FinetuneConfig, run_finetune
 
         out_dir, metrics = run_finetune(FinetuneConfig(**vars(args)))
@@ -375,6 +438,8 @@ def compare_main(argv: Sequence[str] | None = None) -> int:
         if show_history:
             print(format_history(read_history(args.history_file)), flush=True)
             return 0
+        check_output("--out", args.out, folder=True)
+        check_output("--history-file", args.history_file)
         result = run_compare(CompareConfig(**options))
         print(result.summary(), flush=True)
         return 0 if result.leaderboard else 2  # nothing could run: the report says why

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
 import os
 import queue
+import re
 import shutil
 import sys
 import threading
@@ -585,13 +587,7 @@ def run_extract(config: ExtractConfig) -> ExtractResult:
         try:
             return _extract_into(config, index, feature_model, attrs, out, stats)
         except (OSError, CacheWriteError) as exc:
-            words = [f"Writing the cache failed ({exc}). Disk full?"]
-            if partial_path(out).exists():
-                words.append(f"Committed rows are kept in {partial_path(out)}.")
-            if out.exists():
-                words.append(f"{out} is unchanged.")
-            words.append("Free some space and run the same command again to resume.")
-            raise CacheError(" ".join(words)) from exc
+            raise CacheError(_write_failure(exc, out)) from exc
     except ExtractInterrupted:
         raise
     except KeyboardInterrupt as exc:  # before the batch loop, or between its steps
@@ -606,6 +602,42 @@ def _kept(out: Path | None) -> str:
     if out is not None and out.exists():
         return f"{out} holds a complete cache. Run the same command again to update it."
     return "no cache was written yet. Run the same command again to start."
+
+
+# errno values that mean "no room to write", and what to say about each.
+_NO_ROOM = {
+    errno.ENOSPC: "the disk is full",
+    errno.EDQUOT: "the disk quota is used up",
+    errno.EFBIG: "the file reached a size limit (of the file system, or ulimit -f)",
+}
+
+
+def _errno(exc: BaseException) -> int | None:
+    """The errno behind a write failure (h5py puts it in the message only)."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno:
+            return seen.errno
+        if found := re.search(r"errno = (\d+)", str(seen)):
+            return int(found.group(1))
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def _write_failure(exc: BaseException, out: Path) -> str:
+    """One message for a failed cache write: why, what is kept, what to do.
+
+    A full disk is named only when the errno says so (ENOSPC, EDQUOT, EFBIG).
+    """
+    room = _NO_ROOM.get(_errno(exc))
+    words = [f"Writing the cache failed ({exc})" + (f": {room}." if room else ".")]
+    if partial_path(out).exists():
+        words.append(f"Committed rows are kept in {partial_path(out)}.")
+    if out.exists():
+        words.append(f"{out} is unchanged.")
+    words.append(("Free some space" if room else "Fix that")
+                 + " and run the same command again to resume.")
+    return " ".join(words)
 
 
 def build_model(config: ExtractConfig, size: tuple[int, int] | None) -> FeatureModel:
