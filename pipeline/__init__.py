@@ -2,7 +2,8 @@
 
 Modules in data-flow order: images (find + decode), bases (frozen feature model),
 cache (HDF5 store), extract (images -> cache), heads + fit (cache -> classifier),
-progress (bars and log lines), cli (argparse for every command), demo.
+progress (bars and log lines), interrupts (Ctrl-C that always stops in order),
+cli (argparse for every command), demo.
 """
 
 import os

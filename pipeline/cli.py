@@ -1,17 +1,24 @@
 """Argparse for every command; ``scripts/*.py`` and the console scripts call into here.
 
 Each ``*_main`` returns an exit code: 0 on success, 2 for a bad argument, input or cache
-(one clear message, no traceback), 130/143 when interrupted (resumable).
+(one clear message, no traceback), 130 on Ctrl-C and 143 on SIGTERM (one line saying what
+was kept; extract resumes). Ctrl-C is handled by :func:`pipeline.interrupts.guard`, so it
+stops the command wherever it lands, even during library imports or model building.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
+import os
 import sys
+import tempfile
 import traceback
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 __all__ = [
+    "check_output",
     "compare_main",
     "demo_main",
     "extract_main",
@@ -218,23 +225,85 @@ def compare_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _run(command: Callable[[], int]) -> int:
-    """Turn expected failures into one clear line on stderr and an exit code."""
+# Why a folder takes no new file, by errno (else the system's own words).
+_CANNOT_CREATE = {
+    errno.EACCES: "permission denied",
+    errno.EPERM: "permission denied",
+    errno.EROFS: "read-only file system",
+    errno.ENOSPC: "no space left on the device",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.ENOENT: "virtual file system",  # /proc answers "No such file or directory"
+}
+
+
+def check_output(flag: str, value: str | None, *, folder: bool = False) -> None:
+    """Refuse an output path that cannot be written, before any expensive work.
+
+    Missing folders on the way are fine (commands create them); what is checked is that
+    the nearest existing one takes a new file, by creating and removing one.
+
+    Args:
+        flag: the option as the user typed it (``--out``), named in the message.
+        value: its value; None (a default decided later) is not checked.
+        folder: the option names a folder to write files into, else one file.
+
+    Raises:
+        ValueError: a folder where a file is wanted or a file where a folder is, a path
+            below a file, or a folder that takes no new file (permission, read-only file
+            system, no space, a virtual file system such as /proc).
+    """
+    if value is None:
+        return
+    path = Path(value)
+    received = f"Received: {flag}={value!r}"
+    if not folder and (path.is_dir() or value.endswith(("/", os.sep))):
+        raise ValueError(f"`{flag}` must name a file, but {value} is a folder. {received}")
+    if folder and path.exists() and not path.is_dir():
+        raise ValueError(f"`{flag}` must name a folder, but {value} is a file. {received}")
+    existing = path if folder else path.parent
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"`{flag}` cannot be created: {existing} is a file, not a folder. "
+                         f"{received}")
+    try:
+        handle, probe = tempfile.mkstemp(prefix=".write-test-", dir=existing)
+    except OSError as exc:
+        why = _CANNOT_CREATE.get(exc.errno, exc.strerror or str(exc))
+        raise ValueError(f"`{flag}` cannot be written: no file can be created in {existing} "
+                         f"({why}). {received}") from None
+    os.close(handle)
+    os.unlink(probe)
+
+
+def _run(prog: str, command: Callable[[], int], *, kept: str | None = None) -> int:
+    """Run ``command`` under the Ctrl-C guard and turn its end into an exit code.
+
+    Expected failures print one line ``error: ...`` (2); an interrupt prints one line
+    ``<prog>: interrupted by Ctrl-C`` (130; SIGTERM: 143), the exception's own message
+    when it has one (what was kept, how to resume), else ``kept`` when given.
+    """
+    from pipeline.interrupts import Interrupted, guard
+
+    try:
+        with guard():
+            return _report_failures(command)
+    except KeyboardInterrupt as exc:
+        kind = exc if isinstance(exc, Interrupted) else Interrupted()
+        line = f"{prog}: interrupted by {kind.signal_name}" + (f"; {kept}" if kept else ".")
+        print(str(kind) or line, file=sys.stderr)
+        return kind.exit_code
+
+
+def _report_failures(command: Callable[[], int]) -> int:
     from pipeline.cache import CacheError
-    from pipeline.extract import ExtractInterrupted
     from pipeline.lock import CacheLockedError
 
     try:
         return command()
-    except ExtractInterrupted as exc:
-        print(str(exc), file=sys.stderr)
-        return exc.exit_code
     except (ValueError, CacheError, CacheLockedError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted.", file=sys.stderr)
-        return 130
     except Exception:
         traceback.print_exc()
         print("error: unexpected failure (traceback above); nothing was marked complete.",
@@ -247,6 +316,7 @@ def extract_main(argv: Sequence[str] | None = None) -> int:
     args = extract_parser().parse_args(argv)
 
     def command() -> int:
+        check_output("--out", args.out)
         from pipeline.extract import ExtractConfig, run_extract
 
         options = vars(args)
@@ -267,7 +337,8 @@ def extract_main(argv: Sequence[str] | None = None) -> int:
         print(result.summary(), flush=True)
         return 0
 
-    return _run(command)
+    return _run("extract", command, kept=None if args.merge else
+                "no cache was written yet. Run the same command again to start.")
 
 
 def fit_head_main(argv: Sequence[str] | None = None) -> int:
@@ -277,6 +348,8 @@ def fit_head_main(argv: Sequence[str] | None = None) -> int:
     export = options.pop("export")  # not a FitConfig field: done after the fit
 
     def command() -> int:
+        check_output("--out", args.out, folder=True)
+        check_output("--export", export)
         from pipeline.fit import FitConfig, run_fit
 
         if export is not None:
@@ -298,7 +371,7 @@ def fit_head_main(argv: Sequence[str] | None = None) -> int:
                   flush=True)
         return 0
 
-    return _run(command)
+    return _run("fit_head", command)
 
 
 def predict_main(argv: Sequence[str] | None = None) -> int:
@@ -308,6 +381,9 @@ def predict_main(argv: Sequence[str] | None = None) -> int:
     export = options.pop("export")
 
     def command() -> int:
+        if args.images:
+            check_output("--out", args.out)
+        check_output("--export", export)
         from pipeline.predict import PredictConfig, export_model, run_predict
 
         if export is not None:
@@ -320,7 +396,7 @@ def predict_main(argv: Sequence[str] | None = None) -> int:
         print(result.summary(), flush=True)
         return 0
 
-    return _run(command)
+    return _run("predict", command)
 
 
 def finetune_main(argv: Sequence[str] | None = None) -> int:
@@ -328,6 +404,7 @@ def finetune_main(argv: Sequence[str] | None = None) -> int:
     args = finetune_parser().parse_args(argv)
 
     def command() -> int:
+        check_output("--out", args.out, folder=True)
         from pipeline.finetune import FinetuneConfig, run_finetune
 
         out_dir, metrics = run_finetune(FinetuneConfig(**vars(args)))
@@ -341,7 +418,7 @@ def finetune_main(argv: Sequence[str] | None = None) -> int:
         )
         return 0
 
-    return _run(command)
+    return _run("finetune", command)
 
 
 def compare_main(argv: Sequence[str] | None = None) -> int:
@@ -361,15 +438,21 @@ def compare_main(argv: Sequence[str] | None = None) -> int:
         if show_history:
             print(format_history(read_history(args.history_file)), flush=True)
             return 0
+        check_output("--out", args.out, folder=True)
+        check_output("--history-file", args.history_file)
         result = run_compare(CompareConfig(**options))
         print(result.summary(), flush=True)
         return 0 if result.leaderboard else 2  # nothing could run: the report says why
 
-    return _run(command)
+    return _run("compare", command)
 
 
 def demo_main(argv: Sequence[str] | None = None) -> int:
     """``demo.py``: the offline digits demo."""
-    from pipeline.demo import main
 
-    return main(argv)
+    def command() -> int:
+        from pipeline.demo import main
+
+        return main(argv)
+
+    return _run("demo", command)

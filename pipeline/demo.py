@@ -387,6 +387,8 @@ def _run_step(
         code = entry(argv)
     except SystemExit as exc:  # argparse exits on a bad argument
         code = exc.code if isinstance(exc.code, int) else 1
+    if code in (130, 143):  # interrupted: the step has said so and what it kept
+        raise SystemExit(code)
     if code:
         raise SystemExit(f"demo: step '{step}' failed with exit code {code}")
 

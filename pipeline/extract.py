@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
 import os
 import queue
+import re
 import shutil
-import signal
 import sys
 import threading
 import time
@@ -51,6 +52,7 @@ from pipeline.images import (
     read_image,
     read_image_into,
 )
+from pipeline.interrupts import Interrupted, deferred, install_sigterm, restore_sigterm
 from pipeline.lock import CacheLock
 from pipeline.progress import Progress, format_duration
 
@@ -59,15 +61,13 @@ __all__ = [
     "ExtractConfig",
     "ExtractInterrupted",
     "ExtractResult",
-    "Terminated",
     "build_model",
     "check_decode",
     "decoded_batches",
-    "install_sigterm",
     "parse_shard",
-    "restore_sigterm",
     "run_extract",
     "shard_slice",
+    "stopped",
     "stored_features",
 ]
 
@@ -149,16 +149,18 @@ class ExtractResult:
         )
 
 
-class ExtractInterrupted(Exception):
-    """Ctrl-C or SIGTERM: what was committed is safe and the run can be resumed."""
+class ExtractInterrupted(Interrupted):
+    """Ctrl-C or SIGTERM: what was committed is safe and the run can be resumed.
 
-    def __init__(self, message: str, exit_code: int) -> None:
-        super().__init__(message)
-        self.exit_code = exit_code
+    The message says what was kept and how to go on; ``exit_code`` is 130 or 143.
+    """
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, turned into the same orderly stop as Ctrl-C."""
+def stopped(exc: KeyboardInterrupt, kept: str) -> ExtractInterrupted:
+    """The :class:`ExtractInterrupted` for ``exc``: ``extract: interrupted by <signal>; <kept>``."""
+    kind = exc if isinstance(exc, Interrupted) else Interrupted()
+    return ExtractInterrupted(f"extract: interrupted by {kind.signal_name}; {kept}",
+                              kind.exit_code)
 
 
 def _validate(config: ExtractConfig) -> tuple[int, int] | None:
@@ -546,47 +548,94 @@ def run_extract(config: ExtractConfig) -> ExtractResult:
     # Keras lower-cases the method; the cache records (and compares) the lower-case name.
     config = dataclasses.replace(config, interpolation=check_interpolation(config.interpolation))
     size = _validate(config)
-    index: ImageIndex = index_images(config.data_dir)
-    if (shard := parse_shard(config.shard)) is not None:
-        part = shard_slice(len(index.records), shard, config.batch_size)
-        index.records, index.first = index.records[part], part.start
-    stats = _stats(index)
-    _report_ignored(index.ignored)
-    out = Path(config.out) if config.out else None
-    if out is None and (size or not _is_file_base(config.base)):
-        out = default_out(config, size or (resolve_base(config.base).default_size,) * 2)
-    if out is not None and (result := _up_to_date(config, index, out, stats)) is not None:
-        return result
-    if config.engine == "ray":
-        from pipeline.scale import keep_off_gpus
-
-        keep_off_gpus()  # this copy of the base only tells the cache its attributes
-    feature_model = build_model(config, size)
-    import keras
-
-    attrs = dict(feature_model.attrs)
-    attrs.update(
-        interpolation=config.interpolation,
-        dtype=config.dtype,
-        class_names=index.class_names,
-        keras_version=keras.__version__,
-        backend=keras.backend.backend(),
-        layout=index.layout,
-        data_dir=str(index.root.resolve()),
-        **({"shard": config.shard} if config.shard else {}),
-        config=dataclasses.asdict(config),
-    )
-    out = out or default_out(config, feature_model.input_size)
+    out: Path | None = None
     try:
-        return _extract_into(config, index, feature_model, attrs, out, stats)
-    except (OSError, CacheWriteError) as exc:
-        words = [f"Writing the cache failed ({exc}). Disk full?"]
-        if partial_path(out).exists():
-            words.append(f"Committed rows are kept in {partial_path(out)}.")
-        if out.exists():
-            words.append(f"{out} is unchanged.")
-        words.append("Free some space and run the same command again to resume.")
-        raise CacheError(" ".join(words)) from exc
+        index: ImageIndex = index_images(config.data_dir)
+        if (shard := parse_shard(config.shard)) is not None:
+            part = shard_slice(len(index.records), shard, config.batch_size)
+            index.records, index.first = index.records[part], part.start
+        stats = _stats(index)
+        _report_ignored(index.ignored)
+        out = Path(config.out) if config.out else None
+        if out is None and (size or not _is_file_base(config.base)):
+            out = default_out(config, size or (resolve_base(config.base).default_size,) * 2)
+        if out is not None and (result := _up_to_date(config, index, out, stats)) is not None:
+            return result
+        if config.engine == "ray":
+            from pipeline.scale import keep_off_gpus
+
+            keep_off_gpus()  # this copy of the base only tells the cache its attributes
+        with deferred():  # Ctrl-C while the base is built stops right after it
+            feature_model = build_model(config, size)
+        import keras
+
+        attrs = dict(feature_model.attrs)
+        attrs.update(
+            interpolation=config.interpolation,
+            dtype=config.dtype,
+            class_names=index.class_names,
+            keras_version=keras.__version__,
+            backend=keras.backend.backend(),
+            layout=index.layout,
+            data_dir=str(index.root.resolve()),
+            **({"shard": config.shard} if config.shard else {}),
+            config=dataclasses.asdict(config),
+        )
+        out = out or default_out(config, feature_model.input_size)
+        try:
+            return _extract_into(config, index, feature_model, attrs, out, stats)
+        except (OSError, CacheWriteError) as exc:
+            raise CacheError(_write_failure(exc, out)) from exc
+    except ExtractInterrupted:
+        raise
+    except KeyboardInterrupt as exc:  # before the batch loop, or between its steps
+        raise stopped(exc, _kept(out)) from None
+
+
+def _kept(out: Path | None) -> str:
+    """What a run interrupted outside the batch loop leaves behind, and how to go on."""
+    if out is not None and partial_path(out).exists():
+        return (f"the rows committed so far are kept in {partial_path(out)}. Run the same "
+                "command again to resume.")
+    if out is not None and out.exists():
+        return f"{out} holds a complete cache. Run the same command again to update it."
+    return "no cache was written yet. Run the same command again to start."
+
+
+# errno values that mean "no room to write", and what to say about each.
+_NO_ROOM = {
+    errno.ENOSPC: "the disk is full",
+    errno.EDQUOT: "the disk quota is used up",
+    errno.EFBIG: "the file reached a size limit (of the file system, or ulimit -f)",
+}
+
+
+def _errno(exc: BaseException) -> int | None:
+    """The errno behind a write failure (h5py puts it in the message only)."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno:
+            return seen.errno
+        if found := re.search(r"errno = (\d+)", str(seen)):
+            return int(found.group(1))
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def _write_failure(exc: BaseException, out: Path) -> str:
+    """One message for a failed cache write: why, what is kept, what to do.
+
+    A full disk is named only when the errno says so (ENOSPC, EDQUOT, EFBIG).
+    """
+    room = _NO_ROOM.get(_errno(exc))
+    words = [f"Writing the cache failed ({exc})" + (f": {room}." if room else ".")]
+    if partial_path(out).exists():
+        words.append(f"Committed rows are kept in {partial_path(out)}.")
+    if out.exists():
+        words.append(f"{out} is unchanged.")
+    words.append(("Free some space" if room else "Fix that")
+                 + " and run the same command again to resume.")
+    return " ".join(words)
 
 
 def build_model(config: ExtractConfig, size: tuple[int, int] | None) -> FeatureModel:
@@ -796,15 +845,12 @@ def _committing(writer: CacheWriter) -> Iterator[_BackgroundWriter]:
         finally:
             restore_sigterm(previous)
             background.close()
+    except ExtractInterrupted:
+        raise
     except KeyboardInterrupt as exc:
-        code = 143 if isinstance(exc, Terminated) else 130
-        what = "SIGTERM" if code == 143 else "Ctrl-C"
-        raise ExtractInterrupted(
-            f"extract: interrupted by {what}; {writer.n_rows} rows and {writer.n_augmented} "
-            f"augmented copies committed in {writer.partial}. Run the same command again "
-            "to resume.",
-            code,
-        ) from None
+        raise stopped(exc, f"{writer.n_rows} rows and {writer.n_augmented} augmented copies "
+                           f"committed in {writer.partial}. Run the same command again to "
+                           "resume.") from None
 
 
 def _extract_loop(
@@ -938,23 +984,6 @@ def _augment_loop(
         finally:
             batches.close()
             progress.close()
-
-
-def install_sigterm() -> Any:
-    """Make SIGTERM stop like Ctrl-C (main thread only: signal handlers live there)."""
-    if threading.current_thread() is not threading.main_thread():
-        return None
-
-    def handler(signum: int, frame: Any) -> None:
-        raise Terminated()
-
-    return signal.signal(signal.SIGTERM, handler)
-
-
-def restore_sigterm(previous: Any) -> None:
-    """Put back the SIGTERM handler that was there before extraction."""
-    if previous is not None:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def _report_skipped(skipped: list[tuple[str, str]]) -> None:

@@ -21,7 +21,9 @@ order (folders walked recursively, sorted, hidden files ignored), with the colum
 decision function (for two classes its single score s becomes ``-s, s``). ``predicted``
 is the head's own ``predict``. Unreadable files never stop the run and never take a
 row: they are printed to stderr and written with their reason to ``<out stem>.skipped.csv``
-(removed when a later run skips nothing).
+(removed when a later run skips nothing). A run that can read no image at all is an error
+and writes nothing; a file named as an image that is plainly something else (an HDF5
+cache, a ``.keras`` zip, a text file) is said to be so.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.images import IMAGE_EXTENSIONS, image_files
+from pipeline.interrupts import deferred
 from pipeline.progress import Progress, format_duration
 
 __all__ = [
@@ -342,6 +345,68 @@ def list_images(inputs: Sequence[str | os.PathLike]) -> list[Path]:
     return files
 
 
+_HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+_ZIP_SIGNATURE = b"PK\x03\x04"
+
+
+def _not_an_image(path: Path) -> str | None:
+    """What a file named as an image plainly is instead: HDF5, zip or text; else None.
+
+    The decoder would only say "cannot identify image file". Text is checked last and
+    only when Pillow cannot open the file (XPM, XBM and plain PNM images are text).
+    """
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4096)
+    except OSError:
+        return None  # the decoder says why
+    if head.startswith(_HDF5_SIGNATURE):
+        return "an HDF5 file (a feature cache?)"
+    if head.startswith(_ZIP_SIGNATURE):
+        return "a zip archive (a .keras model?)"
+    if not head or b"\0" in head:
+        return None
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        if exc.start < len(head) - 3:  # not just a character cut at the end of the read
+            return None
+    from PIL import Image
+
+    try:
+        with Image.open(path):
+            return None
+    except Exception:  # noqa: BLE001 - any failure to identify it: not an image Pillow reads
+        return "a text file"
+
+
+def _rejected(inputs: Sequence[str | os.PathLike], paths: Sequence[Path]) -> dict[Path, str]:
+    """{file named in ``inputs``: why it is not an image} for files that plainly are not.
+
+    Raises:
+        ValueError: every image to predict is such a file.
+    """
+    named = {Path(item) for item in inputs if not Path(item).is_dir()}
+    rejected = {p: f"{kind}, not an image" for p in paths
+                if p in named and (kind := _not_an_image(p)) is not None}
+    if rejected and len(rejected) == len(paths):
+        path, reason = next(iter(rejected.items()))
+        more = f" (and {len(rejected) - 1} more like it)" if len(rejected) > 1 else ""
+        raise ValueError(
+            f"{path} is {reason}: predict takes image files or folders{more}. "
+            f"Received: images={_shown(inputs)}"
+        )
+    return rejected
+
+
+def _shown(inputs: Sequence[str | os.PathLike], limit: int = 3) -> str:
+    """``inputs`` for a message: the first few, then how many more."""
+    items = [str(i) for i in inputs]
+    if len(items) <= limit:
+        return repr(items)
+    return f"[{', '.join(map(repr, items[:limit]))}, ... ({len(items) - limit} more)]"
+
+
 def skipped_path(out: str | os.PathLike) -> Path:
     """Where the unreadable files of a run writing ``out`` are listed: ``<stem>.skipped.csv``."""
     out = Path(out)
@@ -382,8 +447,9 @@ def _rows(
 def run_predict(config: PredictConfig) -> PredictResult:
     """Predict the class of every image given, with the configuration recorded with a model.
 
-    Protocol: validate the arguments; find the model's metadata and list the images
-    (cheap failures first); load the model (:func:`load_predictor`: for a fit_head folder
+    Protocol: validate the arguments; find the model's metadata and list the images,
+    setting aside named files that are plainly no images (cheap failures first); load the
+    model (:func:`load_predictor`: for a fit_head folder
     the frozen feature model is rebuilt from the recorded cache attributes); decode images
     in threads with :func:`pipeline.extract.decoded_batches` at the recorded size and
     interpolation; score each batch; stream rows into a temporary CSV that replaces
@@ -396,7 +462,9 @@ def run_predict(config: PredictConfig) -> PredictResult:
         What was written.
 
     Raises:
-        ValueError: a bad argument, model or image list (Keras-style message).
+        ValueError: a bad argument, model or image list (Keras-style message): files
+            named that are plainly no images (HDF5, zip, text) only, or no image that
+            could be read (then nothing is written).
         FileNotFoundError: a model folder's head files are incomplete.
     """
     from pipeline.extract import decoded_batches
@@ -405,7 +473,10 @@ def run_predict(config: PredictConfig) -> PredictResult:
     _validate(config)
     located = _locate(config.model)
     paths = list_images(config.images)
-    predictor = _load(located)
+    rejected = _rejected(config.images, paths)
+    paths = [p for p in paths if p not in rejected]
+    with deferred():  # Ctrl-C while the model is built stops right after it
+        predictor = _load(located)
     n_classes = len(predictor.class_names)
     top_k = config.top_k or 0
     if top_k > n_classes:
@@ -423,7 +494,7 @@ def run_predict(config: PredictConfig) -> PredictResult:
         flush=True,
     )
     start = time.monotonic()
-    skipped: list[tuple[str, str]] = []
+    skipped = [(str(p), reason) for p, reason in rejected.items()]
     n_predicted = 0
 
     def write(tmp: Path) -> None:
@@ -453,6 +524,13 @@ def run_predict(config: PredictConfig) -> PredictResult:
         finally:
             batches.close()
             progress.close()
+        if not n_predicted:  # raised before the rename: no header-only CSV is left
+            path, reason = skipped[0]
+            raise ValueError(
+                f"No image could be read, so nothing was predicted and {out} was not "
+                f"written. First of {len(skipped)} unreadable: {path}: {reason}. "
+                f"Received: images={_shown(config.images)}"
+            )
 
     replace_atomically(out, write)
     skipped_out = _write_skipped(out, skipped)

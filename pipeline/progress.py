@@ -8,6 +8,8 @@ from typing import TextIO
 
 from tqdm import tqdm
 
+from pipeline.interrupts import checkpoint
+
 __all__ = ["Progress", "format_duration"]
 
 
@@ -75,15 +77,18 @@ class Progress:
         )
 
     def update(self, n: int = 1) -> None:
-        """Record ``n`` more items done."""
+        """Record ``n`` more items done; a safe point to stop at on Ctrl-C.
+
+        Raises:
+            Interrupted: Ctrl-C came where it could not be raised (see pipeline/interrupts.py).
+        """
         self.done += n
         if self._bar is not None:
             self._bar.update(n)
-            return
-        now = time.monotonic()
-        if now - self._last_line >= self.log_every:
+        elif (now := time.monotonic()) - self._last_line >= self.log_every:
             self._last_line = now
             print(self.line(), file=self.stream, flush=True)
+        checkpoint()
 
     def close(self) -> None:
         """Close the bar (no final line: the caller prints a summary)."""

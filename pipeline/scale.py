@@ -49,14 +49,12 @@ from pipeline.cache import (
 )
 from pipeline.extract import (
     ExtractConfig,
-    ExtractInterrupted,
-    Terminated,
     build_model,
-    install_sigterm,
-    restore_sigterm,
+    stopped,
     stored_features,
 )
 from pipeline.images import ImageIndex, ImageReadError, ImageRecord, parse_size, read_image
+from pipeline.interrupts import install_sigterm, restore_sigterm
 from pipeline.progress import Progress
 
 __all__ = [
@@ -251,13 +249,8 @@ def extract_on_ray(
         finally:
             progress.close()
     except KeyboardInterrupt as exc:
-        code = 143 if isinstance(exc, Terminated) else 130
-        raise ExtractInterrupted(
-            f"extract: interrupted by {'SIGTERM' if code == 143 else 'Ctrl-C'}; the rows "
-            f"extracted so far are kept in {folder} and {writer.partial}. Run the same "
-            "command again to resume.",
-            code,
-        ) from None
+        raise stopped(exc, f"the rows extracted so far are kept in {folder} and "
+                           f"{writer.partial}. Run the same command again to resume.") from None
     finally:
         restore_sigterm(previous)
     n_parts = len({e.part for e in entries})

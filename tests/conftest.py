@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import gc
 import os
+import signal
+import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +19,40 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ROOT / "scripts"
 PYTHON = sys.executable
+
+
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def popen_interruptible(cmd: list[str], **kwargs) -> subprocess.Popen:
+    """Start ``cmd`` so that SIGINT reaches it as Ctrl-C would.
+
+    A shell starts background jobs (``pytest ... &``) with SIGINT ignored, children inherit
+    that, and Python keeps an ignored SIGINT ignored: the child would never see the signal.
+    """
+    return subprocess.Popen(cmd, preexec_fn=_default_sigint, **kwargs)
+
+
+@contextmanager
+def ctrl_c_in_a_gc_callback() -> Iterator[list[bool]]:
+    """Send Ctrl-C to this process from inside the next gc callback, once.
+
+    There Python's own handler loses it ("Exception ignored in: <function ...>"), as in
+    JAX's ``_xla_gc_callback``. Yields a list that holds True once the signal is sent.
+    """
+    fired: list[bool] = []
+
+    def callback(phase: str, info: dict) -> None:
+        if not fired:
+            fired.append(True)
+            os.kill(os.getpid(), signal.SIGINT)  # its handler runs here, inside the callback
+
+    gc.callbacks.append(callback)
+    try:
+        yield fired
+    finally:
+        gc.callbacks.remove(callback)
 
 
 def save_png(pixels: np.ndarray, path: Path) -> None:

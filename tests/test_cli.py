@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
+from pathlib import Path
 
 import pytest
 from conftest import PYTHON, SCRIPTS, write_index_images
@@ -70,3 +72,64 @@ def test_fit_head_errors_are_one_line(tmp_path, capsys):
     assert fit_head_main([str(cache), "--head", "logreg", "--out", str(out)]) == 0
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert last.startswith("fit_head: done.") and str(out) in last
+
+
+def _main(script: str):
+    from pipeline import cli
+
+    return getattr(cli, f"{script}_main")
+
+
+# Every --out, checked before any work: the message names the flag as typed and its value.
+@pytest.mark.parametrize("script, argv, kind", [
+    ("extract", ["{data}", "--base", "vgg16"], "file"),
+    ("fit_head", ["{tmp}/c.h5"], "folder"),
+    ("predict", ["{tmp}/model", "{data}"], "file"),
+    ("compare", ["{tmp}/c.h5"], "folder"),
+    ("finetune", ["{tmp}/c.h5"], "folder"),
+])
+@pytest.mark.parametrize("problem", ["wrong kind", "below a file", "proc"])
+def test_unusable_out_is_named_before_any_work(data, tmp_path, capsys, script, argv, kind,
+                                               problem):
+    folder, a_file = tmp_path / "outdir", tmp_path / "notes.txt"
+    folder.mkdir()
+    a_file.write_text("a file")
+    if problem == "wrong kind":
+        out = f"{folder}/" if kind == "file" else str(a_file)
+        why = (f"`--out` must name a file, but {out} is a folder." if kind == "file" else
+               f"`--out` must name a folder, but {out} is a file.")
+    elif problem == "below a file":
+        out = str(a_file / "out")
+        why = f"`--out` cannot be created: {a_file} is a file, not a folder."
+    else:
+        if not Path("/proc/self").is_dir():
+            pytest.skip("no /proc here")
+        out = "/proc/nope"
+        why = "`--out` cannot be written: no file can be created in /proc (virtual file system)."
+    values = {"data": data, "tmp": tmp_path}
+    assert _main(script)([a.format(**values) for a in argv] + ["--out", out]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"error: {why}"), err[-1]
+    assert err[-1].endswith(f"Received: --out={out!r}")
+    assert not any("Traceback" in line for line in err)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_out_in_a_folder_without_write_permission(data, tmp_path, capsys):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        assert extract_main([str(data), "--base", "vgg16", "--out", str(locked / "c.h5")]) == 2
+    finally:
+        locked.chmod(0o700)
+    assert f"no file can be created in {locked} (permission denied)" in capsys.readouterr().err
+
+
+def test_check_output_leaves_nothing_behind(tmp_path):
+    from pipeline.cli import check_output
+
+    check_output("--out", str(tmp_path / "new" / "deeper" / "c.h5"))
+    check_output("--out", str(tmp_path / "models" / "m"), folder=True)
+    check_output("--out", None)
+    assert list(tmp_path.iterdir()) == []

@@ -12,7 +12,15 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from conftest import PYTHON, SCRIPTS, bad_files, index_pixel, save_png, write_index_images
+from conftest import (
+    PYTHON,
+    SCRIPTS,
+    bad_files,
+    index_pixel,
+    popen_interruptible,
+    save_png,
+    write_index_images,
+)
 
 from pipeline.cache import CacheError, partial_path, read_cache
 from pipeline.extract import ExtractConfig, run_extract
@@ -152,7 +160,7 @@ def extract_cmd(data: Path, out: Path, *extra: str) -> list[str]:
 
 def run_until_progress(cmd: list[str], min_done: int) -> subprocess.Popen:
     """Start ``cmd`` and return once it has logged ``min_done`` images done (or ended)."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = popen_interruptible(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 120
     for line in proc.stdout:
         # Progress lines only ("extract: 12/243 (5%), ..."), not messages naming a path.
@@ -320,13 +328,25 @@ def test_disk_full_keeps_the_previous_cache_and_says_so(tmp_path, probe_model, r
     )
     assert proc.returncode == 2, proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
-    assert "Disk full?" in last and "is unchanged" in last and "Traceback" not in proc.stderr
+    assert "reached a size limit" in last and "Free some space" in last
+    assert "is unchanged" in last and "Traceback" not in proc.stderr
     assert out.read_bytes() == before
     # A half copy holds nothing worth resuming: it is removed, and the message says so.
     assert partial_path(out).exists() == (room == "append fails")
     assert ("Committed rows are kept" in last) == (room == "append fails")
     run_extract(probe_config(data, probe_model, out))  # room again: the run completes
     check_alignment(out, more, ["a", "b", "c"])
+
+
+def test_a_write_failure_is_called_a_full_disk_only_when_it_is_one(tmp_path, probe_model):
+    data = tmp_path / "data"
+    write_index_images(data, 3)
+    (tmp_path / "notes.txt").write_text("a file where the cache's folder should be")
+    with pytest.raises(CacheError) as caught:
+        run_extract(probe_config(data, probe_model, tmp_path / "notes.txt" / "c.h5"))
+    message = str(caught.value)
+    assert message.startswith("Writing the cache failed (") and "notes.txt" in message
+    assert "disk" not in message.lower() and "space" not in message.lower()
 
 
 def test_decode_in_processes_gives_the_thread_cache_byte_for_byte(tmp_path, probe_model):

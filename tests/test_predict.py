@@ -143,6 +143,52 @@ def test_files_and_folders_mix_in_the_order_given(models, tmp_path):
     assert [r["path"] for r in rows] == [str(one), *dogs, str(one)]
 
 
+def _truncated_jpeg(path: Path) -> Path:
+    from PIL import Image
+
+    Image.fromarray(np.full((16, 16, 3), 90, np.uint8)).save(path, quality=90)
+    path.write_bytes(path.read_bytes()[:40])
+    return path
+
+
+@pytest.mark.parametrize("name, message", [
+    ("broken.jpg", "No image could be read, so nothing was predicted and {out} was not "
+                   "written. First of 1 unreadable: {path}: "),
+    ("cache.h5", "{path} is an HDF5 file (a feature cache?), not an image: predict takes "
+                 "image files or folders. Received: images=['{path}']"),
+    ("list.txt", "{path} is a text file, not an image: predict takes image files or "
+                 "folders. Received: images=['{path}']"),
+])
+def test_predicting_nothing_fails_and_writes_nothing(models, tmp_path, capsys, name, message):
+    data, cache, heads = models["3-class"]
+    path = tmp_path / name
+    if name == "broken.jpg":
+        _truncated_jpeg(path)
+    elif name == "cache.h5":
+        shutil.copy(cache, path)
+    else:
+        path.write_text("\n".join(str(p) for p in sorted((data / "ant").iterdir())) + "\n")
+    out = tmp_path / "p.csv"
+    assert predict_main([str(heads["logreg"]), str(path), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: " + message.format(path=path, out=out)), err[-1]
+    assert not any("Traceback" in line for line in err)
+    assert not out.exists() and not skipped_path(out).exists()
+
+
+def test_files_that_are_no_images_are_named_among_good_ones(models, tmp_path):
+    data, cache, heads = models["3-class"]
+    one = sorted((data / "bee").iterdir())[0]
+    (tmp_path / "list.txt").write_text(f"{one}\n")
+    out = tmp_path / "p.csv"
+    rows, result = predict(heads["logreg"], [cache, one, tmp_path / "list.txt"], out)
+    assert [r["path"] for r in rows] == [str(one)]
+    assert result.skipped == [
+        (str(cache), "an HDF5 file (a feature cache?), not an image"),
+        (str(tmp_path / "list.txt"), "a text file, not an image"),
+    ]
+
+
 @pytest.mark.parametrize("setup", list(SETUPS))
 def test_exported_model_equals_predict(models, tmp_path, setup):
     data, _, heads = models[setup]
