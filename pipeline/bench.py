@@ -11,7 +11,7 @@ noise of scikit-learn's two bundled photographs, ~500x375, quality 90):
     e  input       decode + resize + preprocess + HDF5 write of zeros, no forward pass
 
 a, b, c and d share one feature model object (random weights, seeded; b gets it by
-patching ``pipeline.extract.build_feature_model``), so they differ only in how pixels
+patching ``pipeline.extract.engine.build_feature_model``), so they differ only in how pixels
 reach it. Also timed: a' (``predict_on_batch`` per batch, the entry point extract uses,
 faster than ``predict`` for small models) and b with one decode thread. Timing helpers
 return seconds; :func:`run_benchmark` states the whole protocol; :func:`format_report`
@@ -262,7 +262,7 @@ def module_preprocess_input(case: BenchCase) -> Callable[..., Any]:
 def decode_all(paths: Sequence[Path], size: tuple[int, int], *, batch_size: int = 32,
                workers: int = 0) -> np.ndarray:
     """All images decoded and resized as extract does: (N, H, W, 3) float32 in 0..255."""
-    from pipeline.extract import decoded_batches
+    from pipeline.batches import decoded_batches
 
     batches = [b.images for b in decoded_batches(paths, size=size, batch_size=batch_size,
                                                  workers=workers)]
@@ -276,7 +276,7 @@ def measure_decoders(paths: Sequence[Path], sizes: Sequence[int], *, repeats: in
     Each run includes starting its pool (spawned processes pay their imports), as every
     extract run does. The figure behind ``--decode auto``'s choice.
     """
-    from pipeline.extract import decoded_batches
+    from pipeline.batches import decoded_batches
 
     out = []
     for side in sizes:
@@ -331,7 +331,7 @@ def extract_seconds(config: Any, feature_model: Any | None = None) -> tuple[floa
     from pipeline.extract import run_extract
 
     _fresh(Path(config.out))
-    patch = (mock.patch("pipeline.extract.build_feature_model", return_value=feature_model)
+    patch = (mock.patch("pipeline.extract.engine.build_feature_model", return_value=feature_model)
              if feature_model is not None else contextlib.nullcontext())
     with patch, _quiet():
         return _timed(lambda: run_extract(config))
@@ -393,8 +393,8 @@ def input_side_seconds(paths: Sequence[Path], root: Path, feature_model: Any, ou
     (sha256, size, mtime) is written too, so as many bytes are written as in (b).
     """
     from pipeline.bases import preprocess
+    from pipeline.batches import decoded_batches
     from pipeline.cache import CacheWriter
-    from pipeline.extract import decoded_batches
 
     names = [p.relative_to(root).as_posix() for p in paths]
     shape = feature_model.feature_shape

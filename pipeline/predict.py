@@ -451,7 +451,7 @@ def run_predict(config: PredictConfig) -> PredictResult:
     setting aside named files that are plainly no images (cheap failures first); load the
     model (:func:`load_predictor`: for a fit_head folder
     the frozen feature model is rebuilt from the recorded cache attributes); decode images
-    in threads with :func:`pipeline.extract.decoded_batches` at the recorded size and
+    in threads with :func:`pipeline.batches.decoded_batches` at the recorded size and
     interpolation; score each batch; stream rows into a temporary CSV that replaces
     ``out`` only when complete; list unreadable files in ``<out stem>.skipped.csv``.
 
@@ -467,7 +467,7 @@ def run_predict(config: PredictConfig) -> PredictResult:
             could be read (then nothing is written).
         FileNotFoundError: a model folder's head files are incomplete.
     """
-    from pipeline.extract import decoded_batches
+    from pipeline.batches import decoded_batches
     from pipeline.heads import replace_atomically
 
     _validate(config)

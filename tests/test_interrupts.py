@@ -141,7 +141,7 @@ def test_every_command_says_interrupted_and_exits_130(monkeypatch, capsys, tmp_p
 CHILD = """
 import gc, sys
 sys.path[:0] = [{root!r}, {root!r} + "/tests"]
-import pipeline.extract as extract
+import pipeline.extract.run as extract
 from conftest import ctrl_c_in_a_gc_callback
 from pipeline.cli import extract_main
 

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 from conftest import bad_files, save_png, write_index_images
 
-from pipeline import scale
 from pipeline.cache import read_row_state
 from pipeline.cli import extract_main
 from pipeline.extract import ExtractConfig, run_extract
+from pipeline.extract import ray_engine as scale
 
 ray = pytest.importorskip("ray", reason="the Ray engine is the optional extra .[ray]")
 

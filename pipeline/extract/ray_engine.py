@@ -47,12 +47,8 @@ from pipeline.cache import (
     read_attrs,
     read_row_state,
 )
-from pipeline.extract import (
-    ExtractConfig,
-    build_model,
-    stopped,
-    stored_features,
-)
+from pipeline.extract.config import ExtractConfig
+from pipeline.extract.engine import build_model, stopped, stored_features
 from pipeline.images import ImageIndex, ImageReadError, ImageRecord, parse_size, read_image
 from pipeline.interrupts import install_sigterm, restore_sigterm
 from pipeline.progress import Progress
