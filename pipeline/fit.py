@@ -15,8 +15,9 @@ from sklearn.metrics import accuracy_score, classification_report, confusion_mat
 from sklearn.model_selection import train_test_split
 
 from pipeline.cache import read_cache
-from pipeline.heads import head_params, make_head, save_head, write_json_atomic
+from pipeline.heads import head_params, make_head, save_head
 from pipeline.stream import STREAM_HEADS
+from pipeline.util.files import write_json_atomic
 
 __all__ = ["FitConfig", "evaluate", "run_fit", "split_rows"]
 

@@ -18,8 +18,7 @@ from __future__ import annotations
 import json
 import math
 import os
-import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,7 +36,8 @@ from sklearn.svm import SVC, LinearSVC
 from sklearn.utils.class_weight import compute_class_weight
 from sklearn.utils.validation import check_is_fitted
 
-from pipeline.bases import file_sha256
+# replace_atomically and write_json_atomic are re-exported: predict.py takes them from here.
+from pipeline.util.files import file_sha256, replace_atomically, write_json_atomic
 
 __all__ = [
     "HEADS",
@@ -621,54 +621,6 @@ def head_params(estimator: BaseEstimator) -> dict[str, Any]:
         if value is None or isinstance(value, (bool, int, float, str)):
             out[key] = value
     return out
-
-
-def replace_atomically(path: Path, write: Callable[[Path], None]) -> Path:
-    """Call ``write(tmp)`` on a temp name beside ``path``, then move it over ``path``.
-
-    A crash leaves either the old file or the new one at ``path``, never half of one.
-    """
-    # Same folder (os.replace is atomic only within a filesystem); same suffix, because
-    # Keras refuses to save a model to a name not ending in ".keras".
-    tmp = path.with_name(f".{path.stem}.{uuid.uuid4().hex[:8]}.tmp{path.suffix}")
-    try:
-        write(tmp)
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, set):
-        return sorted(value)
-    return str(value)
-
-
-def write_json_atomic(path: str | os.PathLike, obj: Any) -> Path:
-    """Write ``obj`` as indented JSON to ``path`` atomically.
-
-    NumPy scalars and arrays become numbers and lists; other unknown objects their ``str``.
-
-    Args:
-        path: destination file; its folder must exist.
-        obj: a JSON-serialisable structure.
-
-    Returns:
-        ``path`` as a Path.
-    """
-    text = json.dumps(obj, indent=2, default=_json_default) + "\n"
-    return replace_atomically(Path(path), lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def save_head(estimator: BaseEstimator, out_dir: str | os.PathLike) -> Path:
