@@ -723,17 +723,18 @@ def measure_head_rows(rows: Sequence[int], *, dims: int, batch_size: int, repeat
 def measure_append_copy(work: Path, rows: Sequence[int], *, repeats: int,
                         seed: int) -> list[dict[str, Any]]:
     """The copy a run that adds images starts from: ``CacheWriter.copy_of`` (a byte copy of
-    the complete cache) side by side with the row-by-row copy it replaced (``_copy``, which
+    the complete cache) side by side with the row-by-row copy it replaced (``copy_selected``, which
     still rewrites partial caches), interleaved, on synthetic VGG16-like caches."""
     import h5py
 
-    from pipeline.cache import CacheWriter, _copy, _decode_attrs, partial_path
+    from pipeline.cache import CacheWriter, decode_attrs, partial_path
+    from pipeline.cache.writer import copy_selected
 
     def row_copy(path: Path) -> CacheWriter:
         with h5py.File(path, "r") as f:
-            attrs = _decode_attrs(f.attrs)
+            attrs = decode_attrs(f.attrs)
             n, m = int(attrs.get("n_rows", 0)), int(attrs.get("n_skipped", 0))
-            return _copy(f, attrs, path, np.arange(n), np.arange(m))
+            return copy_selected(f, attrs, path, np.arange(n), np.arange(m))
 
     out = []
     for n in rows:

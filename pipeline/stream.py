@@ -35,11 +35,11 @@ def open_features(
     path: str | Path, layer: str | None = None
 ) -> tuple[h5py.File, h5py.Dataset]:
     """Open a cache read-only with a bounded chunk cache; return (file, layer's features)."""
-    from pipeline.cache import _decode_attrs, feature_dataset, open_cache
+    from pipeline.cache import decode_attrs, feature_dataset, open_cache
 
     f = open_cache(path, rdcc_nbytes=CHUNK_CACHE_BYTES)
     try:
-        return f, f[feature_dataset(_decode_attrs(f.attrs), layer)]
+        return f, f[feature_dataset(decode_attrs(f.attrs), layer)]
     except BaseException:
         f.close()
         raise
