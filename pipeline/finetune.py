@@ -34,8 +34,8 @@ from pipeline.cache import Cache, CacheError, identity_differences, read_cache
 from pipeline.combine import end_to_end_model, preprocessing_layers
 from pipeline.fit import split_rows
 from pipeline.heads import DenseHead, load_head, make_head
+from pipeline.heads.persist import END_TO_END, head_meta, read_head_meta, write_head_meta
 from pipeline.images import ImageReadError, load_image
-from pipeline.predict import END_TO_END
 from pipeline.progress import format_duration
 from pipeline.util.files import read_json, replace_atomically, write_json_atomic
 
@@ -51,7 +51,7 @@ __all__ = [
 
 # Chollet's fine-tuning optimizer: SGD with a small learning rate and momentum 0.9.
 MOMENTUM = 0.9
-_HEAD_FORMAT_VERSION = 1
+
 
 @dataclass
 class FinetuneConfig:
@@ -314,7 +314,7 @@ def _start(config: FinetuneConfig) -> _Start:
     if source.is_dir():
         head = load_head(source)
         if not isinstance(head, DenseHead):
-            kind = read_json(source / "head.json")["kind"]
+            kind = read_head_meta(source)["kind"]
             raise ValueError(
                 f"Fine-tuning needs a dense head (a Keras model to train with the base); "
                 f"{source} holds a {kind!r} head. Train one with fit_head.py --head dense, or "
@@ -592,18 +592,17 @@ def run_finetune(config: FinetuneConfig) -> tuple[Path, dict[str, Any]]:
         metrics["warmup_epochs_run"] = len(head.history_.get("loss", []))
         metrics["warmup_seconds"] = warmup_seconds
 
-    head_meta = {
-        "format_version": _HEAD_FORMAT_VERSION,
-        "kind": END_TO_END,
-        "classes": head.classes_.tolist(),
-        "class_names": list(cache.class_names),  # indexed by class id, as the cache's
-        "input_size": list(size),
-        "interpolation": interpolation,
-        "source": str(source),
-        "head": "dense",
-    }
+    meta = head_meta(
+        END_TO_END,
+        classes=head.classes_.tolist(),
+        class_names=list(cache.class_names),  # indexed by class id, as the cache's
+        input_size=list(size),
+        interpolation=interpolation,
+        source=str(source),
+        head="dense",
+    )
     model = end_to_end_model(feature_model, head.model_, name="finetuned")
-    _save(out_dir, model=model, head_meta=head_meta, metrics=metrics, config=config)
+    _save(out_dir, model=model, meta=meta, metrics=metrics, config=config)
     if unreadable:
         _say(
             f"finetune: {len(unreadable)} images could not be read and were left out "
@@ -620,14 +619,14 @@ def _save(
     out_dir: Path,
     *,
     model: Any,
-    head_meta: dict[str, Any],
+    meta: dict[str, Any],
     metrics: dict[str, Any],
     config: FinetuneConfig,
 ) -> None:
     """Write model.keras, head.json, metrics.json and config.json, each atomically."""
     out_dir.mkdir(parents=True, exist_ok=True)
     replace_atomically(out_dir / "model.keras", model.save)
-    write_json_atomic(out_dir / "head.json", head_meta)
+    write_head_meta(out_dir, meta)
     write_json_atomic(out_dir / "metrics.json", metrics)
     write_json_atomic(out_dir / "config.json", dataclasses.asdict(config))
 
