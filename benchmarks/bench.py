@@ -993,10 +993,22 @@ def machine_info() -> dict[str, Any]:
         "gpus": gpus,
         "loadavg_start": os.getloadavg(),
         # The pipeline changes under active development: which code was measured.
-        "code_sha256": {name: hashlib.sha256((REPO_ROOT / "pipeline" / name).read_bytes())
-                        .hexdigest()[:12] for name in ("extract.py", "images.py", "cache.py",
-                                                       "bases.py", "stream.py", "fit.py")},
+        "code_sha256": {name: _code_sha256(REPO_ROOT / "pipeline" / name) for name in
+                        ("extract.py", "images.py", "cache", "bases.py", "heads/stream.py",
+                         "fit.py")},
     }
+
+
+def _code_sha256(path: Path) -> str:
+    """Short sha256 of a module, or of a package's modules in name order; for a module that
+    became a package (``extract.py`` -> ``extract/``), of that package."""
+    if not path.exists() and path.suffix == ".py" and path.with_suffix("").is_dir():
+        path = path.with_suffix("")
+    files = sorted(path.rglob("*.py")) if path.is_dir() else [path]
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(file.read_bytes())
+    return digest.hexdigest()[:12]
 
 
 def run_benchmark(config: BenchConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
