@@ -20,7 +20,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check pipeline scripts tests
+	$(VENV)/bin/ruff check pipeline scripts tests benchmarks
 
 clean:
 	rm -rf data/digits cache/*.h5 cache/*.partial models/demo-*

@@ -1,9 +1,10 @@
 """Bottleneck-feature pipeline: frozen Keras base -> HDF5 feature cache -> fast heads.
 
 Modules in data-flow order: images (find + decode), bases (frozen feature model),
-cache (HDF5 store), extract (images -> cache), heads + fit (cache -> classifier),
-progress (bars and log lines), interrupts (Ctrl-C that always stops in order),
-cli (argparse for every command), demo.
+cache/ (HDF5 store), extract/ (images -> cache), heads/ + fit + compare (cache ->
+classifier), finetune and predict (images -> classes); util/ (files), progress (bars and
+log lines), interrupts (Ctrl-C that always stops in order), cli (argparse for every
+command), demo. README: "How the code is laid out".
 """
 
 import os

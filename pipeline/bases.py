@@ -8,7 +8,6 @@ pooling, input size, preprocessing.
 from __future__ import annotations
 
 import difflib
-import hashlib
 import os
 import re
 from collections.abc import Sequence
@@ -18,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from pipeline.util.files import file_sha256
 
 __all__ = [
     "POOLINGS",
@@ -36,7 +37,6 @@ __all__ = [
     "check_pooling",
     "check_preprocess",
     "default_input_size",
-    "file_sha256",
     "preprocess",
     "resolve_base",
 ]
@@ -289,15 +289,6 @@ def preprocess(x: np.ndarray, mode: str) -> np.ndarray:
     from keras.applications import imagenet_utils
 
     return imagenet_utils.preprocess_input(x, data_format="channels_last", mode=mode)
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    """Hex sha256 of a file, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 @dataclass

@@ -296,8 +296,7 @@ def _run(prog: str, command: Callable[[], int], *, kept: str | None = None) -> i
 
 
 def _report_failures(command: Callable[[], int]) -> int:
-    from pipeline.cache import CacheError
-    from pipeline.lock import CacheLockedError
+    from pipeline.cache import CacheError, CacheLockedError
 
     try:
         return command()

@@ -29,6 +29,7 @@ from sklearn.model_selection import StratifiedKFold
 from pipeline.cache import Cache, read_cache
 from pipeline.fit import evaluate
 from pipeline.heads import HEADS, DenseHead, head_params, make_head, save_head
+from pipeline.heads.convnet import ScratchConvnet
 from pipeline.progress import Progress
 
 __all__ = [
@@ -303,41 +304,6 @@ def _some(paths: Sequence[str]) -> str:
     shown = ", ".join(paths[:_SHOWN_PATHS])
     more = f" and {len(paths) - _SHOWN_PATHS} more" if len(paths) > _SHOWN_PATHS else ""
     return f"{len(paths)} ({shown}{more})"
-
-
-# ---------------------------------------------------------------------------------------
-# The from-scratch baseline
-
-
-class ScratchConvnet(DenseHead):
-    """Chollet's "script 1" baseline: a small convnet trained from random weights on images.
-
-    The demo's convnet (:func:`pipeline.demo.build_convnet`: three 3x3 convolutions, two
-    max-pools, global average pooling) between a ``Rescaling(1/255)`` and
-    :class:`~pipeline.heads.DenseHead`'s classifier (Dense(hidden) -> Dropout -> softmax);
-    fitting, seeding, early stopping on a held-out 10% and prediction are DenseHead's.
-
-    ``fit(X, y)`` takes RGB images ``(n, H, W, 3)`` in 0..255, any H and W. The arguments
-    are DenseHead's; compare builds it with ``hidden=64``, the width of Chollet's script.
-    """
-
-    # Its trunk learns (and starts with Rescaling(1/255)): nothing to standardise before it.
-    _standardises = False
-
-    def _trunk(self, feature_shape: tuple[int, ...]) -> list[Any]:
-        import keras
-
-        from pipeline.demo import build_convnet
-
-        if len(feature_shape) != 3 or feature_shape[-1] != 3:
-            raise ValueError(
-                "ScratchConvnet trains on RGB images of shape (n, H, W, 3). "
-                f"Received: X.shape=(n, {', '.join(map(str, feature_shape))})"
-            )
-        net = build_convnet(int(feature_shape[0]), 2, name="scratch_trunk")
-        # Everything between the demo net's input and its classifier (conv1 .. gap); the
-        # convolutions only fix the channel count, so a non-square H x W works too.
-        return [keras.layers.Rescaling(1.0 / 255.0, name="rescale"), *net.layers[1:-1]]
 
 
 # ---------------------------------------------------------------------------------------

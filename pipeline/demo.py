@@ -49,7 +49,6 @@ __all__ = [
     "PRETRAIN_DIGITS",
     "TASK_DIGITS",
     "DemoSchedule",
-    "build_convnet",
     "demo_schedule",
     "format_table",
     "load_split",
@@ -67,7 +66,6 @@ SPLITS = ("train", "validation")
 PRETRAIN_VALIDATION_FRACTION = 0.2
 BASE_NAME = "demo-digits04-base.keras"
 CACHE_NAME = "demo-digits59.h5"
-CUT_LAYER = "top_conv"
 # Flatten, not avg: averaging top_conv gives exactly the 64 "gap" features the base was
 # trained through, tuned to tell 0-4 apart; flattening keeps the 8x8 grid (4,096 features),
 # i.e. *where* the strokes are, which the unseen digits 5-9 need. With seeds 0-2 every head
@@ -220,34 +218,6 @@ def load_split(split_dir: Path, *, input_size: int) -> tuple[np.ndarray, np.ndar
 # 2. models
 
 
-def build_convnet(
-    input_size: int = 32, n_classes: int = 5, *, name: str = "digits_convnet"
-) -> keras.Model:
-    """The demo's small convnet, compiled; the base is cut at its ``top_conv`` layer.
-
-    Only built-in layers (no Lambda), so the saved ``.keras`` file loads with
-    ``safe_mode=True``.
-    """
-    import keras
-    from keras import layers
-
-    inputs = keras.Input((input_size, input_size, 3), name="image")
-    x = layers.Conv2D(32, 3, activation="relu", padding="same", name="conv1")(inputs)
-    x = layers.MaxPooling2D(name="pool1")(x)
-    x = layers.Conv2D(64, 3, activation="relu", padding="same", name="conv2")(x)
-    x = layers.MaxPooling2D(name="pool2")(x)
-    x = layers.Conv2D(64, 3, activation="relu", padding="same", name=CUT_LAYER)(x)
-    x = layers.GlobalAveragePooling2D(name="gap")(x)
-    outputs = layers.Dense(n_classes, activation="softmax", name="predictions")(x)
-    model = keras.Model(inputs, outputs, name=name)
-    model.compile(
-        optimizer=keras.optimizers.Adam(1e-3),
-        loss="sparse_categorical_crossentropy",
-        metrics=["accuracy"],
-    )
-    return model
-
-
 def _train_and_score(
     train_dir: Path,
     validation_dir: Path,
@@ -270,6 +240,8 @@ def _train_and_score(
             f"{train_dir} and {validation_dir} have different class folders: "
             f"{classes} vs {val_classes}"
         )
+    from pipeline.heads.convnet import build_convnet
+
     keras.utils.set_random_seed(seed)
     model = build_convnet(input_size, len(classes), name=name)
     start = time.perf_counter()
@@ -427,6 +399,7 @@ def run_demo(root: Path = Path("."), *, quick: bool = False) -> list[dict[str, A
         SystemExit: a pipeline command failed; the message names the step.
     """
     from pipeline.cli import extract_main, fit_head_main
+    from pipeline.heads.convnet import CUT_LAYER
 
     start = time.perf_counter()
     root = Path(root)

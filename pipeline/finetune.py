@@ -17,7 +17,6 @@ Inception ``mixed9``, Xception ``block14_*``, ...): :func:`block_of`, :func:`unf
 from __future__ import annotations
 
 import dataclasses
-import json
 import sys
 import time
 import warnings
@@ -34,10 +33,11 @@ from pipeline.bases import block_of, block_owners, blocks_of, feature_model_from
 from pipeline.cache import Cache, CacheError, identity_differences, read_cache
 from pipeline.combine import end_to_end_model, preprocessing_layers
 from pipeline.fit import split_rows
-from pipeline.heads import DenseHead, load_head, make_head, replace_atomically, write_json_atomic
+from pipeline.heads import DenseHead, load_head, make_head
+from pipeline.heads.persist import END_TO_END, head_meta, read_head_meta, write_head_meta
 from pipeline.images import ImageReadError, load_image
-from pipeline.predict import END_TO_END
 from pipeline.progress import format_duration
+from pipeline.util.files import read_json, replace_atomically, write_json_atomic
 
 __all__ = [
     "FinetuneConfig",
@@ -51,7 +51,7 @@ __all__ = [
 
 # Chollet's fine-tuning optimizer: SGD with a small learning rate and momentum 0.9.
 MOMENTUM = 0.9
-_HEAD_FORMAT_VERSION = 1
+
 
 @dataclass
 class FinetuneConfig:
@@ -301,10 +301,11 @@ class _Start:
     head: DenseHead | None
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def _read_output(path: Path) -> dict[str, Any]:
+    """A JSON file of a fit_head output folder; a missing one says what was expected."""
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: is {path.parent} a fit_head output folder?")
-    return json.loads(path.read_text(encoding="utf-8"))
+    return read_json(path)
 
 
 def _start(config: FinetuneConfig) -> _Start:
@@ -313,14 +314,14 @@ def _start(config: FinetuneConfig) -> _Start:
     if source.is_dir():
         head = load_head(source)
         if not isinstance(head, DenseHead):
-            kind = json.loads((source / "head.json").read_text(encoding="utf-8"))["kind"]
+            kind = read_head_meta(source)["kind"]
             raise ValueError(
                 f"Fine-tuning needs a dense head (a Keras model to train with the base); "
                 f"{source} holds a {kind!r} head. Train one with fit_head.py --head dense, or "
                 f"pass the cache to start from a fresh head. Received: source={str(source)!r}"
             )
-        metrics = _read_json(source / "metrics.json")
-        fit_config = _read_json(source / "config.json")
+        metrics = _read_output(source / "metrics.json")
+        fit_config = _read_output(source / "config.json")
         cache_path = Path(config.cache or fit_config["cache"])
         if not cache_path.is_file():
             raise CacheError(
@@ -591,18 +592,17 @@ def run_finetune(config: FinetuneConfig) -> tuple[Path, dict[str, Any]]:
         metrics["warmup_epochs_run"] = len(head.history_.get("loss", []))
         metrics["warmup_seconds"] = warmup_seconds
 
-    head_meta = {
-        "format_version": _HEAD_FORMAT_VERSION,
-        "kind": END_TO_END,
-        "classes": head.classes_.tolist(),
-        "class_names": list(cache.class_names),  # indexed by class id, as the cache's
-        "input_size": list(size),
-        "interpolation": interpolation,
-        "source": str(source),
-        "head": "dense",
-    }
+    meta = head_meta(
+        END_TO_END,
+        classes=head.classes_.tolist(),
+        class_names=list(cache.class_names),  # indexed by class id, as the cache's
+        input_size=list(size),
+        interpolation=interpolation,
+        source=str(source),
+        head="dense",
+    )
     model = end_to_end_model(feature_model, head.model_, name="finetuned")
-    _save(out_dir, model=model, head_meta=head_meta, metrics=metrics, config=config)
+    _save(out_dir, model=model, meta=meta, metrics=metrics, config=config)
     if unreadable:
         _say(
             f"finetune: {len(unreadable)} images could not be read and were left out "
@@ -619,14 +619,14 @@ def _save(
     out_dir: Path,
     *,
     model: Any,
-    head_meta: dict[str, Any],
+    meta: dict[str, Any],
     metrics: dict[str, Any],
     config: FinetuneConfig,
 ) -> None:
     """Write model.keras, head.json, metrics.json and config.json, each atomically."""
     out_dir.mkdir(parents=True, exist_ok=True)
     replace_atomically(out_dir / "model.keras", model.save)
-    write_json_atomic(out_dir / "head.json", head_meta)
+    write_head_meta(out_dir, meta)
     write_json_atomic(out_dir / "metrics.json", metrics)
     write_json_atomic(out_dir / "config.json", dataclasses.asdict(config))
 

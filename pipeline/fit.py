@@ -15,8 +15,9 @@ from sklearn.metrics import accuracy_score, classification_report, confusion_mat
 from sklearn.model_selection import train_test_split
 
 from pipeline.cache import read_cache
-from pipeline.heads import head_params, make_head, save_head, write_json_atomic
-from pipeline.stream import STREAM_HEADS
+from pipeline.heads import head_params, make_head, save_head
+from pipeline.heads.stream import STREAM_HEADS
+from pipeline.util.files import write_json_atomic
 
 __all__ = ["FitConfig", "evaluate", "run_fit", "split_rows"]
 
@@ -289,7 +290,7 @@ def run_fit(config: FitConfig) -> tuple[Path, dict[str, Any]]:
     def scores(rows: np.ndarray) -> dict[str, Any]:
         if not config.stream:
             return evaluate(estimator, X[rows], labels[rows], class_names)
-        from pipeline.stream import open_features, predict_rows, read_rows
+        from pipeline.heads.stream import open_features, predict_rows, read_rows
 
         f, features = open_features(cache_path, config.layer)
         with f:
@@ -330,7 +331,7 @@ STREAM_SGD_PASSES = 10
 
 def _fit_streaming(config: FitConfig, cache: Any, train: np.ndarray, val: np.ndarray) -> Any:
     """Fit ``config.head`` from the cache file in batches (``--stream``)."""
-    from pipeline.stream import fit_streaming, open_features
+    from pipeline.heads.stream import fit_streaming, open_features
 
     f, features = open_features(config.cache, config.layer)
     with f:

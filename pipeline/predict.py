@@ -29,7 +29,6 @@ cache, a ``.keras`` zip, a text file) is said to be so.
 from __future__ import annotations
 
 import csv
-import json
 import os
 import sys
 import time
@@ -43,6 +42,7 @@ import numpy as np
 from pipeline.images import IMAGE_EXTENSIONS, image_files
 from pipeline.interrupts import deferred
 from pipeline.progress import Progress, format_duration
+from pipeline.util.files import read_json
 
 __all__ = [
     "END_TO_END",
@@ -129,24 +129,17 @@ class _Located:
     keras_file: Path | None  # the end-to-end model file
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"Cannot read {path}: {exc}") from exc
-
-
 def _locate(model: str | os.PathLike) -> _Located:
     """Find a model's metadata without loading anything heavy."""
     path = Path(model)
     if path.is_file() and path.suffix == ".keras":
         sidecar = path.with_suffix(".json")
         if sidecar.is_file():
-            return _Located(_read_json(sidecar), sidecar, path.parent, path)
+            return _Located(read_json(sidecar), sidecar, path.parent, path)
         if path.name == "model.keras":  # the model file of a model folder: use the folder
             path = path.parent
     if path.is_dir() and (path / "head.json").is_file():
-        meta = _read_json(path / "head.json")
+        meta = read_json(path / "head.json")
         keras_file = path / "model.keras" if meta.get("kind") == END_TO_END else None
         return _Located(meta, path / "head.json", path, keras_file)
     raise ValueError(
@@ -169,7 +162,7 @@ def _metrics(located: _Located) -> dict[str, Any]:
                 f"{located.folder} has no metrics.json: predict needs the cache attributes "
                 f"fit_head records there. Received: model={str(located.folder)!r}"
             )
-        metrics = _read_json(path)
+        metrics = read_json(path)
     if not isinstance(metrics.get("cache_attrs"), dict):
         raise ValueError(f"{path} records no cache_attrs: the base cannot be rebuilt.")
     return metrics
@@ -468,7 +461,7 @@ def run_predict(config: PredictConfig) -> PredictResult:
         FileNotFoundError: a model folder's head files are incomplete.
     """
     from pipeline.batches import decoded_batches
-    from pipeline.heads import replace_atomically
+    from pipeline.util.files import replace_atomically
 
     _validate(config)
     located = _locate(config.model)
@@ -541,7 +534,7 @@ def run_predict(config: PredictConfig) -> PredictResult:
 
 def _write_skipped(out: Path, skipped: list[tuple[str, str]], limit: int = 20) -> Path | None:
     """List unreadable files on stderr and in ``<out stem>.skipped.csv``; drop a stale list."""
-    from pipeline.heads import replace_atomically
+    from pipeline.util.files import replace_atomically
 
     target = skipped_path(out)
     if not skipped:
@@ -602,7 +595,7 @@ def export_model(model_dir: str | os.PathLike, out: str | os.PathLike) -> Path:
             files, the head is not dense, or the recorded base cannot be rebuilt.
     """
     from pipeline.combine import end_to_end_model
-    from pipeline.heads import replace_atomically, write_json_atomic
+    from pipeline.util.files import replace_atomically, write_json_atomic
 
     out = Path(out)
     if out.suffix != ".keras":

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.heads import write_json_atomic
+from pipeline.util.files import write_json_atomic
 
 __all__ = [
     "LEADERBOARD_COLUMNS",

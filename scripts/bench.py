@@ -1,6 +1,6 @@
 """Benchmark the pipeline: ``python scripts/bench.py [--quick] [--repeats R] [--images N]``.
 
-Thin wrapper over pipeline/bench.py: prints the tables and writes the raw numbers to
+Thin wrapper over benchmarks/bench.py: prints the tables and writes the raw numbers to
 ``--out`` (JSON). docs/performance.md reports a full run.
 """
 
@@ -16,7 +16,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from pipeline.bench import CASES, BenchConfig, format_report, run_benchmark  # noqa: E402
+from benchmarks.bench import CASES, BenchConfig, format_report, run_benchmark  # noqa: E402
 
 PARTS = BenchConfig().parts
 

@@ -22,7 +22,7 @@ import pytest
 from conftest import PYTHON, ROOT, bad_files, write_index_images
 from test_extract import check_alignment
 
-from pipeline.bench import make_images
+from benchmarks.bench import make_images
 from pipeline.cache import read_cache
 from pipeline.extract import ExtractConfig, run_extract
 from pipeline.predict import PredictConfig, run_predict

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from conftest import PYTHON, SCRIPTS
 
-from pipeline.bench import make_images, shared_cpu_bound, write_synthetic_cache
+from benchmarks.bench import make_images, shared_cpu_bound, write_synthetic_cache
 from pipeline.cache import read_cache
 
 

@@ -256,7 +256,7 @@ def test_compressed_cache_holds_the_same_features(tmp_path, probe_model, compres
 def test_second_writer_is_refused_and_stale_lock_taken_over(tmp_path, probe_model, capsys):
     import os
 
-    from pipeline.lock import CacheLock, CacheLockedError
+    from pipeline.cache import CacheLock, CacheLockedError
 
     data = tmp_path / "data"
     write_index_images(data, 6)

@@ -153,7 +153,7 @@ def test_dense_speed_settings_learn_what_plain_keras_fit_learns(monkeypatch, n_c
     # 30 rows per class with a 10% holdout leave a partial last batch.
     import keras
 
-    from pipeline import heads
+    from pipeline.heads import dense
 
     X, y = blobs(135 // n_classes, n_classes, seed=6)
     fast = DenseHead(epochs=4, random_state=0, patience=1).fit(X, y)
@@ -163,7 +163,7 @@ def test_dense_speed_settings_learn_what_plain_keras_fit_learns(monkeypatch, n_c
     def fit_without_steps(self, *args, steps_per_epoch=None, **kwargs):
         return plain_fit(self, *args, **kwargs)
 
-    monkeypatch.setattr(heads, "_STEPS_PER_EXECUTION", 1)
+    monkeypatch.setattr(dense, "_STEPS_PER_EXECUTION", 1)
     monkeypatch.setattr(keras.Model, "fit", fit_without_steps)
     plain = DenseHead(epochs=4, random_state=0, patience=1).fit(X, y)
     assert fast.history_ == plain.history_

@@ -17,6 +17,7 @@ import numpy as np
 from pipeline.bases import FeatureModel, resolve_base
 from pipeline.cache import (
     CacheError,
+    CacheLock,
     CacheWriteError,
     CacheWriter,
     identity_differences,
@@ -37,7 +38,6 @@ from pipeline.extract.local_engine import augment_loop, extract_loop
 from pipeline.extract.sync import drop_stale_rows, file_stats, find_leaks, up_to_date
 from pipeline.images import ImageIndex, check_interpolation, index_images
 from pipeline.interrupts import deferred
-from pipeline.lock import CacheLock
 
 __all__ = ["run_extract"]
 

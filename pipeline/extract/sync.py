@@ -13,10 +13,10 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.bases import file_sha256
 from pipeline.cache import CacheWriter, partial_path, read_attrs, read_row_state
 from pipeline.extract.config import ExtractConfig, ExtractResult
 from pipeline.images import ImageIndex
+from pipeline.util.files import file_sha256
 
 __all__ = ["drop_stale_rows", "file_stats", "find_leaks", "up_to_date"]
 

@@ -1,76 +1,44 @@
-"""Classifier heads on cached bottleneck features, behind one scikit-learn estimator interface.
+"""The Keras head: Flatten -> standardise -> Dense(relu) -> Dropout -> softmax, as an estimator.
 
-Five heads, all trained by ``fit(X, y)`` and used by ``predict(X)``:
-
-    dense        Keras: Flatten -> standardise -> Dense(256, relu) -> Dropout(0.5) -> softmax
-                 (Chollet's head, with the scaling the other heads get from StandardScaler)
-    logreg       flatten -> StandardScaler -> LogisticRegression
-    linear-svm   flatten -> StandardScaler -> LinearSVC
-    svm          flatten -> StandardScaler -> SVC(kernel="rbf")
-    knn          flatten -> StandardScaler -> KNeighborsClassifier(n_neighbors=5)
-
-``X`` may be pooled vectors ``(N, d)`` or unpooled maps ``(N, h, w, c)``: every head flattens.
-A fitted head is saved to a folder with :func:`save_head` and read back with :func:`load_head`.
+:class:`DenseHead` is Chollet's bottleneck head behind scikit-learn's estimator contract
+(no logic in ``__init__``, ``fit`` returns ``self``, learned state ends in ``_``), with the
+per-feature standardisation the other heads get from StandardScaler built into the Keras
+model (:func:`feature_moments`, :func:`feature_scale`), so it travels with the saved model.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-import joblib
 import keras
 import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin
-from sklearn.linear_model import LogisticRegression, SGDClassifier
 from sklearn.model_selection import train_test_split
-from sklearn.neighbors import KNeighborsClassifier
-from sklearn.pipeline import Pipeline
-from sklearn.preprocessing import FunctionTransformer, StandardScaler
-from sklearn.svm import SVC, LinearSVC
 from sklearn.utils.class_weight import compute_class_weight
 from sklearn.utils.validation import check_is_fitted
 
-from pipeline.bases import file_sha256
+__all__ = ["DenseHead", "FeatureMoments", "check_head_args", "feature_moments", "feature_scale"]
 
-__all__ = [
-    "HEADS",
-    "DenseHead",
-    "FeatureMoments",
-    "feature_moments",
-    "feature_scale",
-    "head_name",
-    "head_params",
-    "load_head",
-    "make_head",
-    "replace_atomically",
-    "save_head",
-    "write_json_atomic",
-]
-
-HEADS = ("dense", "logreg", "linear-svm", "svm", "knn")
-_HEAD_FORMAT_VERSION = 1
 # Share of the training rows DenseHead holds out for early stopping when given no validation data.
 _INTERNAL_VAL_FRACTION = 0.1
+
 # A small head's step is cheaper than Keras' dispatch of it: running up to 32 steps per call
 # trains ~1.5x faster on CPU with bit-identical weights (docs/performance.md). Batch-level
 # callbacks then fire every 32 steps, which no head here uses.
 _STEPS_PER_EXECUTION = 32
+
 # Rows per float64 block when DenseHead measures its training features: about 16 MiB.
 _MOMENT_BYTES = 16 << 20
+
 # Keras' Normalization divides by max(std, 1e-7), and a float32 variance overflows above
 # std ~1e19: features whose largest std lies outside 2**-10 .. 2**10 are first multiplied
 # by a power of two (exact in float32) that brings it near 1.
 _UNSCALED_STD_RANGE = (2.0**-10, 2.0**10)
 
-
-def _check_head_args(
+def check_head_args(
     *,
     C: float = 1.0,
     class_weight: str | None,
@@ -96,95 +64,6 @@ def _check_head_args(
         )
     if not isinstance(patience, (int, np.integer)) or patience < 0:
         raise ValueError(f"`patience` must be an integer >= 0. Received: patience={patience!r}")
-
-
-def _flatten(X: Any) -> np.ndarray:
-    # Module-level (not a lambda) so fitted pipelines pickle; unpooled (N, h, w, c) maps
-    # become (N, h*w*c) rows for the scikit-learn classifiers.
-    X = np.asarray(X)
-    return X.reshape(len(X), -1)
-
-
-def flatten_step() -> FunctionTransformer:
-    """The pipelines' first step: (N, ...) features -> (N, D) rows (picklable)."""
-    return FunctionTransformer(_flatten)
-
-
-def _sklearn_pipeline(clf: BaseEstimator) -> Pipeline:
-    return Pipeline(
-        [
-            ("flatten", flatten_step()),
-            ("scale", StandardScaler()),
-            ("clf", clf),
-        ]
-    )
-
-
-def make_head(
-    name: str,
-    *,
-    C: float = 1.0,
-    class_weight: str | None = None,
-    epochs: int = 100,
-    lr: float = 1e-3,
-    batch_size: int = 32,
-    patience: int = 10,
-    random_state: int = 0,
-) -> BaseEstimator:
-    """Build an unfitted classifier head by name.
-
-    Arguments a head does not use are ignored: ``C`` by ``dense`` and ``knn``; ``epochs``,
-    ``lr``, ``batch_size`` and ``patience`` by the scikit-learn heads; ``class_weight`` and
-    ``random_state`` by ``knn`` (its neighbours vote unweighted and it draws nothing).
-
-    Args:
-        name: one of ``HEADS``.
-        C: inverse regularisation strength of the scikit-learn heads.
-        class_weight: None, or "balanced" to weight classes inversely to their frequency.
-        epochs: maximum training epochs of the dense head.
-        lr: Adam learning rate of the dense head.
-        batch_size: minibatch size of the dense head.
-        patience: epochs without validation-loss improvement before the dense head stops.
-        random_state: seed for the head's randomness.
-
-    Returns:
-        An unfitted estimator with ``fit``/``predict``.
-
-    Raises:
-        ValueError: unknown ``name`` or an invalid argument.
-    """
-    if name not in HEADS:
-        raise ValueError(f"Unknown head. Expected one of {HEADS}. Received: head={name!r}")
-    _check_head_args(
-        C=C,
-        class_weight=class_weight,
-        epochs=epochs,
-        lr=lr,
-        batch_size=batch_size,
-        patience=patience,
-    )
-    if name == "dense":
-        return DenseHead(
-            epochs=epochs,
-            lr=lr,
-            batch_size=batch_size,
-            patience=patience,
-            class_weight=class_weight,
-            random_state=random_state,
-        )
-    if name == "logreg":
-        clf = LogisticRegression(
-            C=C, max_iter=2000, class_weight=class_weight, random_state=random_state
-        )
-    elif name == "linear-svm":
-        clf = LinearSVC(C=C, class_weight=class_weight, random_state=random_state)
-    elif name == "knn":
-        clf = KNeighborsClassifier(n_neighbors=5)
-    else:
-        clf = SVC(
-            kernel="rbf", C=C, gamma="scale", class_weight=class_weight, random_state=random_state
-        )
-    return _sklearn_pipeline(clf)
 
 
 @dataclass(frozen=True)
@@ -415,7 +294,7 @@ class DenseHead(ClassifierMixin, BaseEstimator):
             ValueError: invalid arguments, fewer than two classes, or validation labels
                 unseen in ``y``.
         """
-        _check_head_args(
+        check_head_args(
             class_weight=self.class_weight,
             epochs=self.epochs,
             lr=self.lr,
@@ -511,7 +390,7 @@ class DenseHead(ClassifierMixin, BaseEstimator):
         Returns:
             self.
         """
-        _check_head_args(class_weight=self.class_weight, epochs=self.epochs, lr=self.lr,
+        check_head_args(class_weight=self.class_weight, epochs=self.epochs, lr=self.lr,
                          batch_size=self.batch_size, patience=self.patience)
         self.classes_ = np.asarray(classes)
         self.feature_shape_ = tuple(int(d) for d in feature_shape)
@@ -575,191 +454,3 @@ class DenseHead(ClassifierMixin, BaseEstimator):
             Array of labels from ``classes_``, shape ``(n_samples,)``.
         """
         return self.classes_[np.argmax(self.predict_proba(X), axis=1)]
-
-
-def head_name(estimator: BaseEstimator) -> str:
-    """The ``HEADS`` name of an estimator built by :func:`make_head`.
-
-    Args:
-        estimator: a head from :func:`make_head` (fitted or not).
-
-    Returns:
-        One of ``HEADS``.
-
-    Raises:
-        ValueError: the estimator is not one of the known heads.
-    """
-    if isinstance(estimator, DenseHead):
-        return "dense"
-    clf = estimator.named_steps.get("clf") if isinstance(estimator, Pipeline) else None
-    if isinstance(clf, SGDClassifier):  # fit_head --stream: out-of-core linear heads
-        return "logreg" if clf.loss == "log_loss" else "linear-svm"
-    for cls, name in (
-        (LogisticRegression, "logreg"),
-        (LinearSVC, "linear-svm"),
-        (SVC, "svm"),
-        (KNeighborsClassifier, "knn"),
-    ):
-        if isinstance(clf, cls):
-            return name
-    raise ValueError(f"Not a head built by make_head. Received: {type(estimator).__name__}")
-
-
-def head_params(estimator: BaseEstimator) -> dict[str, Any]:
-    """The JSON-safe subset (None, bool, int, float, str) of ``estimator.get_params()``.
-
-    Args:
-        estimator: any scikit-learn estimator.
-
-    Returns:
-        Parameter name -> value, nested pipeline parameters as ``step__param``.
-    """
-    out: dict[str, Any] = {}
-    for key, value in estimator.get_params(deep=True).items():
-        if isinstance(value, np.generic):
-            value = value.item()
-        if value is None or isinstance(value, (bool, int, float, str)):
-            out[key] = value
-    return out
-
-
-def replace_atomically(path: Path, write: Callable[[Path], None]) -> Path:
-    """Call ``write(tmp)`` on a temp name beside ``path``, then move it over ``path``.
-
-    A crash leaves either the old file or the new one at ``path``, never half of one.
-    """
-    # Same folder (os.replace is atomic only within a filesystem); same suffix, because
-    # Keras refuses to save a model to a name not ending in ".keras".
-    tmp = path.with_name(f".{path.stem}.{uuid.uuid4().hex[:8]}.tmp{path.suffix}")
-    try:
-        write(tmp)
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, set):
-        return sorted(value)
-    return str(value)
-
-
-def write_json_atomic(path: str | os.PathLike, obj: Any) -> Path:
-    """Write ``obj`` as indented JSON to ``path`` atomically.
-
-    NumPy scalars and arrays become numbers and lists; other unknown objects their ``str``.
-
-    Args:
-        path: destination file; its folder must exist.
-        obj: a JSON-serialisable structure.
-
-    Returns:
-        ``path`` as a Path.
-    """
-    text = json.dumps(obj, indent=2, default=_json_default) + "\n"
-    return replace_atomically(Path(path), lambda tmp: tmp.write_text(text, encoding="utf-8"))
-
-
-def save_head(estimator: BaseEstimator, out_dir: str | os.PathLike) -> Path:
-    """Save a fitted head to ``out_dir``.
-
-    ``dense`` -> ``model.keras`` (the Keras model) + ``head.json`` (kind, classes, params,
-    feature shape, history). scikit-learn heads -> ``model.joblib`` + ``head.json`` (kind).
-    Every file is written atomically.
-
-    Args:
-        estimator: a fitted head from :func:`make_head`.
-        out_dir: folder to write into (created if missing).
-
-    Returns:
-        The path of the saved model file.
-
-    Raises:
-        ValueError: the estimator is not a known head.
-        sklearn.exceptions.NotFittedError: the estimator is not fitted.
-    """
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    kind = head_name(estimator)
-    meta: dict[str, Any] = {"format_version": _HEAD_FORMAT_VERSION, "kind": kind}
-    if kind == "dense":
-        check_is_fitted(estimator, "model_")
-        model_path = replace_atomically(out_dir / "model.keras", estimator.model_.save)
-        meta |= {
-            "classes": estimator.classes_.tolist(),
-            "feature_shape": list(estimator.feature_shape_),
-            "params": estimator.get_params(),
-            "history": estimator.history_,
-        }
-    else:
-        check_is_fitted(estimator)
-        model_path = replace_atomically(
-            out_dir / "model.joblib", lambda tmp: joblib.dump(estimator, tmp)
-        )
-        # Checked before unpickling in load_head: a pickle runs code when loaded.
-        meta["model_sha256"] = file_sha256(model_path)
-    write_json_atomic(out_dir / "head.json", meta)
-    return model_path
-
-
-def load_head(out_dir: str | os.PathLike) -> BaseEstimator:
-    """Load a head saved by :func:`save_head`, fitted and ready to predict.
-
-    The Keras model loads with ``safe_mode=True`` (no arbitrary code). A ``model.joblib``
-    is a pickle: it is unpickled only if its sha256 equals the one recorded at save time,
-    so a file swapped or edited afterwards is refused.
-
-    Args:
-        out_dir: the folder given to :func:`save_head`.
-
-    Returns:
-        The fitted estimator.
-
-    Raises:
-        FileNotFoundError: ``out_dir`` holds no ``head.json``.
-        ValueError: ``head.json`` names an unknown kind or format.
-    """
-    out_dir = Path(out_dir)
-    meta_path = out_dir / "head.json"
-    if not meta_path.exists():
-        raise FileNotFoundError(
-            f"No saved head in {out_dir}: {meta_path.name} is missing. "
-            "Train one with the fit-head command first."
-        )
-    meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    if meta.get("format_version") != _HEAD_FORMAT_VERSION:
-        raise ValueError(
-            f"{meta_path} has an unsupported format. Expected format_version="
-            f"{_HEAD_FORMAT_VERSION}. Received: format_version={meta.get('format_version')!r}"
-        )
-    kind = meta.get("kind")
-    if kind not in HEADS:
-        raise ValueError(f"{meta_path}: unknown head. Expected one of {HEADS}. Received: {kind!r}")
-    if kind != "dense":
-        model_path = out_dir / "model.joblib"
-        expected = meta.get("model_sha256")
-        if not expected or file_sha256(model_path) != expected:
-            raise ValueError(
-                f"{model_path} does not match the sha256 recorded in {meta_path} when it was "
-                "saved: refusing to unpickle a file that changed (a pickle can run code). "
-                "Re-run fit_head to rebuild it."
-            )
-        return joblib.load(model_path)
-    head = DenseHead(**meta["params"])
-    head.model_ = keras.models.load_model(out_dir / "model.keras", safe_mode=True, compile=False)
-    head.classes_ = np.asarray(meta["classes"])
-    head.feature_shape_ = tuple(meta["feature_shape"])
-    head.n_features_in_ = int(np.prod(head.feature_shape_))
-    head.history_ = meta.get("history", {})
-    return head

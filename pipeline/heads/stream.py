@@ -17,6 +17,10 @@ from typing import Any
 import h5py
 import numpy as np
 
+from pipeline.cache import decode_attrs, feature_dataset, open_cache
+from pipeline.heads.dense import DenseHead
+from pipeline.heads.registry import flatten_step
+
 __all__ = [
     "STREAM_HEADS",
     "fit_streaming",
@@ -35,11 +39,9 @@ def open_features(
     path: str | Path, layer: str | None = None
 ) -> tuple[h5py.File, h5py.Dataset]:
     """Open a cache read-only with a bounded chunk cache; return (file, layer's features)."""
-    from pipeline.cache import _decode_attrs, feature_dataset, open_cache
-
     f = open_cache(path, rdcc_nbytes=CHUNK_CACHE_BYTES)
     try:
-        return f, f[feature_dataset(_decode_attrs(f.attrs), layer)]
+        return f, f[feature_dataset(decode_attrs(f.attrs), layer)]
     except BaseException:
         f.close()
         raise
@@ -190,8 +192,6 @@ def fit_streaming(
 
 def _dense(path, labels, train, val, classes, feature_shape, *, epochs, lr, batch_size, patience,
            class_weight, seed, layer) -> Any:
-    from pipeline.heads import DenseHead
-
     head = DenseHead(epochs=epochs, lr=lr, batch_size=batch_size, patience=patience,
                      class_weight=class_weight, random_state=seed)
     batches = _row_batches_class()
@@ -215,8 +215,6 @@ def _sgd(head, path, labels, paths, train, classes, *, epochs, batch_size, C, cl
     from sklearn.pipeline import Pipeline
     from sklearn.preprocessing import StandardScaler
     from sklearn.utils.class_weight import compute_class_weight
-
-    from pipeline.heads import flatten_step
 
     f, features = open_features(path, layer)
     try:
