@@ -236,6 +236,21 @@ _CANNOT_CREATE = {
 }
 
 
+def demo_parser() -> argparse.ArgumentParser:
+    """Arguments of ``demo.py``."""
+    p = argparse.ArgumentParser(
+        prog="demo.py",
+        description="Offline demo: pretrain a small base on digits 0-4, transfer it to "
+        "digits 5-9 with a few labelled images through extract.py and fit_head.py, and "
+        "compare the heads with a convnet trained from scratch.",
+    )
+    p.add_argument("--quick", action="store_true", help="a few epochs only, for a smoke test")
+    p.add_argument("--root", type=Path, default=Path("."),
+                   help="folder holding data/, cache/, models/ and reports/ "
+                   "(default: current directory)")
+    return p
+
+
 def check_output(flag: str, value: str | None, *, folder: bool = False) -> None:
     """Refuse an output path that cannot be written, before any expensive work.
 
@@ -447,11 +462,13 @@ def compare_main(argv: Sequence[str] | None = None) -> int:
 
 
 def demo_main(argv: Sequence[str] | None = None) -> int:
-    """``demo.py``: the offline digits demo."""
+    """``demo.py``: the offline digits demo, which runs ``extract.py`` and ``fit_head.py``."""
+    args = demo_parser().parse_args(argv)
 
     def command() -> int:
-        from pipeline.demo import main
+        from pipeline.demo import run_demo
 
-        return main(argv)
+        run_demo(args.root, quick=args.quick, extract=extract_main, fit_head=fit_head_main)
+        return 0
 
     return _run("demo", command)

@@ -27,7 +27,6 @@ resize to 32x32 -> x/255), so the base sees at extraction what it saw in pretrai
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import shlex
@@ -52,7 +51,6 @@ __all__ = [
     "demo_schedule",
     "format_table",
     "load_split",
-    "main",
     "pretrain_base",
     "run_demo",
     "scratch_convnet",
@@ -351,7 +349,7 @@ def _takeaway(rows: Sequence[dict[str, Any]], per_class_train: int) -> str:
 
 
 def _run_step(
-    step: str, entry: Callable[[list[str] | None], int], script: str, argv: list[str]
+    step: str, entry: Command, script: str, argv: list[str]
 ) -> None:
     """Print the command a user would type, run it in-process, stop on failure."""
     print(f"\n$ python {script} {shlex.join(argv)}", flush=True)
@@ -385,12 +383,22 @@ def _remove_outputs(*paths: Path) -> None:
             path.unlink()
 
 
-def run_demo(root: Path = Path("."), *, quick: bool = False) -> list[dict[str, Any]]:
+# A command-line entry point: argv -> exit status (pipeline.cli's *_main functions).
+Command = Callable[[list[str] | None], int]
+
+
+def run_demo(
+    root: Path = Path("."), *, quick: bool = False, extract: Command, fit_head: Command,
+) -> list[dict[str, Any]]:
     """Run the whole demo under ``root`` and print its table (protocol: module docstring).
 
     Args:
         root: the folder holding ``data/``, ``cache/``, ``models/`` and ``reports/``.
         quick: a few epochs only, for a smoke test (the accuracies mean little).
+        extract, fit_head: the entry points of ``extract.py`` and ``fit_head.py``
+            (``pipeline.cli.extract_main``, ``fit_head_main``), run in-process with the
+            arguments the demo prints. Passed in: the demo walks through the CLI, and
+            stays below it (the CLI's ``demo.py`` command calls the demo).
 
     Returns:
         One dict per table row: ``head``, ``accuracy``, ``fit_seconds``.
@@ -398,7 +406,6 @@ def run_demo(root: Path = Path("."), *, quick: bool = False) -> list[dict[str, A
     Raises:
         SystemExit: a pipeline command failed; the message names the step.
     """
-    from pipeline.cli import extract_main, fit_head_main
     from pipeline.heads.convnet import CUT_LAYER
 
     start = time.perf_counter()
@@ -437,7 +444,7 @@ def run_demo(root: Path = Path("."), *, quick: bool = False) -> list[dict[str, A
     t = time.perf_counter()
     _run_step(
         "extract",
-        extract_main,
+        extract,
         "scripts/extract.py",
         [
             str(digits_dir / "task"),
@@ -460,8 +467,7 @@ def run_demo(root: Path = Path("."), *, quick: bool = False) -> list[dict[str, A
             argv = [str(cache), "--head", head, "--out", str(out), *extra]
             if head == "dense" and sched.dense_head_epochs is not None:
                 argv += ["--epochs", str(sched.dense_head_epochs)]
-            _run_step(f"fit_head --head {head}{suffix}", fit_head_main, "scripts/fit_head.py",
-                      argv)
+            _run_step(f"fit_head --head {head}{suffix}", fit_head, "scripts/fit_head.py", argv)
             metrics = _read_metrics(out / "metrics.json", head)
             if suffix:
                 row["accuracy_augmented"] = metrics["accuracy"]
@@ -509,23 +515,3 @@ def run_demo(root: Path = Path("."), *, quick: bool = False) -> list[dict[str, A
         f"{root / 'models' / 'demo-digits59-*'}/, table in {report}"
     )
     return rows
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python scripts/demo.py [--quick] [--root DIR]``."""
-    parser = argparse.ArgumentParser(
-        prog="demo.py",
-        description="Offline demo: pretrain a small base on digits 0-4, transfer it to "
-        "digits 5-9 with a few labelled images through extract.py and fit_head.py, and "
-        "compare the heads with a convnet trained from scratch.",
-    )
-    parser.add_argument("--quick", action="store_true", help="a few epochs only, for a smoke test")
-    parser.add_argument(
-        "--root",
-        type=Path,
-        default=Path("."),
-        help="folder holding data/, cache/, models/ and reports/ (default: current directory)",
-    )
-    args = parser.parse_args(argv)
-    run_demo(args.root, quick=args.quick)
-    return 0

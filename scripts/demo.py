@@ -1,12 +1,11 @@
-"""`make demo`: the offline end-to-end demo on handwritten digits (see pipeline/demo.py)."""
+"""Thin wrapper (`make demo`): see `python scripts/demo.py --help` and pipeline/cli.py."""
 
 import sys
 from pathlib import Path
 
-# Run from a clone without installing: make the repository root importable.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.demo import main  # noqa: E402
+from pipeline.cli import demo_main  # noqa: E402
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(demo_main())

@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 from sklearn.datasets import load_digits
 
+from pipeline.cli import extract_main, fit_head_main
 from pipeline.demo import HEADS, PRETRAIN_DIGITS, TASK_DIGITS, run_demo, write_digits
 
 
@@ -84,7 +85,7 @@ def test_write_digits_refuses_a_split_without_validation(tmp_path: Path) -> None
 def test_run_demo_quick_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     import keras
 
-    rows = run_demo(tmp_path, quick=True)
+    rows = run_demo(tmp_path, quick=True, extract=extract_main, fit_head=fit_head_main)
 
     assert [r["head"] for r in rows] == [*HEADS, "scratch convnet (same images)"]
     for row in rows:

@@ -122,7 +122,7 @@ def _interrupted_in_gc(*args, **kwargs):
     ("predict", "pipeline.predict", "run_predict", ["model", "x.png"]),
     ("finetune", "pipeline.finetune", "run_finetune", ["c.h5"]),
     ("compare", "pipeline.compare", "run_compare", ["c.h5"]),
-    ("demo", "pipeline.demo", "main", []),
+    ("demo", "pipeline.demo", "run_demo", []),
 ])
 def test_every_command_says_interrupted_and_exits_130(monkeypatch, capsys, tmp_path, script,
                                                       module, function, argv):
