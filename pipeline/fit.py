@@ -14,7 +14,7 @@ from sklearn.base import BaseEstimator
 from sklearn.metrics import accuracy_score, classification_report, confusion_matrix, f1_score
 from sklearn.model_selection import train_test_split
 
-from pipeline.cache import read_cache
+from pipeline.cache import check_finite, read_cache
 from pipeline.heads import head_params, make_head, save_head
 from pipeline.heads.stream import STREAM_HEADS
 from pipeline.util.files import write_json_atomic
@@ -251,14 +251,8 @@ def run_fit(config: FitConfig) -> tuple[Path, dict[str, Any]]:
         )
     # float16 caches are widened once here; Keras and scikit-learn both want float32.
     X = np.asarray(cache.features, dtype=np.float32)
-    # Streamed heads check each batch as they read it instead.
-    bad = np.flatnonzero(~np.isfinite(X.reshape(len(X), -1)).all(axis=1)) if n == len(X) else []
-    if len(bad):
-        raise ValueError(
-            f"{bad.size} of {n} rows in {cache_path} have NaN or infinite features "
-            f"(first: {cache.paths[bad[0]]}). Re-extract the cache; with float16 caches, "
-            "large activations overflow: extract with dtype float32."
-        )
+    if n == len(X):  # streamed heads check each batch as they read it instead
+        check_finite(X, cache.paths, source=f"in {cache_path}")
 
     train, val, test = split_rows(
         cache.split, labels, config.val_split, config.seed, class_names=class_names
@@ -358,8 +352,7 @@ def _with_augmented(
     keep = np.isin(cache.augmented_source, train)
     source = cache.augmented_source[keep]
     extra = np.asarray(cache.augmented_features[keep], dtype=np.float32)
-    if not np.isfinite(extra.reshape(len(extra), -1)).all():
-        raise ValueError("Augmented features hold NaN or infinite values: re-extract.")
+    check_finite(extra, [cache.paths[i] for i in source], source="(augmented copies)")
     return (np.concatenate([X_train, extra]), np.concatenate([y_train, cache.labels[source]]),
             int(keep.sum()))
 

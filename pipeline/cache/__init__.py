@@ -18,6 +18,7 @@ from pipeline.cache.merge import copy_rows, merge_parts
 from pipeline.cache.read import (
     Cache,
     RowState,
+    check_finite,
     open_cache,
     read_attrs,
     read_cache,
@@ -46,6 +47,7 @@ __all__ = [
     "CacheWriteError",
     "CacheWriter",
     "RowState",
+    "check_finite",
     "chunk_rows",
     "copy_rows",
     "decode_attrs",

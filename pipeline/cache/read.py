@@ -7,6 +7,7 @@ files holding links to data outside themselves. Nothing here imports Keras.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ from pipeline.cache.schema import (
 __all__ = [
     "Cache",
     "RowState",
+    "check_finite",
     "done_paths_of",
     "open_cache",
     "read_attrs",
@@ -33,6 +35,31 @@ __all__ = [
     "read_row_state",
     "row_state_of",
 ]
+
+
+def check_finite(features: np.ndarray, paths: Sequence[str] | None = None, *,
+                 source: str = "") -> None:
+    """Refuse features with NaN or infinite values, naming the first row that has them.
+
+    Every reader that trains or scores on cached rows calls this (whole caches, row
+    batches, augmented copies), so the message and its advice are one.
+
+    Args:
+        features: rows of features (any shape after the row axis).
+        paths: the image path of each row, to name the first bad one (None: its index).
+        source: where the rows come from ("in cache.h5"), for the message.
+
+    Raises:
+        ValueError: some row holds NaN or an infinite value.
+    """
+    bad = np.flatnonzero(~np.isfinite(features.reshape(len(features), -1)).all(axis=1))
+    if bad.size:
+        first = paths[bad[0]] if paths is not None else f"row {bad[0]}"
+        raise ValueError(
+            f"{bad.size} of {len(features)} rows{f' {source}' if source else ''} have NaN or "
+            f"infinite features (first: {first}). Re-extract the cache; with float16 caches, "
+            "large activations overflow: extract with --dtype float32."
+        )
 
 
 def open_cache(path: str | os.PathLike, **kwargs: Any) -> h5py.File:

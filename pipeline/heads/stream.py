@@ -17,7 +17,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from pipeline.cache import decode_attrs, feature_dataset, open_cache
+from pipeline.cache import check_finite, decode_attrs, feature_dataset, open_cache
 from pipeline.heads.dense import DenseHead
 from pipeline.heads.registry import flatten_step
 
@@ -107,11 +107,7 @@ def _row_batches_class() -> type:
             # h5py reads fancy indices in increasing order only.
             take = np.sort(take)
             x = np.asarray(self._features[self._rows[take]], dtype=np.float32)
-            if not np.isfinite(x).all():
-                raise ValueError(
-                    "Rows with NaN or infinite features in this batch: re-extract the cache "
-                    "(with float16 caches, extract with dtype float32)."
-                )
+            check_finite(x, source="in this batch")
             return x, self._targets[take]
 
         def on_epoch_end(self) -> None:
@@ -126,15 +122,6 @@ def predict_rows(estimator: Any, features: h5py.Dataset, rows: np.ndarray,
     """Predictions for ``rows`` (in sorted row order), one batch in memory at a time."""
     out = [estimator.predict(x) for _, x in iter_rows(features, rows, batch_rows)]
     return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
-
-
-def _check_finite(x: np.ndarray, rows: np.ndarray, paths: list[str]) -> None:
-    bad = ~np.isfinite(x.reshape(len(x), -1)).all(axis=1)
-    if bad.any():
-        raise ValueError(
-            f"Rows with NaN or infinite features (first: {paths[int(rows[bad][0])]}). "
-            "Re-extract the cache; with float16 caches, extract with dtype float32."
-        )
 
 
 def fit_streaming(
@@ -222,7 +209,7 @@ def _sgd(head, path, labels, paths, train, classes, *, epochs, batch_size, C, cl
         # Contiguous reads for the scaler pass; row order does not matter for means.
         for rows, x in iter_rows(features, train, read_rows(features, batch_size)):
             x = x.reshape(len(x), -1)
-            _check_finite(x, rows, paths)
+            check_finite(x, [paths[int(r)] for r in rows], source="in this batch")
             scaler.partial_fit(x)
         weights = None
         if class_weight == "balanced":
