@@ -61,7 +61,7 @@ def module_preprocess_input(case: BenchCase) -> Callable[..., Any]:
 def decode_all(paths: Sequence[Path], size: tuple[int, int], *, batch_size: int = 32,
                workers: int = 0) -> np.ndarray:
     """All images decoded and resized as extract does: (N, H, W, 3) float32 in 0..255."""
-    from pipeline.batches import decoded_batches
+    from pipeline.images.batches import decoded_batches
 
     batches = [b.images for b in decoded_batches(paths, size=size, batch_size=batch_size,
                                                  workers=workers)]
@@ -75,7 +75,7 @@ def measure_decoders(paths: Sequence[Path], sizes: Sequence[int], *, repeats: in
     Each run includes starting its pool (spawned processes pay their imports), as every
     extract run does. The figure behind ``--decode auto``'s choice.
     """
-    from pipeline.batches import decoded_batches
+    from pipeline.images.batches import decoded_batches
 
     out = []
     for side in sizes:
@@ -189,8 +189,8 @@ def input_side_seconds(paths: Sequence[Path], root: Path, feature_model: Any, ou
     (sha256, size, mtime) is written too, so as many bytes are written as in (b).
     """
     from pipeline.bases import preprocess
-    from pipeline.batches import decoded_batches
     from pipeline.cache import CacheWriter
+    from pipeline.images.batches import decoded_batches
 
     names = [p.relative_to(root).as_posix() for p in paths]
     shape = feature_model.feature_shape

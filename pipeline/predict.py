@@ -444,7 +444,7 @@ def run_predict(config: PredictConfig) -> PredictResult:
     setting aside named files that are plainly no images (cheap failures first); load the
     model (:func:`load_predictor`: for a fit_head folder
     the frozen feature model is rebuilt from the recorded cache attributes); decode images
-    in threads with :func:`pipeline.batches.decoded_batches` at the recorded size and
+    in threads with :func:`pipeline.images.batches.decoded_batches` at the recorded size and
     interpolation; score each batch; stream rows into a temporary CSV that replaces
     ``out`` only when complete; list unreadable files in ``<out stem>.skipped.csv``.
 
@@ -460,7 +460,7 @@ def run_predict(config: PredictConfig) -> PredictResult:
             could be read (then nothing is written).
         FileNotFoundError: a model folder's head files are incomplete.
     """
-    from pipeline.batches import decoded_batches
+    from pipeline.images.batches import decoded_batches
     from pipeline.util.files import replace_atomically
 
     _validate(config)

@@ -83,7 +83,7 @@ def build_corpus(folder):
 def test_corpus_each_file_decoded_or_skipped_with_reason(tmp_path, probe_model, monkeypatch):
     import pipeline.images
 
-    monkeypatch.setattr(pipeline.images, "MAX_PIXELS", 300 * 300 - 1)
+    monkeypatch.setattr(pipeline.images.decode, "MAX_PIXELS", 300 * 300 - 1)
     data = tmp_path / "data"
     expected_index = write_index_images(data, 9, classes=("a", "b", "c"))
     expect = build_corpus(data / "b")

@@ -374,7 +374,7 @@ def test_decode_workers_that_cannot_start_get_a_clear_error(tmp_path):
     script = tmp_path / "no_guard.py"
     script.write_text(
         "from pathlib import Path\n"
-        "from pipeline.batches import decoded_batches\n"
+        "from pipeline.images.batches import decoded_batches\n"
         f"paths = sorted(Path({str(tmp_path / 'data')!r}).rglob('*.png'))\n"
         "for batch in decoded_batches(paths, size=(8, 8), workers=1, decode='processes'):\n"
         "    print(len(batch.indices))\n"

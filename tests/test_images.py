@@ -162,7 +162,7 @@ def test_bad_files_give_reasons(tmp_path):
 def test_decompression_bomb_is_refused_without_decoding(tmp_path, monkeypatch):
     import pipeline.images
 
-    monkeypatch.setattr(pipeline.images, "MAX_PIXELS", 1000)
+    monkeypatch.setattr(pipeline.images.decode, "MAX_PIXELS", 1000)
     Image.new("L", (100, 100)).save(tmp_path / "big.png")
     with pytest.raises(ImageReadError, match="decompression bomb"):
         decode_image(tmp_path / "big.png")
@@ -196,7 +196,7 @@ def test_pipeline_without_tensorflow_reads_the_same_pixels(tmp_path, monkeypatch
     pixels = np.random.default_rng(1).integers(0, 256, (30, 41, 3), dtype=np.uint8)
     save_png(pixels, tmp_path / "x.png")
     with_tf = load_image(tmp_path / "x.png", (20, 16))
-    monkeypatch.setattr(pipeline.images, "has_tensorflow", lambda: False)
+    monkeypatch.setattr(pipeline.images.decode, "has_tensorflow", lambda: False)
     np.testing.assert_allclose(load_image(tmp_path / "x.png", (20, 16)), with_tf, atol=1e-4)
     with pytest.raises(ValueError, match="Received: interpolation='area'"):
         load_image(tmp_path / "x.png", (20, 16), "area")

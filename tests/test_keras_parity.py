@@ -132,7 +132,7 @@ def test_png_with_a_huge_compressed_chunk_decodes_as_in_keras(tmp_path, monkeypa
     cap = PngImagePlugin.MAX_TEXT_CHUNK
     assert_same_rows(our_rows(data), keras_rows(data))
     assert PngImagePlugin.MAX_TEXT_CHUNK == cap  # no global side effect
-    monkeypatch.setattr(pipeline.images, "has_tensorflow", lambda: False)  # Pillow decodes
+    monkeypatch.setattr(pipeline.images.decode, "has_tensorflow", lambda: False)  # Pillow decodes
     np.testing.assert_array_equal(decode_image(data / "a" / "1.png"), random_pixels(2))
 
 
@@ -147,7 +147,7 @@ def test_cmyk_jpeg_pixels_equal_keras(tmp_path, monkeypatch):
         Image.fromarray(random_pixels(i, (8, 8, 4)), "CMYK").save(data / "a" / f"{i}.jpg")
     theirs = keras_rows(data)
     assert_same_rows(our_rows(data), theirs)
-    monkeypatch.setattr(pipeline.images, "has_tensorflow", lambda: False)
+    monkeypatch.setattr(pipeline.images.decode, "has_tensorflow", lambda: False)
     without_tf = our_rows(data)
     assert 0 < np.abs(without_tf.pixels - theirs.pixels).max() <= 8
 

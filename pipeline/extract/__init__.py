@@ -11,7 +11,6 @@ The modules, in the order a run uses them:
 - ``run``: ``run_extract``, which ties them together.
 """
 
-from pipeline.batches import DecodedBatch, check_decode, decoded_batches
 from pipeline.extract.config import (
     ExtractConfig,
     ExtractResult,
@@ -21,6 +20,7 @@ from pipeline.extract.config import (
 )
 from pipeline.extract.engine import ExtractInterrupted, build_model, stopped, stored_features
 from pipeline.extract.run import run_extract
+from pipeline.images.batches import DecodedBatch, check_decode, decoded_batches
 
 __all__ = [
     "DecodedBatch",

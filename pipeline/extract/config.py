@@ -7,8 +7,8 @@ from pathlib import Path
 
 from pipeline.augment import AugmentSpec
 from pipeline.bases import check_pooling, check_preprocess
-from pipeline.batches import check_decode
 from pipeline.images import check_interpolation, parse_size
+from pipeline.images.batches import check_decode
 from pipeline.progress import format_duration
 
 __all__ = [

@@ -14,11 +14,11 @@ import numpy as np
 
 from pipeline.augment import augment_batch, batch_seed
 from pipeline.bases import FeatureModel
-from pipeline.batches import DecodedBatch, decoded_batches
 from pipeline.cache import CacheError, CacheWriter
 from pipeline.extract.config import ExtractConfig
 from pipeline.extract.engine import ExtractInterrupted, stopped, stored_features
 from pipeline.images import ImageIndex, ImageRecord
+from pipeline.images.batches import DecodedBatch, decoded_batches
 from pipeline.interrupts import install_sigterm, restore_sigterm
 from pipeline.progress import Progress
 

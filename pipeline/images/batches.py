@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.images import ImageReadError, has_tensorflow, read_image, read_image_into
+from pipeline.images.decode import ImageReadError, has_tensorflow, read_image, read_image_into
 
 __all__ = ["DECODERS", "DecodedBatch", "check_decode", "decoded_batches"]
 

@@ -1,0 +1,55 @@
+"""Images: find them in a folder (``index``), decode one as Keras does (``decode``), decode
+many ahead in ordered batches (``batches``). Every public name is re-exported here."""
+
+from pipeline.images.batches import DECODERS, DecodedBatch, check_decode, decoded_batches
+from pipeline.images.decode import (
+    INTERPOLATIONS,
+    MAX_PIXELS,
+    ImageReadError,
+    check_interpolation,
+    decode_bytes,
+    decode_image,
+    has_tensorflow,
+    load_image,
+    parse_size,
+    read_image,
+    read_image_into,
+    resize,
+    resize_bilinear,
+)
+from pipeline.images.index import (
+    IMAGE_EXTENSIONS,
+    SPLIT_FOLDERS,
+    SPLIT_ORDER,
+    ImageIndex,
+    ImageRecord,
+    image_files,
+    index_images,
+)
+
+__all__ = [
+    "DECODERS",
+    "IMAGE_EXTENSIONS",
+    "INTERPOLATIONS",
+    "MAX_PIXELS",
+    "SPLIT_FOLDERS",
+    "SPLIT_ORDER",
+    "DecodedBatch",
+    "ImageIndex",
+    "ImageReadError",
+    "ImageRecord",
+    "check_decode",
+    "check_interpolation",
+    "decode_bytes",
+    "decode_image",
+    "decoded_batches",
+    "has_tensorflow",
+    "image_files",
+    "index_images",
+    "load_image",
+    "parse_size",
+    "read_image",
+    "read_image_into",
+    "resize",
+    "resize_bilinear",
+]
