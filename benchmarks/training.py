@@ -93,7 +93,7 @@ def _end_to_end_epochs(feature_model: Any, data: tuple[Any, ...], fit_kwargs: di
     (epoch 1 holds graph tracing); preprocessing runs as layers inside the model."""
     import keras
 
-    from pipeline.combine import end_to_end_model
+    from pipeline.bases.combine import end_to_end_model
 
     head = _head_model(feature_model.feature_shape, batch_size, seed)
     model = end_to_end_model(feature_model, head)

@@ -30,8 +30,8 @@ import numpy as np
 
 from pipeline.augment import AugmentSpec, augmentation_layers
 from pipeline.bases import block_of, block_owners, blocks_of, feature_model_from_attrs, layer_index
+from pipeline.bases.combine import end_to_end_model, preprocessing_layers
 from pipeline.cache import Cache, CacheError, identity_differences, read_cache
-from pipeline.combine import end_to_end_model, preprocessing_layers
 from pipeline.fit import split_rows
 from pipeline.heads import DenseHead, load_head, make_head
 from pipeline.heads.persist import END_TO_END, head_meta, read_head_meta, write_head_meta
@@ -167,7 +167,7 @@ class _TrainingModel(keras.Model):
 
     A subclass, not a functional model: Keras 3 functional models pass the outer
     ``training`` flag to every nested call, overriding ``base(x, training=False)``. Used
-    for training only; the saved model is :func:`pipeline.combine.end_to_end_model`,
+    for training only; the saved model is :func:`pipeline.bases.combine.end_to_end_model`,
     which shares the base and head layers.
     """
 
@@ -557,7 +557,7 @@ def run_finetune(config: FinetuneConfig) -> tuple[Path, dict[str, Any]]:
     after = _evaluate(trainer, val_ds)
     test_after = _evaluate(trainer, test_ds) if test_ds is not None else None
     trainable_params = int(sum(np.prod(v.shape) for v in trainer.trainable_weights))
-    # Saved frozen, as pipeline.combine builds end-to-end models; training changed weights only.
+    # Saved frozen, as bases.combine builds end-to-end models; training changed weights only.
     base.trainable = False
 
     metrics: dict[str, Any] = {

@@ -578,7 +578,7 @@ def export_model(model_dir: str | os.PathLike, out: str | os.PathLike) -> Path:
     The model takes ``(H, W, 3)`` float RGB images in 0..255 at the recorded input size
     (decode and resize them with the recorded interpolation; ``predict.py`` does) and
     outputs the head's probabilities (softmax; one sigmoid column for two classes).
-    It is built from Keras layers only (:func:`pipeline.combine.end_to_end_model`) and
+    It is built from Keras layers only (:func:`pipeline.bases.combine.end_to_end_model`) and
     loads with ``safe_mode=True``. Beside ``X.keras``, ``X.json`` records what
     ``predict.py`` needs: kind ``end-to-end``, classes, class_names (indexed by class id),
     input_size, interpolation, the source folder and the cache attributes.
@@ -594,7 +594,7 @@ def export_model(model_dir: str | os.PathLike, out: str | os.PathLike) -> Path:
         ValueError: ``out`` does not end in ``.keras`` or would overwrite the folder's own
             files, the head is not dense, or the recorded base cannot be rebuilt.
     """
-    from pipeline.combine import end_to_end_model
+    from pipeline.bases.combine import end_to_end_model
     from pipeline.util.files import replace_atomically, write_json_atomic
 
     out = Path(out)

@@ -15,9 +15,9 @@ import pytest
 from conftest import PYTHON, SCRIPTS, bad_files, write_index_images
 
 from pipeline.bases import PREPROCESS_MODES, build_feature_model, preprocess
+from pipeline.bases.combine import end_to_end_model, preprocessing_layers
 from pipeline.cache import read_cache
 from pipeline.cli import fit_head_main, predict_main
-from pipeline.combine import end_to_end_model, preprocessing_layers
 from pipeline.extract import ExtractConfig, run_extract
 from pipeline.fit import FitConfig, run_fit
 from pipeline.heads import HEADS, load_head

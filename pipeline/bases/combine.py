@@ -15,7 +15,8 @@ from typing import Any
 import keras
 import numpy as np
 
-from pipeline.bases import FeatureModel, check_preprocess
+from pipeline.bases.model import FeatureModel
+from pipeline.bases.registry import check_preprocess
 
 __all__ = ["end_to_end_model", "preprocessing_layers"]
 
