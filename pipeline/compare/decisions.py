@@ -1,0 +1,330 @@
+"""The small pure decisions of a compare run: grids, rows, folds, pairs, the chosen point, ranks.
+
+Each is a function of its arguments alone (no files, no fitting), so each can be tested on
+its own: which rows choose and which test (:func:`choosing_rows`), how caches of the same
+images line up (:func:`match_caches`), the folds (:func:`make_folds`), what is swept
+(:func:`param_grid`), which pairs run or are skipped (:func:`make_pairs`), which grid point
+wins (:func:`choose`) and the leaderboard's order (:func:`leaderboard`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from sklearn.model_selection import StratifiedKFold
+
+from pipeline.cache import Cache
+from pipeline.compare.config import SCRATCH_HEAD, CompareConfig
+from pipeline.heads import HEADS
+
+__all__ = [
+    "Pair",
+    "choose",
+    "choosing_rows",
+    "fold_of",
+    "leaderboard",
+    "make_folds",
+    "make_pairs",
+    "match_caches",
+    "param_grid",
+]
+
+_SPLITS = ("train", "validation", "test", "")
+# How many paths an "image sets differ" message names on each side.
+_SHOWN_PATHS = 5
+
+
+def param_grid(head: str, n_features: int) -> list[dict[str, Any]]:
+    """The ``--sweep`` grid of one head: ``set_params`` dicts, most regularised first.
+
+    Small on purpose (3 to 9 points): it moves the one knob that matters most for a probe
+    on frozen features, around the library default, which every grid contains. Ties go
+    to the earlier, more regularised point.
+
+    Args:
+        head: a ``HEADS`` name or ``SCRATCH_HEAD``.
+        n_features: features per row after flattening; the RBF width is set relative to
+            it (``gamma = f / n_features`` is ``f`` times scikit-learn's ``"scale"`` on
+            standardised features).
+
+    Returns:
+        A list of parameter dicts for ``estimator.set_params``.
+
+    Raises:
+        ValueError: unknown head or ``n_features < 1``.
+    """
+    if n_features < 1:
+        raise ValueError(f"`n_features` must be >= 1. Received: n_features={n_features}")
+    if head in ("logreg", "linear-svm"):
+        return [{"clf__C": c} for c in (0.001, 0.01, 0.1, 1.0, 10.0)]
+    if head == "svm":
+        # Wider kernels (small f) and larger C than the defaults: on standardised
+        # bottleneck features a kernel 10x wider than "scale" often wins, a 10x narrower
+        # one rarely (on the demo cache it fell to 23-83%).
+        return [
+            {"clf__C": c, "clf__gamma": f / n_features}
+            for c in (1.0, 10.0, 100.0)
+            for f in (0.01, 0.1, 1.0)
+        ]
+    if head == "knn":
+        # Many neighbours smooth the vote (regularise); one neighbour memorises.
+        return [{"clf__n_neighbors": k} for k in (25, 15, 9, 5, 3, 1)]
+    if head == "dense":
+        return [{"dropout": d, "lr": lr} for d in (0.5, 0.2) for lr in (1e-4, 1e-3, 1e-2)]
+    if head == SCRATCH_HEAD:
+        return [{}]  # the baseline, not tuned: it is there to show what transfer bought
+    raise ValueError(
+        f"Unknown head. Expected one of {(*HEADS, SCRATCH_HEAD)}. Received: head={head!r}"
+    )
+
+
+def choosing_rows(split: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Split rows into the choosing pool (train, validation, "") and the test rows.
+
+    Args:
+        split: the cache's per-row split names.
+
+    Returns:
+        ``(pool_rows, test_rows)``, each sorted.
+
+    Raises:
+        ValueError: a split name other than train, validation, test or "".
+    """
+    split = np.asarray(split).astype(str)
+    unknown = sorted(set(np.unique(split).tolist()) - set(_SPLITS))
+    if unknown:
+        raise ValueError(
+            f"Unknown split names in the cache. Expected {_SPLITS}. Received: {unknown}"
+        )
+    is_test = split == "test"
+    return np.flatnonzero(~is_test), np.flatnonzero(is_test)
+
+
+def make_folds(
+    labels: np.ndarray,
+    cv: int,
+    seed: int,
+    *,
+    class_names: Sequence[str] | None = None,
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Stratified, shuffled, seeded K-fold split of the choosing pool.
+
+    Exactly ``StratifiedKFold(cv, shuffle=True, random_state=seed).split`` (so a user can
+    reproduce any fold with scikit-learn), after checking what it would reject or warn
+    about, so the message says what to change.
+
+    Args:
+        labels: integer labels of the pool rows.
+        cv: number of folds, >= 2.
+        seed: the shuffle's random state.
+        class_names: optional names for ``labels``, used in messages.
+
+    Returns:
+        ``cv`` pairs ``(fit_positions, validation_positions)`` into ``labels``.
+
+    Raises:
+        ValueError: ``cv < 2``, one class only, or a class with fewer than ``cv`` rows.
+    """
+    if not isinstance(cv, (int, np.integer)) or cv < 2:
+        raise ValueError(f"`cv` must be an integer >= 2. Received: cv={cv!r}")
+    values, counts = np.unique(labels, return_counts=True)
+    name = (lambda v: repr(class_names[v])) if class_names else (lambda v: f"id {v}")
+    if values.size < 2:
+        found = name(int(values[0])) if values.size else "none"
+        raise ValueError(
+            f"The choosing rows hold {values.size} class(es) ({found}); a classifier needs "
+            "at least two."
+        )
+    if counts.min() < cv:
+        small = int(values[np.argmin(counts)])
+        raise ValueError(
+            f"Cannot make {cv} stratified folds: class {name(small)} has only "
+            f"{counts.min()} choosing row(s) and every class needs at least {cv}. Use "
+            f"fewer folds or add images. Received: cv={cv}"
+        )
+    folds = StratifiedKFold(n_splits=cv, shuffle=True, random_state=seed)
+    return list(folds.split(np.zeros(len(labels)), labels))
+
+
+def choose(grid_scores: Sequence[Sequence[float] | None]) -> int:
+    """Index of the grid point with the highest mean score; the first one on ties.
+
+    Args:
+        grid_scores: per grid point, its per-fold scores, or None where it failed.
+
+    Returns:
+        The index into ``grid_scores``.
+
+    Raises:
+        ValueError: every grid point failed.
+    """
+    means = [-np.inf if s is None else float(np.mean(s)) for s in grid_scores]
+    if not means or max(means) == -np.inf:
+        raise ValueError("No grid point could be scored.")
+    return int(np.argmax(means))  # argmax returns the first maximum
+
+
+def match_caches(caches: Sequence[Cache], names: Sequence[str]) -> list[np.ndarray]:
+    """Row orders that put every cache's rows in the first cache's order, matched by path.
+
+    Caches of the same images made with different bases can hold their rows in another
+    order (other batch sizes, an interrupted and resumed run, a re-indexed folder).
+
+    Args:
+        caches: the caches, read.
+        names: how to call each cache in messages (e.g. its file name).
+
+    Returns:
+        One index array per cache: ``features[order]`` is aligned with the first cache.
+
+    Raises:
+        ValueError: a cache repeats a path, or the caches differ in image set, class
+            names, or the label or split of an image.
+    """
+    ref = caches[0]
+    orders = []
+    for cache, name in zip(caches, names, strict=True):
+        row_of = {path: i for i, path in enumerate(cache.paths)}
+        if len(row_of) != len(cache.paths):
+            raise ValueError(f"{name} holds some image path more than once: re-extract it.")
+        if cache.class_names != ref.class_names:
+            raise ValueError(
+                f"{name} and {names[0]} have different classes: {cache.class_names} vs "
+                f"{ref.class_names}. Compare caches of the same images."
+            )
+        only_ref = sorted(set(ref.paths) - row_of.keys())
+        only_this = sorted(row_of.keys() - set(ref.paths))
+        if only_ref or only_this:
+            raise ValueError(
+                f"{names[0]} and {name} hold different image sets ({len(ref.paths)} vs "
+                f"{len(cache.paths)} images): {_some(only_ref)} only in {names[0]}; "
+                f"{_some(only_this)} only in {name}. Compare caches of the same images "
+                "(re-extract the older one)."
+            )
+        order = np.asarray([row_of[p] for p in ref.paths], dtype=np.int64)
+        for what, ours, theirs in (
+            ("label", cache.labels[order], ref.labels),
+            ("split", np.asarray(cache.split)[order], np.asarray(ref.split)),
+        ):
+            differ = np.flatnonzero(np.asarray(ours) != np.asarray(theirs))
+            if differ.size:
+                raise ValueError(
+                    f"{differ.size} images have another {what} in {name} than in "
+                    f"{names[0]} (first: {ref.paths[differ[0]]}: {theirs[differ[0]]!r} vs "
+                    f"{ours[differ[0]]!r}). Re-extract the older cache."
+                )
+        orders.append(order)
+    return orders
+
+
+def _some(paths: Sequence[str]) -> str:
+    """``paths`` for a message: how many, and the first few."""
+    if not paths:
+        return "none"
+    shown = ", ".join(paths[:_SHOWN_PATHS])
+    more = f" and {len(paths) - _SHOWN_PATHS} more" if len(paths) > _SHOWN_PATHS else ""
+    return f"{len(paths)} ({shown}{more})"
+
+
+
+@dataclass
+class Pair:
+    """One leaderboard candidate: the data it reads and the head it fits."""
+
+    cache: str
+    base: str
+    head: str
+    data: int  # index into the list of aligned feature (or image) arrays
+    skip: str | None = None
+    grid: list[dict[str, Any]] = field(default_factory=list)
+
+
+def make_pairs(
+    config: CompareConfig,
+    entries: Sequence[tuple[str, str | None]],
+    caches: Sequence[Cache],
+    data_skips: Sequence[str | None],
+    fold_problem: str | None,
+    n_features: Sequence[int],
+) -> list[Pair]:
+    """Every (cache, head) pair, plus the scratch row, with its grid or the reason to skip.
+
+    Args:
+        config: the heads, ``sweep`` and ``scratch`` of the run.
+        entries: (cache path, stored layer) per compared cache.
+        caches: the caches read, one per entry.
+        data_skips: per data array (the caches', then the scratch images'), why it is
+            unusable, or None.
+        fold_problem: why the pool cannot be folded, or None; it skips every pair.
+        n_features: features per row of each data array, for :func:`param_grid`.
+
+    Returns:
+        The pairs in leaderboard-candidate order: each cache's heads, then the scratch row.
+    """
+    pairs = []
+    for i, ((path, layer), cache) in enumerate(zip(entries, caches, strict=True)):
+        base = Path(str(cache.attrs.get("base", "?"))).name + (f" @ {layer}" if layer else "")
+        pairs += [Pair(path, base, head, i, data_skips[i]) for head in config.heads]
+    if config.scratch is not None:
+        pairs.append(Pair(config.scratch, "scratch", SCRATCH_HEAD, len(caches),
+                          data_skips[len(caches)]))
+    for pair in pairs:
+        pair.skip = pair.skip or fold_problem
+        pair.grid = param_grid(pair.head, n_features[pair.data]) if config.sweep else [{}]
+    return pairs
+
+
+def leaderboard(pair_results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Scored pairs as table rows, best cross-validated accuracy first (ties: macro-F1).
+
+    Args:
+        pair_results: one result per pair; those whose ``status`` is not ``"ok"`` are left out.
+
+    Returns:
+        The leaderboard rows, each with its ``rank`` (1 = best).
+    """
+    rows = []
+    for r in pair_results:
+        if r["status"] != "ok":
+            continue
+        test = r.get("test") or {}
+        rows.append({
+            "cache": r["cache"],
+            "base": r["base"],
+            "head": r["head"],
+            "params": r["params_shown"],
+            "accuracy_mean": r["accuracy_mean"],
+            "accuracy_std": r["accuracy_std"],
+            "macro_f1": r["macro_f1_mean"],
+            "test_accuracy": test.get("accuracy"),
+            "test_macro_f1": test.get("macro_f1"),
+            "fit_seconds": r["fit_seconds"],
+            "predict_ms_per_image": r["predict_ms_per_image"],
+            "model_bytes": r["model_bytes"],
+            "n_folds": len(r["folds"]),
+            "notes": "; ".join(r["notes"]),
+        })
+    rows.sort(key=lambda row: (-row["accuracy_mean"], -row["macro_f1"]))  # stable
+    for rank, row in enumerate(rows, 1):
+        row["rank"] = rank
+    return rows
+
+
+def fold_of(folds: Sequence[tuple[np.ndarray, np.ndarray]], n: int) -> list[int]:
+    """The fold that scores each of ``n`` pool rows (-1: none, when there are no folds).
+
+    Args:
+        folds: ``(fit_positions, validation_positions)`` pairs, as :func:`make_folds`.
+        n: the number of pool rows.
+
+    Returns:
+        One fold index per pool row.
+    """
+    fold = np.full(n, -1, dtype=np.int64)
+    for k, (_, val) in enumerate(folds):
+        fold[val] = k
+    return fold.tolist()
