@@ -224,11 +224,26 @@ def run_fit(config: FitConfig) -> tuple[Path, dict[str, Any]]:
         patience=config.patience,
         random_state=config.seed,
     )
+    _check_stream(config)
     cache_path = Path(config.cache)
     out_dir = (
         Path(config.out) if config.out else Path("models") / f"{cache_path.stem}-{config.head}"
     )
+    cache, X = _read_rows(config, cache_path)
+    train, val, test = _split(config, cache, cache_path)
+    estimator, n_augmented, fit_seconds = _fit(config, estimator, cache=cache, X=X,
+                                               train=train, val=val)
+    metrics = _metrics(config, estimator, cache=cache, X=X, train=train, val=val, test=test,
+                       n_augmented=n_augmented, fit_seconds=fit_seconds)
+    save_head(estimator, out_dir)
+    write_json_atomic(out_dir / "metrics.json", metrics)
+    write_json_atomic(out_dir / "config.json", dataclasses.asdict(config))
+    _print_report(metrics, out_dir)
+    return out_dir, metrics
 
+
+def _check_stream(config: FitConfig) -> None:
+    """Refuse ``--stream`` with a head or option it does not support."""
     if config.stream and config.head not in STREAM_HEADS:
         raise ValueError(
             f"`stream` supports the heads {STREAM_HEADS} (RBF SVMs need all rows in memory). "
@@ -237,13 +252,16 @@ def run_fit(config: FitConfig) -> tuple[Path, dict[str, Any]]:
     if config.stream and config.use_augmented:
         raise ValueError("`stream` and `use_augmented` cannot be combined yet. "
                          "Received: stream=True, use_augmented=True")
+
+
+def _read_rows(config: FitConfig, cache_path: Path) -> tuple[Any, np.ndarray]:
+    """(cache, features as float32) with labels and values checked; no features when
+    streaming (the streamed heads check each batch as they read it)."""
     cache = read_cache(cache_path, augmented=config.use_augmented, features=not config.stream,
                        layer=config.layer)
-    class_names = cache.class_names
-    n = len(cache.labels)
-    if n == 0:
+    class_names, labels = cache.class_names, cache.labels
+    if len(labels) == 0:
         raise ValueError(f"{cache_path} holds no rows: nothing to train on.")
-    labels = cache.labels
     if labels.min() < 0 or labels.max() >= len(class_names):
         raise ValueError(
             f"{cache_path} has labels outside 0..{len(class_names) - 1} "
@@ -251,20 +269,35 @@ def run_fit(config: FitConfig) -> tuple[Path, dict[str, Any]]:
         )
     # float16 caches are widened once here; Keras and scikit-learn both want float32.
     X = np.asarray(cache.features, dtype=np.float32)
-    if n == len(X):  # streamed heads check each batch as they read it instead
+    if len(labels) == len(X):
         check_finite(X, cache.paths, source=f"in {cache_path}")
+    return cache, X
 
+
+def _split(
+    config: FitConfig, cache: Any, cache_path: Path
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(train, val, test) rows (:func:`split_rows`); refuses training rows of one class."""
     train, val, test = split_rows(
-        cache.split, labels, config.val_split, config.seed, class_names=class_names
+        cache.split, cache.labels, config.val_split, config.seed, class_names=cache.class_names
     )
-    train_classes = np.unique(labels[train])
+    train_classes = np.unique(cache.labels[train])
     if train_classes.size < 2:
         raise ValueError(
             f"The training rows of {cache_path} hold only one class "
-            f"({_class_label(int(train_classes[0]), class_names)}); a classifier needs at "
-            "least two."
+            f"({_class_label(int(train_classes[0]), cache.class_names)}); a classifier needs "
+            "at least two."
         )
+    return train, val, test
 
+
+def _fit(
+    config: FitConfig, estimator: Any, *, cache: Any, X: np.ndarray, train: np.ndarray,
+    val: np.ndarray,
+) -> tuple[Any, int, float]:
+    """Fit on the training rows (+ their augmented copies when asked): (estimator,
+    augmented rows used, seconds)."""
+    labels = cache.labels
     n_augmented = 0
     start = time.perf_counter()
     if config.stream:
@@ -276,28 +309,38 @@ def run_fit(config: FitConfig) -> tuple[Path, dict[str, Any]]:
         fit_kwargs: dict[str, Any] = {}
         if config.head == "dense":
             # Early stopping can only score rows of classes the head learns.
-            seen = np.isin(labels[val], train_classes)
+            seen = np.isin(labels[val], np.unique(labels[train]))
             fit_kwargs["validation_data"] = (X[val][seen], labels[val][seen])
         estimator.fit(X_train, y_train, **fit_kwargs)
-    fit_seconds = time.perf_counter() - start
+    return estimator, n_augmented, time.perf_counter() - start
 
-    def scores(rows: np.ndarray) -> dict[str, Any]:
-        if not config.stream:
-            return evaluate(estimator, X[rows], labels[rows], class_names)
-        from pipeline.heads.stream import open_features, predict_rows, read_rows
 
-        f, features = open_features(cache_path, config.layer)
-        with f:
-            rows = np.sort(rows)
-            pred = predict_rows(estimator, features, rows, read_rows(features, config.batch_size))
-        return evaluate(estimator, None, labels[rows], class_names, pred=pred)
+def _scores(config: FitConfig, estimator: Any, cache: Any, X: np.ndarray,
+            rows: np.ndarray) -> dict[str, Any]:
+    """:func:`evaluate` on ``rows``, read from the cache in batches when streaming."""
+    labels, class_names = cache.labels, cache.class_names
+    if not config.stream:
+        return evaluate(estimator, X[rows], labels[rows], class_names)
+    from pipeline.heads.stream import open_features, predict_rows, read_rows
 
+    f, features = open_features(Path(config.cache), config.layer)
+    with f:
+        rows = np.sort(rows)
+        pred = predict_rows(estimator, features, rows, read_rows(features, config.batch_size))
+    return evaluate(estimator, None, labels[rows], class_names, pred=pred)
+
+
+def _metrics(
+    config: FitConfig, estimator: Any, *, cache: Any, X: np.ndarray, train: np.ndarray,
+    val: np.ndarray, test: np.ndarray, n_augmented: int, fit_seconds: float,
+) -> dict[str, Any]:
+    """What ``metrics.json`` holds: the run's facts, validation scores, test scores."""
     metrics: dict[str, Any] = {
         "head": config.head,
         "params": head_params(estimator),
-        "cache": str(cache_path),
+        "cache": str(Path(config.cache)),
         "cache_attrs": cache.attrs,
-        "class_names": list(class_names),
+        "class_names": list(cache.class_names),
         "split_source": "recorded" if np.any(cache.split != "") else "stratified",
         "n_train": int(train.size),
         "n_train_augmented": n_augmented,
@@ -305,18 +348,13 @@ def run_fit(config: FitConfig) -> tuple[Path, dict[str, Any]]:
         "n_test": int(test.size),
         "fit_seconds": fit_seconds,
         "stream": config.stream,
-        **scores(val),
+        **_scores(config, estimator, cache, X, val),
     }
     if hasattr(estimator, "history_"):
         metrics["epochs_run"] = len(estimator.history_.get("loss", []))
     if test.size:
-        metrics["test"] = scores(test)
-
-    save_head(estimator, out_dir)
-    write_json_atomic(out_dir / "metrics.json", metrics)
-    write_json_atomic(out_dir / "config.json", dataclasses.asdict(config))
-    _print_report(metrics, out_dir)
-    return out_dir, metrics
+        metrics["test"] = _scores(config, estimator, cache, X, test)
+    return metrics
 
 
 # Linear heads trained out of core make at most this many passes over the cache.
