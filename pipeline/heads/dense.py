@@ -17,6 +17,7 @@ import keras
 import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.model_selection import train_test_split
+from sklearn.preprocessing import StandardScaler
 from sklearn.utils.class_weight import compute_class_weight
 from sklearn.utils.validation import check_is_fitted
 
@@ -68,20 +69,22 @@ def check_head_args(
 
 @dataclass(frozen=True)
 class FeatureMoments:
-    """Per-feature count, mean and variance (ddof 0) of flattened rows, in float64."""
+    """Per-feature count, mean and variance (ddof 0) of flattened rows, in float64, and
+    which features are constant (variance within rounding error of 0)."""
 
     count: int
     mean: np.ndarray
     variance: np.ndarray
+    constant: np.ndarray
 
 
 def feature_moments(batches: Iterable[Any]) -> FeatureMoments:
     """Mean and variance of every flattened feature over batches of rows, in float64.
 
-    Each batch is reduced on its own (mean, then squared deviations from it) and merged
-    with the running totals by Chan et al.'s pairwise update, so features far from zero
-    (a mean 1e4 with std 1) or tiny ones (1e-11) lose no precision, and one pass over
-    streamed batches suffices.
+    scikit-learn's ``StandardScaler.partial_fit`` (what the other heads standardise
+    with): float64 accumulators and a pairwise merge of batches, so features far from
+    zero (a mean 1e4 with std 1) or tiny ones (1e-11) lose no precision, and one pass
+    over streamed batches suffices. Its constant-feature test is kept too.
 
     Args:
         batches: arrays of shape ``(rows, ...)``, the same row shape each.
@@ -92,25 +95,17 @@ def feature_moments(batches: Iterable[Any]) -> FeatureMoments:
     Raises:
         ValueError: no rows.
     """
-    count, mean, m2 = 0, None, None
+    scaler = StandardScaler()
     for batch in batches:
-        x = np.asarray(batch, dtype=np.float64)
-        x = x.reshape(len(x), -1)
-        if not len(x):
-            continue
-        b_mean = x.mean(axis=0)
-        b_m2 = np.square(x - b_mean).sum(axis=0)
-        if mean is None:
-            count, mean, m2 = len(x), b_mean, b_m2
-            continue
-        total = count + len(x)
-        delta = b_mean - mean
-        mean = mean + delta * (len(x) / total)
-        m2 = m2 + b_m2 + np.square(delta) * (count * len(x) / total)
-        count = total
-    if mean is None:
+        x = np.asarray(batch)
+        if len(x):
+            scaler.partial_fit(x.reshape(len(x), -1))
+    if not hasattr(scaler, "mean_"):
         raise ValueError("Need at least one row to measure the features. Received: 0 rows")
-    return FeatureMoments(count, mean, m2 / count)
+    # StandardScaler sets the scale of a constant feature to 1; a feature whose variance
+    # is exactly 1 is the only other one with that scale.
+    constant = (scaler.scale_ == 1.0) & (scaler.var_ != 1.0)
+    return FeatureMoments(int(scaler.n_samples_seen_), scaler.mean_, scaler.var_, constant)
 
 
 def _row_blocks(X: np.ndarray) -> Iterable[np.ndarray]:
@@ -140,10 +135,7 @@ def _standardise_layers(moments: FeatureMoments) -> list[keras.layers.Layer]:
     statistics are weights of the layer, so they travel in the saved ``.keras`` file and
     apply wherever the model does (predict, finetune, export).
     """
-    n, mean, variance = moments.count, moments.mean, moments.variance
-    # StandardScaler's test: a variance within rounding error of 0 is a constant feature.
-    eps = np.finfo(np.float64).eps
-    constant = variance <= n * eps * variance + np.square(n * mean * eps)
+    mean, variance, constant = moments.mean, moments.variance, moments.constant
     scale = feature_scale(np.sqrt(np.where(constant, 0.0, variance)))
     mean = (mean * scale).astype(np.float32)
     variance = np.where(constant, 1.0, variance * scale**2).astype(np.float32)
