@@ -299,7 +299,9 @@ def _run(prog: str, command: Callable[[], int], *, kept: str | None = None) -> i
     when it has one (what was kept, how to resume), else ``kept`` when given.
     """
     from pipeline.interrupts import Interrupted, guard
+    from pipeline.util.log import configure_logging
 
+    configure_logging()
     try:
         with guard():
             return _report_failures(command)
@@ -364,13 +366,14 @@ def fit_head_main(argv: Sequence[str] | None = None) -> int:
     def command() -> int:
         check_output("--out", args.out, folder=True)
         check_output("--export", export)
-        from pipeline.fit import FitConfig, run_fit
+        from pipeline.fit import FitConfig, format_report, run_fit
 
         if export is not None:
             from pipeline.predict import check_exportable
 
             check_exportable(args.head)  # before training, not after
         out_dir, metrics = run_fit(FitConfig(**options))
+        print(format_report(metrics), flush=True)
         print(
             f"fit_head: done. {args.head}: validation accuracy {metrics['accuracy']:.4f}, "
             f"macro-F1 {metrics['macro_f1']:.4f}, fit {metrics['fit_seconds']:.2f} s; "

@@ -17,6 +17,7 @@ Inception ``mixed9``, Xception ``block14_*``, ...): :func:`block_of`, :func:`unf
 from __future__ import annotations
 
 import dataclasses
+import logging
 import sys
 import time
 import warnings
@@ -48,6 +49,8 @@ __all__ = [
     "set_trainable",
     "unfreeze_start",
 ]
+
+log = logging.getLogger(__name__)
 
 # Chollet's fine-tuning optimizer: SGD with a small learning rate and momentum 0.9.
 MOMENTUM = 0.9
@@ -462,7 +465,7 @@ def run_finetune(config: FinetuneConfig) -> tuple[Path, dict[str, Any]]:
     unfrozen = set_trainable(base, first)
     verbose = 1 if sys.stdout.isatty() else 2
     if start.head is None:
-        _say(
+        log.info(
             f"finetune: warming up a fresh dense head on the cached features for up to "
             f"{config.warmup_epochs} epochs (base frozen)"
         )
@@ -523,7 +526,7 @@ def run_finetune(config: FinetuneConfig) -> tuple[Path, dict[str, Any]]:
     # Evaluation runs in inference mode: no augmentation, so these are base + head scores.
     before = _evaluate(trainer, val_ds)
     test_before = _evaluate(trainer, test_ds) if test_ds is not None else None
-    _say(
+    log.info(
         f"finetune: {attrs['base']} ({attrs['weights']}), unfreezing {len(unfrozen)} layers "
         f"from {first!r} to the top; {len(train_paths)} training / {len(val_paths)} "
         f"validation images at {size[0]}x{size[1]}; validation accuracy before: "
@@ -553,7 +556,7 @@ def run_finetune(config: FinetuneConfig) -> tuple[Path, dict[str, Any]]:
     if not min(history.history["val_loss"]) < before["loss"]:
         trainer.set_weights(start_weights)
         best_epoch = 0
-        _say("finetune: no epoch beat the starting validation loss; kept the starting weights")
+        log.info("finetune: no epoch beat the starting validation loss; kept the starting weights")
     after = _evaluate(trainer, val_ds)
     test_after = _evaluate(trainer, test_ds) if test_ds is not None else None
     trainable_params = int(sum(np.prod(v.shape) for v in trainer.trainable_weights))
@@ -604,11 +607,11 @@ def run_finetune(config: FinetuneConfig) -> tuple[Path, dict[str, Any]]:
     model = end_to_end_model(feature_model, head.model_, name="finetuned")
     _save(out_dir, model=model, meta=meta, metrics=metrics, config=config)
     if unreadable:
-        _say(
+        log.info(
             f"finetune: {len(unreadable)} images could not be read and were left out "
             f"(listed in metrics.json); first: {next(iter(unreadable))}"
         )
-    _say(
+    log.info(
         f"finetune: validation accuracy {before['accuracy']:.4f} -> {after['accuracy']:.4f}, "
         f"{metrics['epochs_run']} epochs in {format_duration(fit_seconds)}"
     )
@@ -629,7 +632,3 @@ def _save(
     write_head_meta(out_dir, meta)
     write_json_atomic(out_dir / "metrics.json", metrics)
     write_json_atomic(out_dir / "config.json", dataclasses.asdict(config))
-
-
-def _say(line: str) -> None:
-    print(line, file=sys.stderr, flush=True)

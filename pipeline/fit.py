@@ -19,7 +19,7 @@ from pipeline.heads import head_params, make_head, save_head
 from pipeline.heads.stream import STREAM_HEADS
 from pipeline.util.files import write_json_atomic
 
-__all__ = ["FitConfig", "evaluate", "run_fit", "split_rows"]
+__all__ = ["FitConfig", "evaluate", "format_report", "run_fit", "split_rows"]
 
 _SPLITS = ("train", "validation", "test")
 
@@ -238,7 +238,6 @@ def run_fit(config: FitConfig) -> tuple[Path, dict[str, Any]]:
     save_head(estimator, out_dir)
     write_json_atomic(out_dir / "metrics.json", metrics)
     write_json_atomic(out_dir / "config.json", dataclasses.asdict(config))
-    _print_report(metrics, out_dir)
     return out_dir, metrics
 
 
@@ -395,15 +394,17 @@ def _with_augmented(
             int(keep.sum()))
 
 
-def _print_report(metrics: dict[str, Any], out_dir: Path) -> None:
-    print(
+def format_report(metrics: dict[str, Any]) -> str:
+    """The metrics a fit_head run prints: sizes, then accuracy and per-class F1 per split."""
+    lines = [
         f"head={metrics['head']}  n_train={metrics['n_train']}  n_val={metrics['n_val']}  "
         f"n_test={metrics['n_test']}  augmented={metrics['n_train_augmented']}  "
         f"fit {metrics['fit_seconds']:.2f} s"
-    )
+    ]
     for part, m in (("validation", metrics), ("test", metrics.get("test"))):
         if m is None:
             continue
-        print(f"{part}: accuracy={m['accuracy']:.4f}  macro-F1={m['macro_f1']:.4f}")
+        lines.append(f"{part}: accuracy={m['accuracy']:.4f}  macro-F1={m['macro_f1']:.4f}")
         f1s = "  ".join(f"{name} {v['f1-score']:.3f}" for name, v in m["per_class"].items())
-        print(f"  per-class F1: {f1s}")
+        lines.append(f"  per-class F1: {f1s}")
+    return "\n".join(lines)

@@ -29,8 +29,8 @@ cache, a ``.keras`` zip, a text file) is said to be so.
 from __future__ import annotations
 
 import csv
+import logging
 import os
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -56,6 +56,8 @@ __all__ = [
     "run_predict",
     "skipped_path",
 ]
+
+log = logging.getLogger(__name__)
 
 END_TO_END = "end-to-end"
 _FORMAT_VERSION = 1
@@ -479,13 +481,9 @@ def run_predict(config: PredictConfig) -> PredictResult:
         )
     out = Path(config.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    print(
-        f"predict: {len(paths)} images, {predictor.kind} model {config.model} "
-        f"({n_classes} classes), input {predictor.input_size[0]}x{predictor.input_size[1]} "
-        f"{predictor.interpolation} -> {out}",
-        file=sys.stderr,
-        flush=True,
-    )
+    log.info("predict: %d images, %s model %s (%d classes), input %dx%d %s -> %s",
+             len(paths), predictor.kind, config.model, n_classes, *predictor.input_size,
+             predictor.interpolation, out)
     start = time.monotonic()
     skipped = [(str(p), reason) for p, reason in rejected.items()]
     n_predicted = 0
@@ -548,11 +546,11 @@ def _write_skipped(out: Path, skipped: list[tuple[str, str]], limit: int = 20) -
             writer.writerows(skipped)
 
     replace_atomically(target, write)
-    print(f"predict: skipped {len(skipped)} unreadable files:", file=sys.stderr)
-    for path, reason in skipped[:limit]:
-        print(f"  {path}: {reason}", file=sys.stderr)
+    shown = [f"predict: skipped {len(skipped)} unreadable files:",
+             *(f"  {path}: {reason}" for path, reason in skipped[:limit])]
     if len(skipped) > limit:
-        print(f"  ... and {len(skipped) - limit} more (all in {target})", file=sys.stderr)
+        shown.append(f"  ... and {len(skipped) - limit} more (all in {target})")
+    log.warning("\n".join(shown))
     return target
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 import time
 from typing import TextIO
@@ -11,6 +12,8 @@ from tqdm import tqdm
 from pipeline.interrupts import checkpoint
 
 __all__ = ["Progress", "format_duration"]
+
+log = logging.getLogger(__name__)
 
 
 def format_duration(seconds: float) -> str:
@@ -31,8 +34,9 @@ class Progress:
     Args:
         total: items to do.
         desc: what is being done (first word of each line).
-        log_every: seconds between plain lines when ``stream`` is not a terminal.
-        stream: where to write (stderr by default, like tqdm).
+        log_every: seconds between plain log lines when ``stream`` is not a terminal.
+        stream: where the bar goes on a terminal (stderr by default, like tqdm); elsewhere
+            the lines go to this module's logger, timestamped by the CLI's log format.
         unit: item name for rates ("img" -> "img/s").
     """
 
@@ -87,7 +91,7 @@ class Progress:
             self._bar.update(n)
         elif (now := time.monotonic()) - self._last_line >= self.log_every:
             self._last_line = now
-            print(self.line(), file=self.stream, flush=True)
+            log.info(self.line())
         checkpoint()
 
     def close(self) -> None:

@@ -93,6 +93,15 @@ def write_index_images(
     return expected
 
 
+@pytest.fixture(scope="session", autouse=True)
+def cli_logging() -> None:
+    """Library log lines on stderr as the CLI sends them, so tests that call the library
+    directly read its warnings with capsys as a user reads them in a terminal."""
+    from pipeline.util.log import configure_logging
+
+    configure_logging()
+
+
 @pytest.fixture(scope="session")
 def probe_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A saved ``.keras`` base whose output is its input (1x1 identity conv), 8x8 input.

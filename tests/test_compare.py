@@ -313,7 +313,7 @@ def test_scratch_row_on_the_cached_images(tmp_path, probe_model, capsys):
     assert pair(results, SCRATCH_HEAD)["status"] == "skipped"
     assert "1 of 30 cached images cannot be read" in pair(results, SCRATCH_HEAD)["reason"]
     assert [row["head"] for row in result.leaderboard] == ["logreg"]
-    assert "skipped scratch / convnet" in capsys.readouterr().out
+    assert "skipped scratch / convnet" in capsys.readouterr().err
 
 
 # --- small pure pieces ---------------------------------------------------------------------

@@ -164,7 +164,7 @@ def run_until_progress(cmd: list[str], min_done: int) -> subprocess.Popen:
     deadline = time.monotonic() + 120
     for line in proc.stdout:
         # Progress lines only ("extract: 12/243 (5%), ..."), not messages naming a path.
-        progress = re.match(r"extract: (\d+)/\d+ \(", line)
+        progress = re.search(r"^(?:\S+ \S+ )?extract: (\d+)/\d+ \(", line)
         if progress and int(progress.group(1)) >= min_done:
             return proc
         if time.monotonic() > deadline:
@@ -214,10 +214,13 @@ def test_interrupted_run_resumes_to_identical_cache(tmp_path, resume_data, how):
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming after" in resumed.stderr
     assert datasets(out) == datasets(reference)
-    # Not a terminal: plain progress lines in the log, and a last line saying what happened.
+    # Not a terminal: timestamped progress lines in the log, and a last line saying what
+    # happened.
     lines = [ln for ln in resumed.stderr.splitlines() if "img/s, ETA" in ln]
     assert lines, resumed.stderr
-    assert re.match(r"extract: \d+/\d+ \(\d+%\), ", lines[-1]), lines[-1]
+    stamp = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d "
+    assert re.match(stamp + r"extract: \d+/\d+ \(\d+%\), ", lines[-1]), lines[-1]
+    assert re.search("^" + stamp + "extract: resuming after", resumed.stderr, re.M), resumed.stderr
     assert resumed.stdout.strip().splitlines()[-1].startswith("extract: done.")
 
 

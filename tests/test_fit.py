@@ -10,7 +10,7 @@ import pytest
 from helpers_fit import CLASS_NAMES, blobs, make_cache
 
 from pipeline.cache import CacheError
-from pipeline.fit import FitConfig, run_fit, split_rows
+from pipeline.fit import FitConfig, format_report, run_fit, split_rows
 from pipeline.heads import HEADS, load_head
 
 # Few epochs at a high learning rate keep the dense head fast; the blobs separate early.
@@ -65,7 +65,7 @@ def test_float16_cache_is_read_and_fitted(tmp_path):
     assert metrics["accuracy"] >= 0.95
 
 
-def test_outputs_and_their_keys(tmp_path, capsys):
+def test_outputs_and_their_keys(tmp_path):
     X, y = blobs(50, 3, seed=13)
     out_dir, metrics = _fit(tmp_path, X, y, "logreg", C=0.5, seed=4)
     assert sorted(p.name for p in out_dir.iterdir()) == [
@@ -93,7 +93,7 @@ def test_outputs_and_their_keys(tmp_path, capsys):
     assert config == dataclasses.asdict(
         FitConfig(cache=str(tmp_path / "feats.h5"), head="logreg", out=str(out_dir), C=0.5, seed=4)
     )
-    report = capsys.readouterr().out
+    report = format_report(metrics)
     assert "head=logreg" in report and "n_train=120" in report and "n_val=30" in report
     assert "macro-F1=" in report and "cat " in report  # class names, not ids
 
@@ -107,7 +107,7 @@ def test_default_out_dir_is_models_stem_head(tmp_path, monkeypatch):
     assert (tmp_path / out_dir / "model.joblib").exists()
 
 
-def test_recorded_split_is_used_exactly(tmp_path, capsys):
+def test_recorded_split_is_used_exactly(tmp_path):
     X, y = blobs(60, 3, seed=14)  # 180 rows
     split = np.array(["train"] * 100 + ["validation"] * 50 + ["test"] * 30)
     np.random.default_rng(0).shuffle(split)
@@ -123,7 +123,7 @@ def test_recorded_split_is_used_exactly(tmp_path, capsys):
     assert np.array(test_metrics["confusion_matrix"]).sum() == 30
     assert test_metrics["accuracy"] >= 0.95
     assert {"accuracy", "macro_f1", "per_class", "confusion_matrix"} <= test_metrics.keys()
-    assert "test: accuracy=" in capsys.readouterr().out
+    assert "test: accuracy=" in format_report(metrics)
 
 
 def test_recorded_split_without_validation_carves_it_from_train():

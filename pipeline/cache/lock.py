@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import os
 import socket
-import sys
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import IO
 
 __all__ = ["CacheLock", "CacheLockedError"]
+
+log = logging.getLogger(__name__)
 
 
 class CacheLockedError(RuntimeError):
@@ -46,8 +48,8 @@ class CacheLock:
         f.seek(0)
         previous = f.read().strip()
         if previous:
-            print(f"extract: taking over a stale lock left by a process that is gone "
-                  f"({previous}).", file=sys.stderr)
+            log.warning("extract: taking over a stale lock left by a process that is gone "
+                        "(%s).", previous)
         f.seek(0)
         f.truncate()
         f.write(json.dumps({

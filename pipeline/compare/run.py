@@ -14,6 +14,7 @@ by :mod:`pipeline.report`.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from collections.abc import Sequence
 from datetime import datetime
@@ -48,6 +49,8 @@ from pipeline.heads import head_params
 from pipeline.progress import Progress
 
 __all__ = ["run_compare"]
+
+log = logging.getLogger(__name__)
 
 
 def run_compare(config: CompareConfig) -> CompareResult:
@@ -214,7 +217,7 @@ def _score_pairs(
             entry.update(scored)
         if pair.skip is not None:
             entry.update(status="skipped", reason=pair.skip)
-            print(f"compare: skipped {pair.base} / {pair.head}: {pair.skip}", flush=True)
+            log.warning("compare: skipped %s / %s: %s", pair.base, pair.head, pair.skip)
         else:
             chosen = pair.grid[entry["chosen"]]
             entry.update(status="ok", params=chosen,

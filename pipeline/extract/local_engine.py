@@ -3,8 +3,8 @@ each from a writer thread, so decode, forward pass and HDF5 writes overlap."""
 
 from __future__ import annotations
 
+import logging
 import queue
-import sys
 import threading
 from collections.abc import Generator, Iterator
 from contextlib import contextmanager
@@ -23,6 +23,8 @@ from pipeline.interrupts import install_sigterm, restore_sigterm
 from pipeline.progress import Progress
 
 __all__ = ["augment_loop", "extract_loop"]
+
+log = logging.getLogger(__name__)
 
 
 class _BackgroundWriter:
@@ -173,8 +175,7 @@ def augment_loop(
     writer.set_attrs(augment=spec.to_dict(), augment_passes=passes)
     if not todo:
         return
-    print(f"extract: augmenting {len(todo)} training images, passes 0..{passes - 1}",
-          file=sys.stderr, flush=True)
+    log.info("extract: augmenting %d training images, passes 0..%d", len(todo), passes - 1)
     # Batches and seeds follow each row's position in the folder's list, not its cache
     # row, so a shard (whose rows start at 0) augments as the single process does.
     positions, batches = _decode_ahead(config, index, feature_model,

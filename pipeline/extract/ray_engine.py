@@ -29,7 +29,6 @@ import os
 import re
 import shutil
 import socket
-import sys
 import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -64,6 +63,8 @@ __all__ = [
     "keep_off_gpus",
     "parts_folder",
 ]
+
+log = logging.getLogger(__name__)
 
 # Fault injection for tests and drills: "K:MARKER" makes a model actor die right after
 # committing its K-th batch, once per MARKER file (see ForwardPass).
@@ -215,8 +216,8 @@ def extract_on_ray(
     found = _scan_parts(folder, attrs, stats)
     missing = [r for r in todo if r.path not in found]
     if len(missing) < len(todo):
-        print(f"extract: ray: {len(todo) - len(missing)} of the {len(todo)} images are already "
-              f"in {folder}; extracting the other {len(missing)}.", file=sys.stderr, flush=True)
+        log.info("extract: ray: %d of the %d images are already in %s; extracting the other %d.",
+                 len(todo) - len(missing), len(todo), folder, len(missing))
     previous = install_sigterm()
     try:
         if missing:
@@ -251,8 +252,8 @@ def extract_on_ray(
         restore_sigterm(previous)
     n_parts = len({e.part for e in entries})
     _remove_parts(folder)
-    print(f"extract: ray: {len(rows)} rows and {len(skipped)} skipped files from {n_parts} "
-          f"parts committed to {writer.partial}; parts deleted.", file=sys.stderr, flush=True)
+    log.info("extract: ray: %d rows and %d skipped files from %d parts committed to %s; "
+             "parts deleted.", len(rows), len(skipped), n_parts, writer.partial)
     return [(r.path, e.reason) for r, e in zip(todo, entries, strict=True) if e.reason is not None]
 
 
@@ -280,8 +281,8 @@ def _scan_parts(folder: Path, attrs: dict[str, Any],
         except (CacheError, OSError, KeyError, RuntimeError) as exc:
             aside = part.with_name(part.name + ".corrupt")
             os.replace(part, aside)
-            print(f"extract: ray: {part} is unreadable ({exc}); moved to {aside}, its images "
-                  "will be extracted again.", file=sys.stderr, flush=True)
+            log.warning("extract: ray: %s is unreadable (%s); moved to %s, its images will be "
+                        "extracted again.", part, exc, aside)
             continue
         if diffs:
             raise CacheError(
@@ -352,11 +353,11 @@ def _run_pipeline(
         gpus=resources.get("GPU", 0), nodes=sum(1 for n in ray.nodes() if n["Alive"]),
     )
     folder.mkdir(parents=True, exist_ok=True)
-    print(f"extract: ray: {len(jobs)} images, {n_actors} model actors"
-          + (f" with {config.gpus_per_worker:g} GPUs each" if config.gpus_per_worker else
-             " on CPU")
-          + f", cluster {config.address or 'local'} ({resources.get('CPU', 0):g} CPUs, "
-          f"{resources.get('GPU', 0):g} GPUs); parts in {folder}", file=sys.stderr, flush=True)
+    devices = (f"with {config.gpus_per_worker:g} GPUs each" if config.gpus_per_worker
+               else "on CPU")
+    log.info("extract: ray: %d images, %d model actors %s, cluster %s (%g CPUs, %g GPUs); "
+             "parts in %s", len(jobs), n_actors, devices, config.address or "local",
+             resources.get("CPU", 0), resources.get("GPU", 0), folder)
     table = pa.table({
         "index": pa.array([i for i, _ in jobs], pa.int64()),
         "path": [str(root / r.path) for _, r in jobs],
@@ -391,9 +392,9 @@ def _run_pipeline(
         # Ray retries lost workers itself; what reaches here is an error in our code on
         # the cluster (a float16 overflow, a weights file missing on a node): its remote
         # traceback follows.
-        print(f"extract: ray: the run failed on the cluster (traceback below); the rows "
-              f"committed so far are kept in {folder}: fix the cause and run the same "
-              "command again to resume.", file=sys.stderr, flush=True)
+        log.error("extract: ray: the run failed on the cluster (traceback below); the rows "
+                  "committed so far are kept in %s: fix the cause and run the same command "
+                  "again to resume.", folder)
         raise
     finally:
         progress.close()

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import logging
 import os
 import re
 import shutil
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -40,6 +40,8 @@ from pipeline.images import ImageIndex, check_interpolation, index_images
 from pipeline.interrupts import deferred
 
 __all__ = ["run_extract"]
+
+log = logging.getLogger(__name__)
 
 
 def run_extract(config: ExtractConfig) -> ExtractResult:
@@ -205,7 +207,7 @@ def _set_aside(path: Path, why: str) -> None:
     """Keep a damaged partial cache for inspection, never append to it."""
     aside = path.with_name(path.name + f".corrupt-{int(time.time())}")
     os.replace(path, aside)
-    print(f"extract: {path} {why}; moved to {aside}, starting over.", file=sys.stderr)
+    log.warning("extract: %s %s; moved to %s, starting over.", path, why, aside)
 
 
 def _extract_into(
@@ -230,15 +232,12 @@ def _extract_into(
             new_skipped: list[tuple[str, str]] = []
             if todo:
                 verb = f"resuming after {writer.n_rows} rows" if mode == "resume" else "starting"
-                print(
-                    f"extract: {verb}; {len(todo)} images to do ({len(index.records)} in "
-                    f"{len(index.class_names)} classes, layout {index.layout}) -> {out}\n"
-                    f"extract: base {attrs['base']} (weights {attrs['weights']}), pooling "
-                    f"{attrs['pooling']}, input {feature_model.input_size}, preprocess "
-                    f"{attrs['preprocess']}",
-                    file=sys.stderr,
-                    flush=True,
-                )
+                log.info("extract: %s; %d images to do (%d in %d classes, layout %s) -> %s",
+                         verb, len(todo), len(index.records), len(index.class_names),
+                         index.layout, out)
+                log.info("extract: base %s (weights %s), pooling %s, input %s, preprocess %s",
+                         attrs["base"], attrs["weights"], attrs["pooling"],
+                         feature_model.input_size, attrs["preprocess"])
                 _check_space(feature_model, len(todo), config, out)
                 loop = extract_loop
                 if config.engine == "ray":
@@ -276,10 +275,9 @@ def _check_space(feature_model: FeatureModel, n_images: int, config: ExtractConf
     for name, shape in zip(feature_model.layers, feature_model.feature_shapes, strict=True):
         size = int(np.prod(shape)) * itemsize * n_images * copies
         total += size
-        print(f"extract: layer {name}: features {shape} {config.dtype}, "
-              f"~{size / 1e6:,.1f} MB for {n_images} images"
-              + (f" x {copies} with augmented passes" if copies > 1 else ""),
-              file=sys.stderr, flush=True)
+        log.info("extract: layer %s: features %s %s, ~%s MB for %d images%s", name, shape,
+                 config.dtype, f"{size / 1e6:,.1f}", n_images,
+                 f" x {copies} with augmented passes" if copies > 1 else "")
     free = shutil.disk_usage(out.parent if out.parent.exists() else Path(".")).free
     # Compression can only shrink this; appending to a finished cache copies it once more.
     if total > free:
@@ -292,14 +290,13 @@ def _check_space(feature_model: FeatureModel, n_images: int, config: ExtractConf
 
 
 def _report_list(header: str, lines: list[str], *, limit: int = 10, more: str = "") -> None:
-    """``extract: <header>`` then the first ``limit`` lines, indented, on stderr."""
+    """One warning: ``extract: <header>`` then the first ``limit`` lines, indented."""
     if not lines:
         return
-    print(f"extract: {header}", file=sys.stderr)
-    for line in lines[:limit]:
-        print(f"  {line}", file=sys.stderr)
+    shown = [f"extract: {header}", *(f"  {line}" for line in lines[:limit])]
     if len(lines) > limit:
-        print(f"  ... and {len(lines) - limit} more{more}", file=sys.stderr)
+        shown.append(f"  ... and {len(lines) - limit} more{more}")
+    log.warning("\n".join(shown))
 
 
 def _report_ignored(ignored: list[str]) -> None:

@@ -6,8 +6,8 @@ a hash, and only a different hash counts as a change.
 
 from __future__ import annotations
 
+import logging
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,8 @@ from pipeline.images import ImageIndex
 from pipeline.util.files import file_sha256
 
 __all__ = ["drop_stale_rows", "file_stats", "find_leaks", "up_to_date"]
+
+log = logging.getLogger(__name__)
 
 
 # ExtractConfig fields that decide what the features are: a complete cache made with the
@@ -110,9 +112,9 @@ def drop_stale_rows(
     retried = len(state.skipped_paths) - len(keep_skipped)
     changes = {"deleted": deleted, "changed": changed, "retried_skipped": retried}
     if deleted or changed or retried:
-        print(f"extract: the data folder changed: {deleted} images deleted, {changed} changed, "
-              f"{retried} skipped files to retry; rewriting the cache without them.",
-              file=sys.stderr, flush=True)
+        log.warning("extract: the data folder changed: %d images deleted, %d changed, "
+                    "%d skipped files to retry; rewriting the cache without them.",
+                    deleted, changed, retried)
         writer = writer.rewrite(np.asarray(keep_rows, dtype=np.int64),
                                 np.asarray(keep_skipped, dtype=np.int64))
     return writer, changes
