@@ -471,7 +471,9 @@ def demo_main(argv: Sequence[str] | None = None) -> int:
     def command() -> int:
         from pipeline.demo import run_demo
 
-        run_demo(args.root, quick=args.quick, extract=extract_main, fit_head=fit_head_main)
+        result = run_demo(args.root, quick=args.quick, extract=extract_main,
+                          fit_head=fit_head_main)
+        print(result.summary(), flush=True)
         return 0
 
     return _run("demo", command)

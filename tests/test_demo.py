@@ -85,7 +85,8 @@ def test_write_digits_refuses_a_split_without_validation(tmp_path: Path) -> None
 def test_run_demo_quick_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     import keras
 
-    rows = run_demo(tmp_path, quick=True, extract=extract_main, fit_head=fit_head_main)
+    result = run_demo(tmp_path, quick=True, extract=extract_main, fit_head=fit_head_main)
+    rows = result.rows
 
     assert [r["head"] for r in rows] == [*HEADS, "scratch convnet (same images)"]
     for row in rows:
@@ -98,10 +99,12 @@ def test_run_demo_quick_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture
     base = keras.saving.load_model(tmp_path / "models/demo-digits04-base.keras", safe_mode=True)
     assert base.get_layer("top_conv").output.shape[1:] == (8, 8, 64)
 
-    out = capsys.readouterr().out
+    # The commands a user would type, in the log.
+    out = capsys.readouterr().err
     assert "$ python scripts/extract.py" in out and "--layer top_conv" in out
     # Each head is fitted twice: on the cache, and with its augmented copies.
     assert out.count("$ python scripts/fit_head.py") == 2 * len(HEADS)
     assert out.count("--use-augmented") == len(HEADS)
     assert "scratch convnet (same images)" in (tmp_path / "reports/demo.md").read_text()
-    assert out.rstrip().splitlines()[-1].startswith("demo: done in")
+    assert result.summary().splitlines()[-1].startswith("demo: done in")
+    assert result.table in result.summary() and str(result.report) in result.summary()
