@@ -296,3 +296,90 @@ def test_symlinked_file_leading_outside_deviation(tmp_path):
     np.testing.assert_array_equal(ours.pixels, theirs.pixels[[0, 2]])
     assert ("a/escape.png (symlink to a file outside the data folder)"
             in index_images(data).ignored)
+
+
+def write_jpeg_corpus(folder: Path) -> None:
+    """JPEGs of every chroma subsampling, baseline and progressive, grayscale, odd sizes."""
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(7)
+    for i, (subsampling, progressive, mode, quality) in enumerate(
+        (s, p, m, q) for s in (0, 1, 2) for p in (False, True) for m in ("RGB", "L")
+        for q in (60, 95)
+    ):
+        h, w = rng.integers(9, 70, 2)
+        # Smooth gradients plus noise: chroma upsampling and the IDCT both show.
+        base = np.linspace(0, 255, int(h) * int(w) * 3).reshape(int(h), int(w), 3)
+        noisy = np.clip(base + rng.normal(0, 40, base.shape), 0, 255).astype(np.uint8)
+        image = Image.fromarray(noisy).convert(mode)
+        image.save(folder / f"{i:02d}.jpg", quality=quality, progressive=progressive,
+                   subsampling=subsampling if mode == "RGB" else -1)
+
+
+_WITHOUT_TF = """
+import sys
+sys.modules["tensorflow"] = None  # any import of TF now fails loudly
+import numpy as np
+import pipeline.images.batches as batches
+import pipeline.images.decode as decode
+decode.has_tensorflow = batches.has_tensorflow = lambda: False
+from pipeline.images import index_images, load_image
+root = sys.argv[1]
+index = index_images(root)
+np.save(sys.argv[2], np.stack([load_image(index.root / r.path, (16, 16)) for r in index.records]))
+"""
+
+
+@pytest.mark.parametrize("tensorflow", ["installed", "hidden"])
+def test_jpeg_pixels_equal_keras_with_and_without_tensorflow(tmp_path, tensorflow):
+    """libjpeg-turbo with TF's settings decodes JPEGs to TF's bytes, so a JAX- or torch-only
+    box (TensorFlow hidden here) reads the pixels Keras reads."""
+    import subprocess
+    import sys
+
+    write_jpeg_corpus(tmp_path / "data" / "a")
+    theirs = keras_rows(tmp_path / "data")
+    ours = our_rows(tmp_path / "data")
+    if tensorflow == "hidden":
+        out = tmp_path / "pixels.npy"
+        subprocess.run([sys.executable, "-c", _WITHOUT_TF, str(tmp_path / "data"), str(out)],
+                       check=True, cwd=Path(__file__).resolve().parents[1])
+        ours = ours._replace(pixels=np.load(out))
+    assert_same_rows(ours, theirs)
+
+
+def test_png_orientation_is_read_without_decoding_the_pixels(tmp_path, monkeypatch):
+    """An eXIf chunk after the pixel data, and ImageMagick's raw EXIF text profile, are
+    found by walking the chunks, as Pillow finds them after decoding every pixel."""
+    from PIL import PngImagePlugin
+
+    from pipeline.images.kernels import png_orientation
+
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buffer = io.BytesIO()
+    Image.fromarray(random_pixels(3, (5, 7, 3))).save(buffer, format="PNG", exif=exif)
+    data = buffer.getvalue()
+    with Image.open(io.BytesIO(data)) as im:
+        assert png_orientation(data) == im.getexif()[0x0112] == 6
+    # Moved after IDAT: Pillow finds it only after decoding the pixels; so do we, without.
+    start = data.index(b"eXIf") - 4
+    end = start + 12 + int.from_bytes(data[start : start + 4], "big")
+    chunk, rest = data[start:end], data[:start] + data[end:]
+    iend = rest.index(b"IEND") - 4
+    late = rest[:iend] + chunk + rest[iend:]
+    with Image.open(io.BytesIO(late)) as im:
+        assert png_orientation(late) == im.getexif()[0x0112] == 6
+    raw = exif.tobytes().hex()
+    info = PngImagePlugin.PngInfo()
+    info.add_text("Raw profile type exif", f"\nexif\n{len(raw) // 2}\n{raw}\n", zip=True)
+    buffer = io.BytesIO()
+    Image.fromarray(random_pixels(4, (5, 7, 3))).save(buffer, format="PNG", pnginfo=info)
+    with Image.open(io.BytesIO(buffer.getvalue())) as im:
+        assert png_orientation(buffer.getvalue()) == im.getexif()[0x0112] == 6
+    assert png_orientation(save_png_bytes(random_pixels(5))) == 1
+
+
+def save_png_bytes(pixels: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()

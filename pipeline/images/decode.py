@@ -1,14 +1,16 @@
 """Decode and resize one image as Keras does (the whole image pipeline of one file).
 
-Decoding: JPEG (CMYK ones too), PNG, GIF and BMP go through ``tf.io.decode_image`` like
+Decoding: JPEGs (not CMYK ones) go through libjpeg-turbo with TF's settings
+(:mod:`pipeline.images.kernels`: the bytes ``tf.io.decode_jpeg`` gives, faster, with or
+without TensorFlow); CMYK JPEGs, PNG, GIF and BMP through ``tf.io.decode_image`` like
 Keras (grayscale replicated, alpha dropped, palette expanded, 16-bit reduced to 8-bit,
 first GIF frame); the other formats Pillow reads, and the BMPs TF does not read (1-, 4-
 and 16-bit, run-length encoded, OS/2: Keras stops on them), go through Pillow, converted
-the same way. The EXIF orientation is applied (Keras does not). Then ``tf.image.resize``
-with Keras' method, so pixels equal ``image_dataset_from_directory``'s for every file
-Keras reads. Without TensorFlow Pillow decodes everything: lossless formats give the
-same pixels; JPEGs, CMYK ones included, differ by up to ~5 levels (Pillow sets libjpeg's
-IDCT and chroma upsampling otherwise than TF; measured: mean 1, max 4-5).
+the same way. The EXIF orientation is applied (Keras does not). Then Keras' resize:
+bilinear in NumPy, bit-identical to ``tf.image.resize``; other methods with TF. So pixels
+equal ``image_dataset_from_directory``'s for every file Keras reads. Without TensorFlow
+Pillow decodes the rest: lossless formats give the same pixels; CMYK JPEGs differ by up to
+~5 levels (Pillow sets libjpeg's IDCT and chroma upsampling otherwise than TF).
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+from pipeline.images.kernels import decode_jpeg, has_fast_jpeg, png_orientation, resize_bilinear
 
 __all__ = [
     "INTERPOLATIONS",
@@ -124,6 +128,22 @@ def _to_rgb(im: Image.Image) -> np.ndarray:
 # Formats whose decoding is left to TensorFlow, exactly as Keras does, so pixels match
 # image_dataset_from_directory (Pillow's JPEG decoder rounds chroma differently).
 _TF_FORMATS = {"JPEG", "MPO", "PNG", "GIF", "BMP"}
+
+
+# JPEGs libjpeg-turbo decodes to TF's pixels (CMYK ones go to TF, or Pillow without it).
+_FAST_JPEG_FORMATS = {"JPEG", "MPO"}
+_FAST_JPEG_MODES = {"RGB", "L"}
+
+
+def _fast_jpeg(data: bytes, orientation: int) -> np.ndarray | None:
+    """A JPEG's pixels from libjpeg-turbo, oriented; None when it is no JPEG it decodes
+    (then TF, or Pillow, decodes it and words the skip reason)."""
+    if not has_fast_jpeg():
+        return None
+    try:
+        return _orient(decode_jpeg(data), orientation)
+    except Exception:  # noqa: BLE001 - the fallback decoder judges the file
+        return None
 
 
 _TF_MODES = {"RGB", "RGBA", "L", "LA", "P", "PA", "1", "I;16", "I;16B", "I;16L", "I", "YCbCr",
@@ -234,8 +254,9 @@ def _plain_reason(exc: BaseException, data: bytes) -> str:
 def _inspect(data: bytes) -> tuple[int, np.ndarray | None]:
     """(EXIF orientation, pixels) where pixels is None when TensorFlow is to decode them.
 
-    Pillow reads only the header of the files TF decodes (format, mode, size, EXIF), so
-    bombs and non-images are refused before any pixel is decoded.
+    Pillow reads only the header (format, mode, size, EXIF), so bombs and non-images are
+    refused before any pixel is decoded; then libjpeg-turbo decodes the JPEGs it decodes as
+    TF does, TF the other files it reads (when installed), Pillow the rest.
     """
     if not data:
         raise ImageReadError("empty file (0 bytes)")
@@ -260,7 +281,12 @@ def _inspect_with_pillow(data: bytes) -> tuple[int, np.ndarray | None]:
         if im.format in ("JPEG", "MPO") and not _jpeg_complete(data):
             raise ImageReadError("cannot decode image: truncated JPEG (the file ends before "
                                  "the image does)")
-        orientation = int(im.getexif().get(0x0112, 1) or 1)
+        orientation = (png_orientation(data) if im.format == "PNG"
+                       else int(im.getexif().get(0x0112, 1) or 1))
+        if im.format in _FAST_JPEG_FORMATS and im.mode in _FAST_JPEG_MODES:
+            pixels = _fast_jpeg(data, orientation)
+            if pixels is not None:
+                return orientation, pixels
         if (im.format in _TF_FORMATS and im.mode in _TF_MODES and has_tensorflow()
                 and (im.format != "BMP" or _tf_reads_bmp(data))):
             return orientation, None
@@ -386,34 +412,6 @@ def has_tensorflow() -> bool:
     return importlib.util.find_spec("tensorflow") is not None
 
 
-def resize_bilinear(pixels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """``tf.image.resize(method="bilinear")`` in NumPy: half-pixel centres, no antialiasing.
-
-    The decode path for machines without TensorFlow; equal to TF's kernel to float32
-    rounding (tests/test_images.py).
-    """
-    def axis_weights(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        centre = (np.arange(n_out, dtype=np.float32) + 0.5) * np.float32(n_in / n_out) - 0.5
-        floor = np.floor(centre)
-        lower = np.clip(floor, 0, n_in - 1).astype(np.int64)
-        upper = np.clip(np.ceil(centre), 0, n_in - 1).astype(np.int64)
-        return lower, upper, (centre - floor).astype(np.float32)
-
-    y0, y1, wy = axis_weights(pixels.shape[0], size[0])
-    x0, x1, wx = axis_weights(pixels.shape[1], size[1])
-    wx = wx[None, :, None]
-
-    def lerp_x(rows: np.ndarray) -> np.ndarray:
-        # Gather in uint8 and convert only the pixels used: the full image never
-        # becomes float32 (3-4x less work when shrinking a photo to 224 px).
-        left = rows[:, x0].astype(np.float32)
-        return left + (rows[:, x1].astype(np.float32) - left) * wx
-
-    # TF's order of operations (x-lerp of the two rows, then y-lerp), so equal sums.
-    top = lerp_x(pixels[y0])
-    return top + (lerp_x(pixels[y1]) - top) * wy[:, None, None]
-
-
 def load_image(
     path: str | os.PathLike, size: tuple[int, int], interpolation: str = "bilinear"
 ) -> np.ndarray:
@@ -499,13 +497,13 @@ def resize(pixels: np.ndarray, size: tuple[int, int], interpolation: str) -> np.
         ValueError: an unknown interpolation, or one other than bilinear without TensorFlow.
     """
     interpolation = check_interpolation(interpolation)
-    if not has_tensorflow():
-        if interpolation != "bilinear":
-            raise ValueError(
-                "Without TensorFlow only bilinear resizing is available. "
-                f"Received: interpolation={interpolation!r}"
-            )
+    if interpolation == "bilinear":  # bit-identical to TF's kernel, and faster
         return resize_bilinear(pixels, size)
+    if not has_tensorflow():
+        raise ValueError(
+            "Without TensorFlow only bilinear resizing is available. "
+            f"Received: interpolation={interpolation!r}"
+        )
     import tensorflow as tf  # Keras' resize kernel; imported late to keep the CLI fast
 
     resized = tf.image.resize(pixels, size, method=interpolation)
