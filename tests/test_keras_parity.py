@@ -319,9 +319,8 @@ _WITHOUT_TF = """
 import sys
 sys.modules["tensorflow"] = None  # any import of TF now fails loudly
 import numpy as np
-import pipeline.images.batches as batches
 import pipeline.images.decode as decode
-decode.has_tensorflow = batches.has_tensorflow = lambda: False
+decode.has_tensorflow = lambda: False
 from pipeline.images import index_images, load_image
 root = sys.argv[1]
 index = index_images(root)

@@ -13,7 +13,7 @@ from pipeline.images.decode import (
     load_image,
     parse_size,
     read_image,
-    read_image_into,
+    read_images_into,
     resize,
     resize_bilinear,
 )
@@ -49,7 +49,7 @@ __all__ = [
     "load_image",
     "parse_size",
     "read_image",
-    "read_image_into",
+    "read_images_into",
     "resize",
     "resize_bilinear",
 ]

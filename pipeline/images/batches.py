@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from collections import deque
 from collections.abc import Iterator, Sequence
-from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from multiprocessing import get_context, shared_memory
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.images.decode import ImageReadError, has_tensorflow, read_image, read_image_into
+from pipeline.images.decode import ImageReadError, read_image, read_images_into
 
 __all__ = ["DECODERS", "DecodedBatch", "check_decode", "decoded_batches"]
 
@@ -68,62 +68,68 @@ def decoded_batches(
     starts part-way (a resume, a shard) are those of a whole run, and each matches one
     forward pass of :meth:`FeatureModel.all_features`. ``positions`` must increase.
 
-    ``decode``: ``threads`` (TF's decoder releases the GIL inside its graph),
-    ``processes`` (spawned workers writing into shared memory: without TF, Pillow and
-    NumPy hold the GIL too long for threads to scale, 2.3x on 8 threads of a 16-core GPU
-    box), or ``auto``: processes without TensorFlow on 4 or more cores, else threads (on
-    2 cores the parent's share of the work makes processes 10 % slower). Pixels are the
+    ``decode``: ``threads`` (libjpeg-turbo, NumPy and TF's decoder release the GIL for
+    most of an image), ``processes`` (spawned workers, each decoding a run of files of one
+    batch into shared memory per task: no GIL at all, and the parent's work per image is
+    one copy), or ``auto``: processes on 4 or more cores, threads on fewer (there the
+    parent's forward pass needs a core of its own; docs/performance.md). Pixels are the
     same either way: workers run :func:`read_image` in the same environment.
     """
     check_decode(decode)
     cores = os.cpu_count() or 1
-    processes = decode == "processes" or (
-        decode == "auto" and cores >= 4 and not has_tensorflow())
+    processes = decode == "processes" or (decode == "auto" and cores >= 4)
     workers = workers or (max(1, cores - 1) if processes else min(8, cores))
-    window = 2 * batch_size + workers
-    pending: deque[tuple[int, Future]] = deque()
-    upcoming = iter(range(len(paths)))
-    if processes:
-        # One slot per image in flight (+1: a slot is read after the next is submitted).
-        shm = shared_memory.SharedMemory(create=True, size=(window + 1) * size[0] * size[1] * 12)
-        slots = np.ndarray((window + 1, *size, 3), np.float32, shm.buf)
-        pool: Executor = ProcessPoolExecutor(workers, mp_context=get_context("spawn"))
-
-        def submit(i: int) -> None:
-            pending.append((i, pool.submit(read_image_into, shm.name, i % (window + 1),
-                                           str(paths[i]), size, interpolation)))
-
-        def result(i: int, future: Future) -> tuple[np.ndarray, str]:
-            try:
-                return slots[i % (window + 1)], future.result()
-            except BrokenProcessPool as exc:
-                raise RuntimeError(
-                    "A decode worker process died: killed, out of memory, or it could not "
-                    "start. Workers are spawned and import the main module, so a script "
-                    "that decodes in processes must do so under `if __name__ == "
-                    "'__main__':`. Or decode in threads (decode='threads', extract.py "
-                    "--decode threads)."
-                ) from exc
-    else:
-        pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode")
-
-        def submit(i: int) -> None:
-            pending.append((i, pool.submit(read_image, paths[i], size, interpolation)))
-
-        def result(i: int, future: Future) -> tuple[np.ndarray, str]:
-            return future.result()
-
-    def new_buffer() -> np.ndarray:
-        # Each decoded image is copied once, into its batch (no list + np.stack); a fresh
-        # buffer per batch because the consumer preprocesses the previous one in place.
-        return np.empty((batch_size, *size, 3), np.float32)
-
     group = (np.arange(len(paths)) if positions is None
              else np.asarray(positions, np.int64)) // batch_size
+    if processes:
+        results = _decoded_in_processes(paths, group, size=size, interpolation=interpolation,
+                                        batch_size=batch_size, workers=workers)
+    else:
+        results = _decoded_in_threads(paths, size=size, interpolation=interpolation,
+                                      window=2 * batch_size + workers, workers=workers)
+    yield from _batched(results, group, size=size, batch_size=batch_size)
+
+
+# What a decoder yields per file, in input order: (index, pixels, sha256) when read,
+# (index, None, reason) when skipped. The pixels may be a view into a buffer that is
+# reused once the next file is asked for: the batch assembler copies them at once.
+_Decoded = tuple[int, np.ndarray | None, str]
+
+
+def _batched(results: Iterator[_Decoded], group: np.ndarray, *, size: tuple[int, int],
+             batch_size: int) -> Iterator[DecodedBatch]:
+    """Assemble decoded files into the batches of ``group``, one copy per image."""
+    def new_buffer() -> np.ndarray:
+        # A fresh buffer per batch: the consumer preprocesses the previous one in place.
+        return np.empty((batch_size, *size, 3), np.float32)
+
+    n = len(group)
     indices: list[int] = []
     images = new_buffer()
     digests: list[str] = []
     skipped: list[tuple[int, str]] = []
+    for i, pixels, text in results:
+        if pixels is None:
+            skipped.append((i, text))
+        else:
+            images[len(indices)] = pixels
+            digests.append(text)
+            indices.append(i)
+        if i + 1 == n or group[i + 1] != group[i]:
+            yield DecodedBatch(indices, images[: len(indices)], skipped, digests)
+            indices, images, skipped, digests = [], new_buffer(), [], []
+
+
+def _decoded_in_threads(paths: Sequence[Path], *, size: tuple[int, int], interpolation: str,
+                        window: int, workers: int) -> Iterator[_Decoded]:
+    """One future per file in a thread pool, ``window`` files ahead."""
+    pending: deque[tuple[int, Future]] = deque()
+    upcoming = iter(range(len(paths)))
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode")
+
+    def submit(i: int) -> None:
+        pending.append((i, pool.submit(read_image, paths[i], size, interpolation)))
+
     try:
         for i in upcoming:
             submit(i)
@@ -135,19 +141,76 @@ def decoded_batches(
             if following is not None:
                 submit(following)
             try:
-                image, digest = result(i, future)
+                pixels, digest = future.result()
             except ImageReadError as exc:
-                skipped.append((i, str(exc)))
+                yield i, None, str(exc)
             else:
-                images[len(indices)] = image
-                digests.append(digest)
-                indices.append(i)
-            if i + 1 == len(paths) or group[i + 1] != group[i]:
-                yield DecodedBatch(indices, images[: len(indices)], skipped, digests)
-                indices, images, skipped, digests = [], new_buffer(), [], []
+                yield i, pixels, digest
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
-        if processes:
-            del slots  # the view must go before the block can close
-            shm.close()
-            shm.unlink()
+
+
+def _chunks(group: np.ndarray, size: int) -> list[range]:
+    """Runs of at most ``size`` consecutive files, never across two batches."""
+    chunks: list[range] = []
+    start = 0
+    for end in [*np.flatnonzero(np.diff(group)) + 1, len(group)]:
+        chunks.extend(range(s, min(s + size, end)) for s in range(start, end, size))
+        start = end
+    return chunks
+
+
+def _decoded_in_processes(paths: Sequence[Path], group: np.ndarray, *, size: tuple[int, int],
+                          interpolation: str, batch_size: int,
+                          workers: int) -> Iterator[_Decoded]:
+    """One task per run of files of one batch, in spawned processes, into shared memory.
+
+    Each worker gets a run of about ``batch_size / workers`` files (so a batch is spread
+    over all workers, and the parent handles one future per run, not per file) and two
+    runs in flight per worker. Run j writes into slot block ``j % depth``; at most
+    ``depth - 1`` runs are in flight, so a block is only rewritten after the parent has
+    copied it.
+    """
+    chunk = max(1, min(64, -(-batch_size // workers)))
+    runs = _chunks(group, chunk)
+    depth = 2 * workers + 1
+    shm = shared_memory.SharedMemory(create=True, size=depth * chunk * size[0] * size[1] * 12)
+    slots = np.ndarray((depth, chunk, *size, 3), np.float32, shm.buf)
+    pool = ProcessPoolExecutor(workers, mp_context=get_context("spawn"))
+    pending: deque[tuple[int, Future]] = deque()
+    upcoming = iter(range(len(runs)))
+
+    def submit(j: int) -> None:
+        files = [str(paths[i]) for i in runs[j]]
+        pending.append((j, pool.submit(read_images_into, shm.name, (j % depth) * chunk, files,
+                                       size, interpolation)))
+
+    try:
+        for j in upcoming:
+            submit(j)
+            if len(pending) >= depth - 1:
+                break
+        while pending:
+            j, future = pending.popleft()
+            try:
+                results = future.result()
+            except BrokenProcessPool as exc:
+                raise RuntimeError(
+                    "A decode worker process died: killed, out of memory, or it could not "
+                    "start. Workers are spawned and import the main module, so a script "
+                    "that decodes in processes must do so under `if __name__ == "
+                    "'__main__':`. Or decode in threads (decode='threads', extract.py "
+                    "--decode threads)."
+                ) from exc
+            block = slots[j % depth]
+            for k, (i, (digest, reason)) in enumerate(zip(runs[j], results, strict=True)):
+                yield (i, None, reason) if digest is None else (i, block[k], digest)
+            # Only now, once this block is copied, may a new run be written into it.
+            following = next(upcoming, None)
+            if following is not None:
+                submit(following)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        del slots  # the view must go before the block can close
+        shm.close()
+        shm.unlink()

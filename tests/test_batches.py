@@ -1,0 +1,68 @@
+"""decoded_batches: every file in exactly one batch, in order, with its own pixels, under
+every decoder, worker count, batch size and starting position; a dying worker is named."""
+
+from __future__ import annotations
+
+import hashlib
+import multiprocessing
+import os
+import signal
+
+import numpy as np
+import pytest
+from conftest import bad_files, write_index_images
+
+from pipeline.images import decoded_batches, load_image
+
+SIZE = (6, 5)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> list:
+    """Index-encoding images with unreadable files between them, sorted as a folder is."""
+    root = tmp_path_factory.mktemp("batches")
+    write_index_images(root, 9, classes=("a", "b", "c"))
+    bad_files(root / "b")
+    return sorted(p for p in root.rglob("*") if p.is_file())
+
+
+# Spawned workers import TensorFlow to decode PNGs (~10 s each on 2 cores): fewer cases.
+CASES = [(decode, workers, batch_size, start)
+         for decode, workers in (("threads", 1), ("threads", 3))
+         for batch_size, start in ((1, 0), (4, 0), (5, 3), (64, 2))]
+CASES += [("processes", 2, 5, 3), ("processes", 1, 64, 2)]
+
+
+@pytest.mark.parametrize("decode, workers, batch_size, start", CASES)
+def test_every_file_once_in_its_batch_with_its_pixels(files, decode, workers, batch_size,
+                                                      start):
+    paths = files[start:]
+    positions = list(range(start, start + len(paths)))  # a resume: the run's own batches
+    batches = list(decoded_batches(paths, size=SIZE, batch_size=batch_size, workers=workers,
+                                   decode=decode, positions=positions))
+    seen: list[int] = []
+    for batch in batches:
+        members = sorted([*batch.indices, *(i for i, _ in batch.skipped)])
+        groups = {positions[i] // batch_size for i in members}
+        assert len(groups) == 1, "a batch holds the files of one forward pass"
+        seen += members
+        assert batch.images.shape == (len(batch.indices), *SIZE, 3)
+        for row, i in enumerate(batch.indices):
+            np.testing.assert_array_equal(batch.images[row], load_image(paths[i], SIZE))
+            assert batch.digests[row] == hashlib.sha256(paths[i].read_bytes()).hexdigest()
+        for i, reason in batch.skipped:
+            assert reason and paths[i].parent.name == "b"
+    assert seen == list(range(len(paths)))
+    expected_groups = sorted({p // batch_size for p in positions})
+    assert len(batches) == len(expected_groups)
+
+
+def test_a_worker_killed_mid_run_is_named(files):
+    batches = decoded_batches(files * 20, size=SIZE, batch_size=4, workers=2,
+                              decode="processes")
+    next(batches)
+    for child in multiprocessing.active_children():
+        os.kill(child.pid, signal.SIGKILL)
+    with pytest.raises(RuntimeError, match="A decode worker process died"):
+        for _ in batches:
+            pass
