@@ -49,7 +49,6 @@ from benchmarks.common import (
     BenchConfig,
     BenchSizes,
     bench_sizes,
-    has_tensorflow,
     make_images,
     timed,
     write_synthetic_cache,
@@ -81,6 +80,7 @@ from benchmarks.training import (
     measure_training,
     sklearn_fit_seconds,
 )
+from pipeline.images import has_tensorflow
 
 __all__ = [
     "CASES",

@@ -184,13 +184,6 @@ def fresh(path: Path) -> Path:
     return path
 
 
-def has_tensorflow() -> bool:
-    """Whether TensorFlow is installed (else: no tf.data peer, Pillow decoding)."""
-    from pipeline.images import has_tensorflow as found
-
-    return found()
-
-
 def write_synthetic_cache(path: Path, rows: int, *, feature_shape: tuple[int, ...] = (7, 7, 512),
                           seed: int = 0, chunk: int = 256) -> Path:
     """A complete cache of unpooled VGG16-like maps (float32), two separable classes."""

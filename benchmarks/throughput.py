@@ -27,13 +27,13 @@ from benchmarks.common import (
     REPO_ROOT,
     BenchCase,
     fresh,
-    has_tensorflow,
     make_images,
     quiet,
     remove_images,
     summary,
     timed,
 )
+from pipeline.images import has_tensorflow
 
 # --mixed-precision / --jit of this run (set by run_benchmark), used for every model built.
 MODEL_OPTIONS: dict[str, Any] = {"mixed_precision": False, "jit": "auto"}

@@ -24,13 +24,13 @@ from benchmarks.common import (
     REPO_ROOT,
     BenchCase,
     BenchSizes,
-    has_tensorflow,
     quiet,
     summary,
     timed,
     write_synthetic_cache,
 )
 from benchmarks.throughput import build_case_model, decode_all
+from pipeline.images import has_tensorflow
 
 
 def _epoch_timer() -> Any:

@@ -450,7 +450,7 @@ def compare_main(argv: Sequence[str] | None = None) -> int:
 
     def command() -> int:
         from pipeline.compare import CompareConfig, run_compare
-        from pipeline.report import format_history, read_history
+        from pipeline.compare.history import format_history, read_history
 
         if show_history:
             print(format_history(read_history(args.history_file)), flush=True)

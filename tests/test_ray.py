@@ -15,6 +15,7 @@ from pipeline.cache import read_row_state
 from pipeline.cli import extract_main
 from pipeline.extract import ExtractConfig, run_extract
 from pipeline.extract import ray_engine as scale
+from pipeline.extract.ray_workers import FAULT_ENV
 
 ray = pytest.importorskip("ray", reason="the Ray engine is the optional extra .[ray]")
 
@@ -87,7 +88,7 @@ def test_killed_actor_is_retried_no_duplicate_no_missing_row(cluster, data, prob
     single, merged = tmp_path / "single.h5", tmp_path / "ray.h5"
     run_extract(config(data, probe_model, single))
     marker = tmp_path / "crashed"
-    monkeypatch.setenv(scale.FAULT_ENV, f"2:{marker}")
+    monkeypatch.setenv(FAULT_ENV, f"2:{marker}")
     monkeypatch.setattr(scale, "_remove_parts", lambda folder: None)
     run_extract(config(data, probe_model, merged, engine="ray"))
     assert marker.exists(), "the fault hook did not fire"
@@ -159,9 +160,9 @@ def test_bad_cluster_and_missing_ray(cluster, data, probe_model, tmp_path, capsy
             "--engine", "ray"]
     assert extract_main([*args, "--workers", "2"]) == 2  # 2 CPUs: one must decode
     assert "cannot run 2 model actors" in capsys.readouterr().err
-    monkeypatch.setenv(scale.FAULT_ENV, "soon")
+    monkeypatch.setenv(FAULT_ENV, "soon")
     assert extract_main(args) == 2
-    assert f"Received: {scale.FAULT_ENV}='soon'" in capsys.readouterr().err
+    assert f"Received: {FAULT_ENV}='soon'" in capsys.readouterr().err
     monkeypatch.setitem(sys.modules, "ray.data", None)
     assert extract_main(args) == 2
     assert 'pip install -e ".[ray]"' in capsys.readouterr().err

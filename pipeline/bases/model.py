@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -196,6 +196,42 @@ def build_feature_model(
         ValueError: any bad argument, with the value received.
         WeightsUnavailableError: ImageNet weights cannot be downloaded.
     """
+    _check_arguments(pooling=pooling, preprocess_mode=preprocess_mode, precision=precision,
+                     jit=jit)
+    if base.endswith((".keras", ".h5")) or Path(base).is_file():
+        loaded = _saved_base(base, weights=weights, input_size=input_size,
+                             preprocess_mode=preprocess_mode, precision=precision)
+    else:
+        loaded = _named_base(base, weights=weights, input_size=input_size,
+                             preprocess_mode=preprocess_mode, seed=seed, precision=precision)
+    loaded.model.trainable = False
+    layers = parse_layers(layer, loaded.model)
+    feature = _feature_extractor(loaded.model, layers, pooling)
+    if jit != "auto":
+        feature.jit_compile = jit == "on"
+    size = (int(loaded.size[0]), int(loaded.size[1]))
+    attrs = _feature_attrs(loaded, layers=layers, pooling=pooling, seed=seed,
+                           precision=precision)
+    return FeatureModel(feature, attrs, size, loaded.preprocess, layers, batch_size=batch_size)
+
+
+class _Base(NamedTuple):
+    """A loaded base before the cut: the model, its input size, its preprocessing, and
+    the attributes that say which file or application and weights it came from."""
+
+    model: Any
+    size: tuple[int, int]
+    preprocess: str
+    attrs: dict[str, Any]
+
+
+def _check_arguments(*, pooling: str, preprocess_mode: str | None, precision: str,
+                     jit: str) -> None:
+    """The arguments that do not depend on the base.
+
+    Raises:
+        ValueError: a bad pooling, preprocessing, precision or jit mode.
+    """
     check_pooling(pooling)
     if preprocess_mode is not None:
         check_preprocess(preprocess_mode)
@@ -205,65 +241,81 @@ def build_feature_model(
         )
     if jit not in JIT_MODES:
         raise ValueError(f"`jit` must be one of {JIT_MODES}. Received: jit={jit!r}")
-    attrs: dict[str, Any] = {}
-    if base.endswith((".keras", ".h5")) or Path(base).is_file():
-        path = Path(base)
-        if not path.is_file():
-            raise ValueError(f"`base` file not found. Received: base={base!r}")
-        if weights not in (None, "saved"):
-            raise ValueError(
-                "A .keras base carries its own weights: leave --weights unset. "
-                f"Received: weights={weights!r}"
-            )
-        if precision != "float32":
-            raise ValueError(
-                "A saved .keras base keeps the dtype policy it was saved with; mixed "
-                f"precision applies to keras.applications bases. Received: precision={precision!r}"
-            )
-        model, size = load_saved_base(path, input_size)
-        mode = preprocess_mode or "none"
-        attrs.update(base=f"file:{path.name}", base_sha256=file_sha256(path), weights="saved",
-                     base_path=str(path.resolve()), weights_path="")
-    else:
-        spec = resolve_base(base)
-        if preprocess_mode not in (None, spec.preprocess):
-            raise ValueError(
-                f"{spec.name} uses its own preprocess_input (mode {spec.preprocess!r}). "
-                f"Received: preprocess={preprocess_mode!r}"
-            )
-        weights = weights or "imagenet"
-        size = input_size or (spec.default_size, spec.default_size)
-        import keras
 
-        previous = keras.config.dtype_policy()
-        keras.config.set_dtype_policy(precision)
-        try:
-            model = build_application(spec, weights, size, seed)
-        finally:
-            keras.config.set_dtype_policy(previous)
-        mode = spec.preprocess
-        if weights in ("imagenet", "none"):
-            recorded, weights_path = weights, ""
-        else:
-            recorded, weights_path = f"sha256:{file_sha256(weights)}", str(Path(weights).resolve())
-        attrs.update(base=spec.name, base_sha256="", weights=recorded, base_path="",
-                     weights_path=weights_path)
-    model.trainable = False
-    layers = parse_layers(layer, model)
-    feature = _feature_extractor(model, layers, pooling)
-    if jit != "auto":
-        feature.jit_compile = jit == "on"
-    attrs.update(
-        layer=layers[0],
-        layers=layers,
-        pooling=pooling,
-        input_size=[int(size[0]), int(size[1])],
-        preprocess=mode,
-        seed=int(seed),
-        precision=precision,
-    )
-    return FeatureModel(feature, attrs, (int(size[0]), int(size[1])), mode, layers,
-                        batch_size=batch_size)
+
+def _saved_base(base: str, *, weights: str | None, input_size: tuple[int, int] | None,
+                preprocess_mode: str | None, precision: str) -> _Base:
+    """A ``.keras`` base, recorded by file name and sha256.
+
+    Raises:
+        ValueError: the file is missing, or weights or a precision were asked for.
+    """
+    path = Path(base)
+    if not path.is_file():
+        raise ValueError(f"`base` file not found. Received: base={base!r}")
+    if weights not in (None, "saved"):
+        raise ValueError(
+            "A .keras base carries its own weights: leave --weights unset. "
+            f"Received: weights={weights!r}"
+        )
+    if precision != "float32":
+        raise ValueError(
+            "A saved .keras base keeps the dtype policy it was saved with; mixed "
+            f"precision applies to keras.applications bases. Received: precision={precision!r}"
+        )
+    model, size = load_saved_base(path, input_size)
+    attrs = dict(base=f"file:{path.name}", base_sha256=file_sha256(path), weights="saved",
+                 base_path=str(path.resolve()), weights_path="")
+    return _Base(model, size, preprocess_mode or "none", attrs)
+
+
+def _named_base(base: str, *, weights: str | None, input_size: tuple[int, int] | None,
+                preprocess_mode: str | None, seed: int, precision: str) -> _Base:
+    """A keras.applications base under the asked dtype policy; a local weights file is
+    recorded by its sha256.
+
+    Raises:
+        ValueError: an unknown base, or another preprocessing than its own.
+        WeightsUnavailableError: ImageNet weights cannot be downloaded.
+    """
+    spec = resolve_base(base)
+    if preprocess_mode not in (None, spec.preprocess):
+        raise ValueError(
+            f"{spec.name} uses its own preprocess_input (mode {spec.preprocess!r}). "
+            f"Received: preprocess={preprocess_mode!r}"
+        )
+    weights = weights or "imagenet"
+    size = input_size or (spec.default_size, spec.default_size)
+    import keras
+
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(precision)
+    try:
+        model = build_application(spec, weights, size, seed)
+    finally:
+        keras.config.set_dtype_policy(previous)
+    if weights in ("imagenet", "none"):
+        recorded, weights_path = weights, ""
+    else:
+        recorded, weights_path = f"sha256:{file_sha256(weights)}", str(Path(weights).resolve())
+    attrs = dict(base=spec.name, base_sha256="", weights=recorded, base_path="",
+                 weights_path=weights_path)
+    return _Base(model, size, spec.preprocess, attrs)
+
+
+def _feature_attrs(loaded: _Base, *, layers: list[str], pooling: str, seed: int,
+                   precision: str) -> dict[str, Any]:
+    """Every attribute that defines the features: the base's, then the cut and pooling."""
+    return {
+        **loaded.attrs,
+        "layer": layers[0],
+        "layers": layers,
+        "pooling": pooling,
+        "input_size": [int(loaded.size[0]), int(loaded.size[1])],
+        "preprocess": loaded.preprocess,
+        "seed": int(seed),
+        "precision": precision,
+    }
 
 
 def feature_model_from_attrs(attrs: dict[str, Any], batch_size: int = 32) -> FeatureModel:

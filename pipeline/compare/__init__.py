@@ -8,9 +8,9 @@ The modules, in the order a run uses them:
   the same images line up, folds, grids, pairs, the chosen grid point, the ranking);
 - ``data``: caches read and aligned by path, their features, the scratch row's images;
 - ``fits``: one fit (a fresh seeded head, fit, predict) and the joblib loop over them;
+- ``report``: the leaderboard (CSV, Markdown), plots and ``report.html`` of one run;
+- ``history``: one JSON line per run, and the table ``compare.py --history`` prints;
 - ``run``: ``run_compare``, the protocol as a list of named steps.
-
-The report (tables, plots, HTML, history) is :mod:`pipeline.report`.
 """
 
 from pipeline.compare.config import COMPARE_HEADS, SCRATCH_HEAD, CompareConfig, CompareResult

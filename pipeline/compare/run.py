@@ -7,8 +7,8 @@ same images are matched by path), one set of stratified folds, one seed, one pro
 steps and the scoring of the fits; the arguments live in :mod:`pipeline.compare.config`,
 the pure decisions in :mod:`pipeline.compare.decisions`, the loading of rows in
 :mod:`pipeline.compare.data`, the fits and the parallel loop in
-:mod:`pipeline.compare.fits`. The report itself (tables, plots, HTML, history) is written
-by :mod:`pipeline.report`.
+:mod:`pipeline.compare.fits`. The report itself (tables, plots, HTML) is written by
+:mod:`pipeline.compare.report`, the history line by :mod:`pipeline.compare.history`.
 """
 
 from __future__ import annotations
@@ -44,6 +44,8 @@ from pipeline.compare.decisions import (
     param_grid,
 )
 from pipeline.compare.fits import FitTask, build_estimator, run_tasks
+from pipeline.compare.history import append_history, history_entry
+from pipeline.compare.report import write_report
 from pipeline.fit import evaluate
 from pipeline.heads import head_params
 from pipeline.progress import Progress
@@ -105,8 +107,6 @@ def run_compare(config: CompareConfig) -> CompareResult:
         FileNotFoundError: a cache or the scratch folder does not exist.
         pipeline.cache.CacheError: a cache is incomplete or damaged.
     """
-    from pipeline import report
-
     start = time.perf_counter()
     started = datetime.now().astimezone()
     check_config(config)
@@ -147,8 +147,8 @@ def run_compare(config: CompareConfig) -> CompareResult:
         caches=caches, pool=pool, test=test, folds=folds, fold_problem=fold_problem,
         pair_results=pair_results, board=board, skipped=skipped,
     )
-    outputs = report.write_report(out_dir, results)
-    report.append_history(Path(config.history_file), report.history_entry(results))
+    outputs = write_report(out_dir, results)
+    append_history(Path(config.history_file), history_entry(results))
     return CompareResult(
         out_dir=out_dir,
         leaderboard=board,

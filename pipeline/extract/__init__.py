@@ -7,6 +7,7 @@ The modules, in the order a run uses them:
 - ``sync``: the cache against the folder (up to date? which rows are stale?);
 - ``engine``: what both engines share (the model they build, stored dtypes, stopping);
 - ``local_engine``: decode ahead, forward full batches, commit from a writer thread;
+- ``ray_workers``: what runs on a Ray cluster (decode tasks, model actors);
 - ``ray_engine``: the same batches on a Ray cluster, merged in list order;
 - ``run``: ``run_extract``, which ties them together.
 """

@@ -19,6 +19,9 @@ loses at most its batch in flight, and a batch Ray retried after its actor died 
 writing it is in two parts and kept once. Parts outlive a failed or interrupted run, so
 the same command resumes from them; they are deleted once their rows are committed to the
 cache. ``extract.py --merge <out>.parts --out FILE`` merges them without a driver.
+
+This module is the driver's side (checks, pool size, parts, the pipeline, the merge); the
+decode tasks and model actors that run on the cluster are :mod:`pipeline.extract.ray_workers`.
 """
 
 from __future__ import annotations
@@ -28,14 +31,10 @@ import logging
 import os
 import re
 import shutil
-import socket
-import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NamedTuple
-
-import numpy as np
 
 from pipeline.bases import FeatureModel
 from pipeline.cache import (
@@ -47,28 +46,22 @@ from pipeline.cache import (
     read_row_state,
 )
 from pipeline.extract.config import ExtractConfig
-from pipeline.extract.engine import build_model, stopped, stored_features
-from pipeline.images import ImageIndex, ImageReadError, ImageRecord, parse_size, read_image
+from pipeline.extract.engine import stopped
+from pipeline.extract.ray_workers import ForwardPass, decode_batch, fault_from_env
+from pipeline.images import ImageIndex, ImageRecord
 from pipeline.interrupts import install_sigterm, restore_sigterm
 from pipeline.progress import Progress
 
 __all__ = [
-    "FAULT_ENV",
-    "ForwardPass",
     "actor_count",
     "block_rows",
     "check_ray_config",
-    "decode_batch",
     "extract_on_ray",
-    "keep_off_gpus",
     "parts_folder",
 ]
 
 log = logging.getLogger(__name__)
 
-# Fault injection for tests and drills: "K:MARKER" makes a model actor die right after
-# committing its K-th batch, once per MARKER file (see ForwardPass).
-FAULT_ENV = "BOTTLENECK_RAY_FAULT"
 # Attributes about one file's bookkeeping, not about what its features mean.
 _BOOKKEEPING = ("complete", "created", "n_rows", "n_skipped", "n_augmented", "schema_version",
                 "compression", "leaks", "augment", "augment_passes")
@@ -120,21 +113,7 @@ def check_ray_config(config: ExtractConfig) -> None:
             "first, then run the same command with --engine local --augment K: it computes "
             f"only the augmented passes. Received: augment={config.augment}, engine='ray'"
         )
-    _fault_from_env()
-
-
-def keep_off_gpus() -> None:
-    """Hide the GPUs from TensorFlow in this process (the driver, a decode task).
-
-    TensorFlow reserves most of a GPU's memory on first use; the model actors on the
-    same node need it. Nothing to do without TensorFlow, or once it is initialised.
-    """
-    try:
-        import tensorflow as tf
-
-        tf.config.set_visible_devices([], "GPU")
-    except (ImportError, RuntimeError):
-        pass
+    fault_from_env()
 
 
 def parts_folder(out: Path) -> Path:
@@ -380,7 +359,7 @@ def _run_pipeline(
     ).map_batches(
         ForwardPass, batch_size=config.batch_size, batch_format="numpy",
         fn_constructor_kwargs={"config": config, "folder": str(folder), "attrs": part_attrs,
-                               "fault": _fault_from_env()},
+                               "fault": fault_from_env()},
         compute=ray.data.ActorPoolStrategy(size=n_actors), num_cpus=1,
         num_gpus=config.gpus_per_worker or None,
     )
@@ -398,123 +377,3 @@ def _run_pipeline(
         raise
     finally:
         progress.close()
-
-
-def decode_batch(batch: dict[str, np.ndarray], *, size: tuple[int, int],
-                 interpolation: str) -> dict[str, np.ndarray]:
-    """A Ray Data task: decode and resize every listed image with the local engine's
-    :func:`~pipeline.images.read_image`; an unreadable file gets ``ok=False`` and its reason.
-    """
-    keep_off_gpus()
-    n = len(batch["path"])
-    images = np.zeros((n, *size, 3), np.float32)
-    digests, errors, ok = [""] * n, [""] * n, np.zeros(n, dtype=bool)
-    for i, path in enumerate(batch["path"]):
-        try:
-            images[i], digests[i] = read_image(path, size, interpolation)
-            ok[i] = True
-        except ImageReadError as exc:
-            errors[i] = str(exc)
-    return {**batch, "image": images, "sha256": np.array(digests, dtype=object),
-            "error": np.array(errors, dtype=object), "ok": ok}
-
-
-class ForwardPass:
-    """A Ray Data actor: builds the base once, then runs each batch's readable images
-    through it and commits their rows, and the batch's unreadable files, to its own part.
-
-    Args:
-        config: the run's arguments; the base is built from them as by the local engine.
-        folder: the parts folder, on a filesystem every node and the driver share.
-        attrs: the part's attributes (the cache's, plus ``part_of``, ``listing``,
-            ``n_images``).
-        fault: ``(K, MARKER)`` from :data:`FAULT_ENV`: die right after committing the
-            K-th batch, before Ray has its result, unless MARKER exists (created first,
-            so once per run). Ray then restarts the actor and retries the batch, which
-            ends up in two parts.
-    """
-
-    def __init__(self, config: ExtractConfig, folder: str, attrs: dict[str, Any],
-                 fault: tuple[int, str] | None = None) -> None:
-        if 0 < config.gpus_per_worker < 1:
-            _share_gpu()
-        self.config = config
-        self.model = build_model(config, parse_size(config.input_size))
-        self.attrs = attrs
-        self.fault = fault
-        self.batches = 0
-        # A new part per actor incarnation: a restarted actor never appends to a file its
-        # predecessor may have left damaged.
-        self.part = Path(folder) / (f"part-{socket.gethostname()}-{os.getpid()}-"
-                                    f"{uuid.uuid4().hex[:8]}.h5")
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Extract one batch, commit it to the part; return the batch's positions."""
-        ok = np.asarray(batch["ok"], dtype=bool)
-        bad = ~ok
-        # Each image in the forward batch and slot of its position in the folder's list,
-        # as the local engine computes it: the merged cache equals its cache byte for byte.
-        first, *extra = [stored_features(x, self.config.dtype) for x in
-                         self.model.all_features(batch["image"][ok], batch["index"][ok])]
-        skipped = [(str(p), str(reason), int(size), int(mtime)) for p, reason, size, mtime in
-                   zip(batch["rel"][bad], batch["error"][bad], batch["size"][bad],
-                       batch["mtime_ns"][bad], strict=True)]
-        if self.batches:
-            writer = CacheWriter.resume(self.part)
-        else:
-            shapes = self.model.feature_shapes
-            writer = CacheWriter.create(self.part, attrs=self.attrs, feature_shape=shapes[0],
-                                        dtype=self.config.dtype,
-                                        compression=self.config.compression,
-                                        extra_shapes=shapes[1:])
-        try:  # closed after every batch: the driver reads the parts when Ray is done
-            writer.append(
-                first, batch["label"][ok], [str(p) for p in batch["rel"][ok]],
-                [str(s) for s in batch["split"][ok]], skipped,
-                sha256=[str(d) for d in batch["sha256"][ok]], size=batch["size"][ok],
-                mtime_ns=batch["mtime_ns"][ok], extra=extra, index=batch["index"][ok],
-                skipped_index=batch["index"][bad],
-            )
-        finally:
-            writer.close()
-        self.batches += 1
-        if self.fault and self.batches == self.fault[0] and _claim(self.fault[1]):
-            os._exit(1)  # a crash as abrupt as a lost node: no cleanup, no reply to Ray
-        return {"index": batch["index"]}
-
-
-def _claim(marker: str) -> bool:
-    """Create ``marker``; False if it exists (another actor, or a retry, was first)."""
-    try:
-        os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-    except FileExistsError:
-        return False
-    return True
-
-
-def _fault_from_env() -> tuple[int, str] | None:
-    """:data:`FAULT_ENV` ("K:MARKER") parsed.
-
-    Raises:
-        ValueError: set, but not of that form.
-    """
-    value = os.environ.get(FAULT_ENV)
-    if not value:
-        return None
-    k, _, marker = value.partition(":")
-    if not (k.isdigit() and int(k) > 0 and marker):
-        raise ValueError(f"{FAULT_ENV} must be K:MARKER (K >= 1, MARKER a file path). "
-                         f"Received: {FAULT_ENV}={value!r}")
-    return int(k), marker
-
-
-def _share_gpu() -> None:
-    """Several actors on one GPU (fractional --gpus-per-worker): each TensorFlow takes GPU
-    memory as it needs it instead of most of it at once."""
-    try:
-        import tensorflow as tf
-
-        for gpu in tf.config.list_physical_devices("GPU"):
-            tf.config.experimental.set_memory_growth(gpu, True)
-    except (ImportError, RuntimeError):
-        pass

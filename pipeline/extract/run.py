@@ -85,7 +85,7 @@ def run_extract(config: ExtractConfig) -> ExtractResult:
         if out is not None and (result := up_to_date(config, index, out, stats)) is not None:
             return result
         if config.engine == "ray":
-            from pipeline.extract.ray_engine import keep_off_gpus
+            from pipeline.extract.ray_workers import keep_off_gpus
 
             keep_off_gpus()  # this copy of the base only tells the cache its attributes
         with deferred():  # Ctrl-C while the base is built stops right after it

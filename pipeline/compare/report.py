@@ -1,7 +1,8 @@
-"""Tables and plots of a compare run: leaderboard CSV/Markdown, PNG plots, HTML, history.
+"""Tables and plots of a compare run: leaderboard CSV/Markdown, PNG plots, HTML.
 
 Everything here reads the ``results`` dict that :func:`pipeline.compare.run_compare`
 builds (and writes as ``results.json``), so a report can be redrawn from that file alone.
+The one-line-per-run history is :mod:`pipeline.compare.history`.
 Plots use matplotlib's object API (``Figure``, no pyplot): it renders with Agg and needs
 no display, so it works on a headless machine and in worker threads.
 """
@@ -23,17 +24,14 @@ from pipeline.util.files import write_json_atomic
 
 __all__ = [
     "LEADERBOARD_COLUMNS",
-    "append_history",
     "best_pair",
-    "format_history",
-    "history_entry",
     "leaderboard_markdown",
     "markdown_table",
+    "number_cell",
     "plot_accuracy",
     "plot_confusion",
     "plot_depth",
     "plot_per_class_f1",
-    "read_history",
     "write_report",
 ]
 
@@ -122,7 +120,7 @@ def _table_cells(rows: Sequence[dict[str, Any]]) -> tuple[list[str], list[list[s
             f"{r['macro_f1']:.4f}",
         ]
         if test:
-            cells += [_num(r.get("test_accuracy")), _num(r.get("test_macro_f1"))]
+            cells += [number_cell(r.get("test_accuracy")), number_cell(r.get("test_macro_f1"))]
         cells += [
             f"{r['fit_seconds']:.3f}",
             f"{r['predict_ms_per_image']:.4f}",
@@ -133,7 +131,8 @@ def _table_cells(rows: Sequence[dict[str, Any]]) -> tuple[list[str], list[list[s
     return header, body, align
 
 
-def _num(value: float | None) -> str:
+def number_cell(value: float | None) -> str:
+    """A score as a table cell: four decimals, or a dash when there is none."""
     return "—" if value is None else f"{value:.4f}"
 
 
@@ -447,113 +446,3 @@ def write_report(out_dir: str | os.PathLike, results: dict[str, Any]) -> dict[st
     outputs["report.html"].write_text(_html(results, images), encoding="utf-8")
     return outputs
 
-
-# ---------------------------------------------------------------------------------------
-# History: one JSON line per run
-
-
-def history_entry(results: dict[str, Any]) -> dict[str, Any]:
-    """The one-line summary of a run that goes into the history file.
-
-    Args:
-        results: a compare ``results`` dict.
-
-    Returns:
-        JSON-safe dict: time, out, caches, heads, cv, sweep, seed, row counts, best pair,
-        its parameters and accuracies, and how many pairs were scored and skipped.
-    """
-    config = results["config"]
-    top = results["leaderboard"][0] if results["leaderboard"] else None
-    return {
-        "time": results["started"],
-        "out": results["out_dir"],
-        "caches": config["caches"],
-        "heads": config["heads"],
-        "scratch": config["scratch"],
-        "cv": config["cv"],
-        "sweep": config["sweep"],
-        "seed": config["seed"],
-        "n_pool": results["n_pool"],
-        "n_test": results["n_test"],
-        "best": None if top is None else f"{top['base']} / {top['head']}",
-        "best_params": None if top is None else top["params"],
-        "top_accuracy": None if top is None else top["accuracy_mean"],
-        "top_accuracy_std": None if top is None else top["accuracy_std"],
-        "test_accuracy": None if top is None else top["test_accuracy"],
-        "n_scored": len(results["leaderboard"]),
-        "n_skipped": len(results["skipped"]),
-    }
-
-
-def append_history(path: str | os.PathLike, entry: dict[str, Any]) -> Path:
-    """Append one JSON line to the history file (created with its folder if missing).
-
-    Args:
-        path: the history file, e.g. ``reports/history.jsonl``.
-        entry: from :func:`history_entry`.
-
-    Returns:
-        ``path`` as a Path.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # One write of one line in append mode: runs that finish together do not interleave.
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(entry, sort_keys=True) + "\n")
-    return path
-
-
-def read_history(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """Every run recorded in a history file, oldest first; [] when there is none.
-
-    A line that is not a JSON object (a run killed mid-write) is passed over.
-
-    Args:
-        path: the history file.
-
-    Returns:
-        The entries.
-    """
-    path = Path(path)
-    if not path.is_file():
-        return []
-    entries = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            entry = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(entry, dict):
-            entries.append(entry)
-    return entries
-
-
-def format_history(entries: Sequence[dict[str, Any]]) -> str:
-    """The history as a Markdown table, one row per run, oldest first.
-
-    Args:
-        entries: from :func:`read_history`.
-
-    Returns:
-        The table, or a one-line note when there are no runs.
-    """
-    if not entries:
-        return "No compare runs recorded yet."
-    header = ["time", "caches", "heads", "cv", "sweep", "best pair", "accuracy", "test", "out"]
-    rows = []
-    for e in entries:
-        accuracy = "—"
-        if e.get("top_accuracy") is not None:
-            accuracy = f"{e['top_accuracy']:.4f} ± {e.get('top_accuracy_std') or 0:.4f}"
-        rows.append([
-            str(e.get("time", "?")),
-            ", ".join(Path(c).name for c in e.get("caches", [])),
-            ",".join(e.get("heads", [])) + (" +scratch" if e.get("scratch") else ""),
-            str(e.get("cv", "?")),
-            "yes" if e.get("sweep") else "no",
-            e.get("best") or "nothing ran",
-            accuracy,
-            _num(e.get("test_accuracy")),
-            str(e.get("out", "?")),
-        ])
-    return markdown_table(header, rows, align="lllrlllrl")
