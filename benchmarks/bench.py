@@ -53,6 +53,7 @@ from benchmarks.common import (
     timed,
     write_synthetic_cache,
 )
+from benchmarks.input_side import measure_input_side
 from benchmarks.throughput import (
     MODEL_OPTIONS,
     extract_seconds,
@@ -203,6 +204,9 @@ def run_benchmark(config: BenchConfig, log: Callable[[str], None] = print) -> di
     part("throughput", lambda: [
         measure_throughput(c, images_dir, work, paths, repeats=config.repeats,
                            workers=config.workers, **kw) for c in cases])
+    part("input", lambda: measure_input_side(
+        paths, sorted({c.size for c in cases}), repeats=config.repeats,
+        batch_size=config.batch_size))
     part("decoders", lambda: measure_decoders(
         paths, sorted({c.size for c in cases}), repeats=config.repeats,
         batch_size=config.batch_size, workers=config.workers))
@@ -259,6 +263,17 @@ def format_report(results: dict[str, Any]) -> str:
             target = TARGETS.get(key)
             verdict = f"  target >= {target}: {_met(value, target)}" if target else ""
             lines.append(f"  {key:32s} {value:8.3f}{verdict}")
+    for r in results.get("input", []):
+        lines.append(f"\ninput side at {r['size']} px ({r['n_images']} JPEGs): img/s, core-ms "
+                     "per image (all, steady), parent core-ms per image, steady core-ms / bare")
+        for name, m in r["methods"].items():
+            lines.append(f"  {name:12s} {m['img_s']:8.1f}  {m['core_ms_per_img']:6.2f} "
+                         f"{m['steady_core_ms_per_img']:6.2f}  {m['parent_core_ms_per_img']:7.3f}"
+                         f"  x{r['steady_core_ms_over_bare'][name]:.2f}"
+                         f"  (pool start {m['start_core_s']:.2f} core-s)")
+        for decode, ratio in r.get("two_workers_over_one", {}).items():
+            lines.append(f"  {decode}: 2 workers / 1 worker {ratio:.2f} (target >= 1.8: "
+                         f"{_met(ratio, 1.8)})")
     if "decoders" in results:
         lines.append("\ndecoded_batches alone (pool start included), img/s:")
         for r in results["decoders"]:

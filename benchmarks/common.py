@@ -70,8 +70,9 @@ class BenchConfig:
     seed: int = 0
     data: str = "data/bench"
     out: str = "reports/bench.json"
-    parts: tuple[str, ...] = ("throughput", "decoders", "stages", "training", "head_rows",
-                              "sklearn", "incremental", "append_copy", "stream", "storage")
+    parts: tuple[str, ...] = ("throughput", "input", "decoders", "stages", "training",
+                              "head_rows", "sklearn", "incremental", "append_copy", "stream",
+                              "storage")
     cases: tuple[str, ...] = field(
         default_factory=lambda: tuple(c.name for c in CASES if c.default))
     mixed_precision: bool = False  # GPU box: run every base in mixed_float16
