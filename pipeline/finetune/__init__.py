@@ -15,7 +15,7 @@ The modules, in the order a run uses them:
 - ``source``: the head folder or cache it starts from, and the cache the head was trained on;
 - ``data``: the split's image files, checked on disk, and ``tf.data`` pipelines of them;
 - ``model``: which layers train (:func:`unfreeze_start`, :func:`set_trainable`, blocks by
-  layer name) and the training model that keeps the base in inference mode;
+  layer name) and the compiled training model that keeps the base in inference mode;
 - ``run``: ``run_finetune``, the protocol.
 """
 

@@ -8,18 +8,65 @@ extract does.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from pipeline.cache import Cache
+from pipeline.fit import split_rows
 from pipeline.images import ImageReadError, load_image
 
-__all__ = ["image_dataset", "image_paths"]
+__all__ = ["Part", "Split", "image_dataset", "part_datasets", "split_images"]
 
 
-def image_paths(cache: Cache, rows: np.ndarray, data_dir: str | None) -> list[str]:
+@dataclass(frozen=True)
+class Part:
+    """The cache rows of one part of the split and their image files, in the same order."""
+
+    rows: np.ndarray
+    paths: list[str]
+
+
+@dataclass(frozen=True)
+class Split:
+    """The train, validation and test parts (the test part may be empty)."""
+
+    train: Part
+    val: Part
+    test: Part
+
+
+def split_images(cache: Cache, *, val_split: float, seed: int, data_dir: str | None) -> Split:
+    """The cache's rows split exactly as fit_head split them, with their image files.
+
+    The split is :func:`pipeline.fit.split_rows`', so the validation images of the head's
+    fit are never trained on here.
+
+    Args:
+        cache: the cache the head was (or will be) trained on.
+        val_split: the validation fraction, when the cache records no split.
+        seed: the split's random state.
+        data_dir: where the images are now; default: the folder the cache recorded.
+
+    Returns:
+        The three parts, each with its rows and files.
+
+    Raises:
+        ValueError: the split cannot be made, or the folder or an image is missing.
+    """
+    train, val, test = split_rows(
+        cache.split, cache.labels, val_split, seed, class_names=cache.class_names
+    )
+    paths = _image_paths(cache, np.concatenate([train, val, test]), data_dir)
+    n_train, n_fit = train.size, train.size + val.size
+    return Split(
+        Part(train, paths[:n_train]), Part(val, paths[n_train:n_fit]), Part(test, paths[n_fit:])
+    )
+
+
+def _image_paths(cache: Cache, rows: np.ndarray, data_dir: str | None) -> list[str]:
     """Absolute paths of the cached rows; refuses a missing folder or moved images."""
     root = Path(data_dir or cache.attrs.get("data_dir", ""))
     if not str(root) or not root.is_dir():
@@ -97,3 +144,54 @@ def image_dataset(
         ds = ds.shuffle(len(paths), seed=shuffle_seed, reshuffle_each_iteration=True)
     ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE).filter(readable).map(pair)
     return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+
+
+def part_datasets(
+    split: Split,
+    *,
+    labels: np.ndarray,
+    classes: np.ndarray,
+    size: tuple[int, int],
+    interpolation: str,
+    batch_size: int,
+    seed: int,
+    unreadable: dict[str, str],
+) -> dict[str, Any]:
+    """The parts as :func:`image_dataset` pipelines, targets in the head's output columns.
+
+    Rows of classes the head never learnt cannot be scored or trained on: they are left
+    out. A two-class head (one sigmoid output) takes float targets.
+
+    Args:
+        split: the parts.
+        labels: every cache row's label.
+        classes: the head's classes, in the order of its outputs.
+        size: (H, W) to resize to.
+        interpolation: the resize method the cache recorded.
+        batch_size: images per batch.
+        seed: the training images' shuffle seed.
+        unreadable: filled with path -> reason for files that could not be read.
+
+    Returns:
+        ``{"train": ..., "val": ...}`` and ``"test"`` when the test part has rows; the
+        training images are reshuffled every epoch, the others keep their order.
+    """
+    binary = len(classes) == 2
+
+    def dataset(part: Part, shuffle_seed: int | None = None) -> Any:
+        seen = np.isin(labels[part.rows], classes)
+        y = np.searchsorted(classes, labels[part.rows][seen])
+        return image_dataset(
+            [p for p, s in zip(part.paths, seen, strict=True) if s],
+            y.astype(np.float32) if binary else y,
+            size=size,
+            interpolation=interpolation,
+            batch_size=batch_size,
+            shuffle_seed=shuffle_seed,
+            unreadable=unreadable,
+        )
+
+    datasets = {"train": dataset(split.train, shuffle_seed=seed), "val": dataset(split.val)}
+    if split.test.rows.size:
+        datasets["test"] = dataset(split.test)
+    return datasets

@@ -15,9 +15,21 @@ from typing import Any
 import keras
 import numpy as np
 
-from pipeline.bases import block_owners, layer_index
+from pipeline.augment import AugmentSpec, augmentation_layers
+from pipeline.bases import FeatureModel, block_owners, layer_index
+from pipeline.bases.combine import preprocessing_layers
 
-__all__ = ["TrainingModel", "evaluate", "set_trainable", "unfreeze_start"]
+__all__ = [
+    "MOMENTUM",
+    "TrainingModel",
+    "evaluate",
+    "set_trainable",
+    "training_model",
+    "unfreeze_start",
+]
+
+# Chollet's fine-tuning optimizer: SGD with a small learning rate and momentum 0.9.
+MOMENTUM = 0.9
 
 
 def _learnable(layer: Any) -> bool:
@@ -134,6 +146,36 @@ class TrainingModel(keras.Model):
         # Inference mode: BatchNormalization keeps its statistics, the base's dropout is off.
         x = self.base(x, training=False)
         return self.head(x, training=training)
+
+
+def training_model(
+    feature_model: FeatureModel, head_model: Any, *, flip: str, seed: int, lr: float, binary: bool
+) -> TrainingModel:
+    """Augmentation -> preprocessing -> base -> head, compiled as Chollet's step 3 compiles it.
+
+    Args:
+        feature_model: the rebuilt base, its layers already unfrozen (:func:`set_trainable`).
+        head_model: the head's Keras model (``DenseHead.model_``).
+        flip: the augmentation's flip (``AugmentSpec.flip``).
+        seed: the augmentation's seed.
+        lr: SGD's learning rate (momentum :data:`MOMENTUM`).
+        binary: the head has one sigmoid output (two classes).
+
+    Returns:
+        The compiled training model, reporting loss and accuracy.
+    """
+    trainer = TrainingModel(
+        augmentation_layers(AugmentSpec(flip=flip), seed),
+        preprocessing_layers(feature_model.preprocess),
+        feature_model.model,
+        head_model,
+    )
+    trainer.compile(
+        optimizer=keras.optimizers.SGD(learning_rate=lr, momentum=MOMENTUM),
+        loss="binary_crossentropy" if binary else "sparse_categorical_crossentropy",
+        metrics=["accuracy"],  # binary: threshold 0.5, as DenseHead.predict
+    )
+    return trainer
 
 
 def evaluate(model: Any, dataset: Any) -> dict[str, float]:

@@ -7,21 +7,26 @@ import logging
 import sys
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import keras
 import numpy as np
 
-from pipeline.augment import AugmentSpec, augmentation_layers
-from pipeline.bases import feature_model_from_attrs
-from pipeline.bases.combine import end_to_end_model, preprocessing_layers
+from pipeline.bases import FeatureModel, feature_model_from_attrs
+from pipeline.bases.combine import end_to_end_model
 from pipeline.cache import Cache
 from pipeline.finetune.config import FinetuneConfig, check_config
-from pipeline.finetune.data import image_dataset, image_paths
-from pipeline.finetune.model import TrainingModel, evaluate, set_trainable, unfreeze_start
-from pipeline.finetune.source import resolve_source
-from pipeline.fit import split_rows
+from pipeline.finetune.data import Split, part_datasets, split_images
+from pipeline.finetune.model import (
+    MOMENTUM,
+    evaluate,
+    set_trainable,
+    training_model,
+    unfreeze_start,
+)
+from pipeline.finetune.source import Start, resolve_source
 from pipeline.heads import DenseHead, make_head
 from pipeline.heads.persist import END_TO_END, head_meta, write_head_meta
 from pipeline.progress import format_duration
@@ -30,31 +35,6 @@ from pipeline.util.files import replace_atomically, write_json_atomic
 __all__ = ["run_finetune"]
 
 log = logging.getLogger(__name__)
-
-# Chollet's fine-tuning optimizer: SGD with a small learning rate and momentum 0.9.
-MOMENTUM = 0.9
-
-
-def _warm_up(
-    config: FinetuneConfig, cache: Cache, train: np.ndarray, val: np.ndarray, verbose: int
-) -> DenseHead:
-    """A fresh dense head trained on the cached features: the frozen base's outputs.
-
-    The same as training it end to end with the base frozen (the Keras guide's warm-up),
-    without running the base every epoch; the features are those of the same pixels.
-    """
-    X = np.asarray(cache.features, dtype=np.float32)
-    head = make_head(
-        "dense",
-        epochs=config.warmup_epochs,
-        batch_size=config.batch_size,
-        patience=config.patience,
-        random_state=config.seed,
-    )
-    head.set_params(verbose=verbose)
-    seen = np.isin(cache.labels[val], cache.labels[train])
-    head.fit(X[train], cache.labels[train], validation_data=(X[val][seen], cache.labels[val][seen]))
-    return head
 
 
 def run_finetune(config: FinetuneConfig) -> tuple[Path, dict[str, Any]]:
@@ -102,190 +82,270 @@ def run_finetune(config: FinetuneConfig) -> tuple[Path, dict[str, Any]]:
     # Seed before anything is built: the loaded head's dropout draws its seed when created.
     keras.utils.set_random_seed(config.seed)
     start = resolve_source(config)
-    cache, attrs = start.cache, start.cache.attrs
+    out_dir = _out_dir(config=config, start=start)
+    split = split_images(start.cache, val_split=start.val_split, seed=start.split_seed,
+                         data_dir=config.data_dir)
+    feature_model = feature_model_from_attrs(start.cache.attrs)
+    first, unfrozen = _unfreeze(config=config, feature_model=feature_model)
+    verbose = 1 if sys.stdout.isatty() else 2  # Keras' progress: a bar, or a line an epoch
+    head, warmup = _head(config=config, start=start, split=split,
+                         feature_model=feature_model, verbose=verbose)
+    # Again: rebuilding a random base and the warm-up reseed on their own.
+    keras.utils.set_random_seed(config.seed)
+    unreadable: dict[str, str] = {}
+    datasets = part_datasets(
+        split, labels=start.cache.labels, classes=head.classes_, size=feature_model.input_size,
+        interpolation=start.cache.attrs["interpolation"], batch_size=config.batch_size,
+        seed=config.seed, unreadable=unreadable,
+    )
+    trainer = training_model(feature_model, head.model_, flip=config.augment_flip,
+                             seed=config.seed, lr=config.lr, binary=len(head.classes_) == 2)
+    before = _scores(trainer=trainer, datasets=datasets)
+    _log_start(start=start, feature_model=feature_model, split=split, first=first,
+               unfrozen=unfrozen, before=before)
+    trained = _train(config=config, trainer=trainer, datasets=datasets,
+                     start_loss=before["val"]["loss"], verbose=verbose)
+    after = _scores(trainer=trainer, datasets=datasets)
+    metrics = _metrics(config=config, start=start, split=split, first=first, unfrozen=unfrozen,
+                       before=before, after=after, trained=trained, unreadable=unreadable,
+                       warmup=warmup)
+    _save(out_dir, config=config, start=start, feature_model=feature_model, head=head,
+          metrics=metrics)
+    _log_done(metrics=metrics, unreadable=unreadable)
+    return out_dir, metrics
+
+
+# ---------------------------------------------------------------------------------------
+# Steps of run_finetune
+
+
+@dataclass
+class _Trained:
+    """What the fine-tuning fit did."""
+
+    history: dict[str, list[float]]  # Keras' per-epoch history
+    best_epoch: int  # 0: no epoch beat the starting weights, which were kept
+    seconds: float
+    trainable_params: int
+
+
+def _out_dir(*, config: FinetuneConfig, start: Start) -> Path:
+    """``out``, or ``models/<head folder name | cache stem>-finetuned``."""
     source = Path(config.source)
     name = source.name if start.kind == "head" else source.stem
-    out_dir = Path(config.out) if config.out else Path("models") / f"{name}-finetuned"
-    labels = cache.labels
-    train, val, test = split_rows(
-        cache.split, labels, start.val_split, start.split_seed, class_names=cache.class_names
-    )
-    paths = image_paths(cache, np.concatenate([train, val, test]), config.data_dir)
-    train_paths = paths[: train.size]
-    val_paths = paths[train.size : train.size + val.size]
-    test_paths = paths[train.size + val.size :]
+    return Path(config.out) if config.out else Path("models") / f"{name}-finetuned"
 
-    feature_model = feature_model_from_attrs(attrs)
+
+def _unfreeze(*, config: FinetuneConfig, feature_model: FeatureModel) -> tuple[str, list[str]]:
+    """The first layer to train and the layers that now train, bottom to top."""
     base = feature_model.model
     first = config.unfreeze_from or unfreeze_start(base, config.unfreeze_top_blocks)
     # Only flags change here: inference, warm-up and the "before" score are unaffected.
-    unfrozen = set_trainable(base, first)
-    verbose = 1 if sys.stdout.isatty() else 2
-    if start.head is None:
-        log.info(
-            f"finetune: warming up a fresh dense head on the cached features for up to "
-            f"{config.warmup_epochs} epochs (base frozen)"
-        )
-        warm_start = time.perf_counter()
-        head = _warm_up(config, cache, train, val, verbose)
-        warmup_seconds = time.perf_counter() - warm_start
-    else:
-        head = start.head
+    return first, set_trainable(base, first)
+
+
+def _head(
+    *,
+    config: FinetuneConfig,
+    start: Start,
+    split: Split,
+    feature_model: FeatureModel,
+    verbose: int,
+) -> tuple[DenseHead, dict[str, Any]]:
+    """The head to train with the base, and the warm-up's entries of metrics.json.
+
+    The source's head, or from a cache a fresh one warmed up on the cached features;
+    refused when it does not take the base's features or knows no validation class.
+    """
+    warmup: dict[str, Any] = {}
+    head = start.head
+    if head is None:
+        log.info("finetune: warming up a fresh dense head on the cached features for up to "
+                 "%d epochs (base frozen)", config.warmup_epochs)
+        began = time.perf_counter()
+        head = _warm_up(config=config, cache=start.cache, train=split.train.rows,
+                        val=split.val.rows, verbose=verbose)
+        warmup = {
+            "warmup_epochs_run": len(head.history_.get("loss", [])),
+            "warmup_seconds": time.perf_counter() - began,
+        }
     if tuple(head.feature_shape_) != feature_model.feature_shape:
         raise ValueError(
             f"The head takes features of shape {tuple(head.feature_shape_)}, but the base "
             f"rebuilt from the cache attributes gives {feature_model.feature_shape}."
         )
-
-    # Targets are column indices of the head's output; rows of classes it never learnt
-    # cannot be scored or trained on.
-    def targets(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        seen = np.isin(labels[rows], head.classes_)
-        return seen, np.searchsorted(head.classes_, labels[rows][seen])
-
-    binary = len(head.classes_) == 2
-    if not np.isin(labels[val], head.classes_).any():
+    if not np.isin(start.cache.labels[split.val.rows], head.classes_).any():
         raise ValueError(
             f"No validation image belongs to a class the head knows ({head.classes_.tolist()})."
         )
-    unreadable: dict[str, str] = {}
-    size, interpolation = feature_model.input_size, attrs["interpolation"]
+    return head, warmup
 
-    def dataset(part: list[str], rows: np.ndarray, shuffle_seed: int | None = None) -> Any:
-        seen, y = targets(rows)
-        y = y.astype(np.float32) if binary else y
-        return image_dataset(
-            [p for p, s in zip(part, seen, strict=True) if s],
-            y,
-            size=size,
-            interpolation=interpolation,
-            batch_size=config.batch_size,
-            shuffle_seed=shuffle_seed,
-            unreadable=unreadable,
-        )
 
-    # Again: rebuilding a random base and the warm-up reseed on their own.
-    keras.utils.set_random_seed(config.seed)
-    train_ds = dataset(train_paths, train, shuffle_seed=config.seed)
-    val_ds = dataset(val_paths, val)
-    test_ds = dataset(test_paths, test) if test.size else None
-    trainer = TrainingModel(
-        augmentation_layers(AugmentSpec(flip=config.augment_flip), config.seed),
-        preprocessing_layers(feature_model.preprocess),
-        base,
-        head.model_,
+def _warm_up(
+    *, config: FinetuneConfig, cache: Cache, train: np.ndarray, val: np.ndarray, verbose: int
+) -> DenseHead:
+    """A fresh dense head trained on the cached features: the frozen base's outputs.
+
+    The same as training it end to end with the base frozen (the Keras guide's warm-up),
+    without running the base every epoch; the features are those of the same pixels.
+    """
+    X = np.asarray(cache.features, dtype=np.float32)
+    head = make_head(
+        "dense",
+        epochs=config.warmup_epochs,
+        batch_size=config.batch_size,
+        patience=config.patience,
+        random_state=config.seed,
     )
-    trainer.compile(
-        optimizer=keras.optimizers.SGD(learning_rate=config.lr, momentum=MOMENTUM),
-        loss="binary_crossentropy" if binary else "sparse_categorical_crossentropy",
-        metrics=["accuracy"],  # binary: threshold 0.5, as DenseHead.predict
-    )
-    # Evaluation runs in inference mode: no augmentation, so these are base + head scores.
-    before = evaluate(trainer, val_ds)
-    test_before = evaluate(trainer, test_ds) if test_ds is not None else None
-    log.info(
-        f"finetune: {attrs['base']} ({attrs['weights']}), unfreezing {len(unfrozen)} layers "
-        f"from {first!r} to the top; {len(train_paths)} training / {len(val_paths)} "
-        f"validation images at {size[0]}x{size[1]}; validation accuracy before: "
-        f"{before['accuracy']:.4f}"
-    )
+    head.set_params(verbose=verbose)
+    seen = np.isin(cache.labels[val], cache.labels[train])
+    head.fit(X[train], cache.labels[train], validation_data=(X[val][seen], cache.labels[val][seen]))
+    return head
+
+
+def _scores(*, trainer: Any, datasets: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """Validation (and test) loss and accuracy.
+
+    Evaluation runs in inference mode: no augmentation, so these are base + head scores.
+    """
+    return {part: evaluate(trainer, datasets[part]) for part in ("val", "test") if part in datasets}
+
+
+def _log_start(
+    *,
+    start: Start,
+    feature_model: FeatureModel,
+    split: Split,
+    first: str,
+    unfrozen: list[str],
+    before: dict[str, dict[str, float]],
+) -> None:
+    """One line: the base, what trains, on how many images, and the starting accuracy."""
+    attrs, size = start.cache.attrs, feature_model.input_size
+    log.info("finetune: %s (%s), unfreezing %d layers from %r to the top; %d training / %d "
+             "validation images at %sx%s; validation accuracy before: %.4f", attrs["base"],
+             attrs["weights"], len(unfrozen), first, len(split.train.paths),
+             len(split.val.paths), size[0], size[1], before["val"]["accuracy"])
+
+
+def _train(
+    *,
+    config: FinetuneConfig,
+    trainer: Any,
+    datasets: dict[str, Any],
+    start_loss: float,
+    verbose: int,
+) -> _Trained:
+    """Fit early-stopped on validation loss, best weights restored; the starting weights
+    (validation loss ``start_loss``) compete too."""
     start_weights = trainer.get_weights()
     stopper = keras.callbacks.EarlyStopping(
         monitor="val_loss", patience=config.patience, restore_best_weights=True
     )
-    fit_start = time.perf_counter()
+    began = time.perf_counter()
     with warnings.catch_warnings():
         # Skipping unreadable files leaves the epoch length unknown until the first epoch
         # ends, which Keras reports as running out of data: expected here.
         warnings.filterwarnings("ignore", message="Your input ran out of data")
         history = trainer.fit(
-            train_ds,
-            validation_data=val_ds,
+            datasets["train"],
+            validation_data=datasets["val"],
             epochs=config.epochs,
             callbacks=[stopper],
-            shuffle=False,  # train_ds reshuffles itself every epoch
+            shuffle=False,  # the training dataset reshuffles itself every epoch
             verbose=verbose,
         )
-    fit_seconds = time.perf_counter() - fit_start
-    # The starting weights compete too: early stopping only compares epochs, and an
-    # unlucky fine-tuning must not hand back a model worse than the head it started from.
+    seconds = time.perf_counter() - began
+    # Early stopping only compares epochs, and an unlucky fine-tuning must not hand back a
+    # model worse than the head it started from.
     best_epoch = int(stopper.best_epoch) + 1
-    if not min(history.history["val_loss"]) < before["loss"]:
+    if not min(history.history["val_loss"]) < start_loss:
         trainer.set_weights(start_weights)
         best_epoch = 0
         log.info("finetune: no epoch beat the starting validation loss; kept the starting weights")
-    after = evaluate(trainer, val_ds)
-    test_after = evaluate(trainer, test_ds) if test_ds is not None else None
     trainable_params = int(sum(np.prod(v.shape) for v in trainer.trainable_weights))
-    # Saved frozen, as bases.combine builds end-to-end models; training changed weights only.
-    base.trainable = False
+    return _Trained(history.history, best_epoch, seconds, trainable_params)
 
+
+def _metrics(
+    *,
+    config: FinetuneConfig,
+    start: Start,
+    split: Split,
+    first: str,
+    unfrozen: list[str],
+    before: dict[str, dict[str, float]],
+    after: dict[str, dict[str, float]],
+    trained: _Trained,
+    unreadable: dict[str, str],
+    warmup: dict[str, Any],
+) -> dict[str, Any]:
+    """Everything metrics.json records: source, split, scores before and after, training."""
     metrics: dict[str, Any] = {
-        "source": str(source),
+        "source": str(Path(config.source)),
         "source_kind": start.kind,
         "cache": str(start.cache_path),
-        "cache_attrs": attrs,
-        "class_names": list(cache.class_names),
+        "cache_attrs": start.cache.attrs,
+        "class_names": list(start.cache.class_names),
         "split": {"val_split": start.val_split, "seed": start.split_seed},
-        "n_train": int(train.size),
-        "n_val": int(val.size),
-        "n_test": int(test.size),
-        "val_accuracy_before": before["accuracy"],
-        "val_accuracy_after": after["accuracy"],
-        "val_loss_before": before["loss"],
-        "val_loss_after": after["loss"],
-        "epochs_run": len(history.history.get("loss", [])),
-        "best_epoch": best_epoch,  # 0: no epoch improved, the starting weights were kept
+        "n_train": int(split.train.rows.size),
+        "n_val": int(split.val.rows.size),
+        "n_test": int(split.test.rows.size),
+        "val_accuracy_before": before["val"]["accuracy"],
+        "val_accuracy_after": after["val"]["accuracy"],
+        "val_loss_before": before["val"]["loss"],
+        "val_loss_after": after["val"]["loss"],
+        "epochs_run": len(trained.history.get("loss", [])),
+        "best_epoch": trained.best_epoch,
         "first_unfrozen_layer": first,
         "unfrozen_layers": len(unfrozen),
-        "trainable_params": trainable_params,
+        "trainable_params": trained.trainable_params,
         "lr": config.lr,
         "momentum": MOMENTUM,
-        "fit_seconds": fit_seconds,
-        "history": {k: [float(v) for v in vals] for k, vals in history.history.items()},
+        "fit_seconds": trained.seconds,
+        "history": {k: [float(v) for v in vals] for k, vals in trained.history.items()},
         "unreadable": dict(sorted(unreadable.items())),
     }
-    if test_ds is not None:
-        metrics["test_accuracy_before"] = test_before["accuracy"]
-        metrics["test_accuracy_after"] = test_after["accuracy"]
-    if start.head is None:
-        metrics["warmup_epochs_run"] = len(head.history_.get("loss", []))
-        metrics["warmup_seconds"] = warmup_seconds
-
-    meta = head_meta(
-        END_TO_END,
-        classes=head.classes_.tolist(),
-        class_names=list(cache.class_names),  # indexed by class id, as the cache's
-        input_size=list(size),
-        interpolation=interpolation,
-        source=str(source),
-        head="dense",
-    )
-    model = end_to_end_model(feature_model, head.model_, name="finetuned")
-    _save(out_dir, model=model, meta=meta, metrics=metrics, config=config)
-    if unreadable:
-        log.info(
-            f"finetune: {len(unreadable)} images could not be read and were left out "
-            f"(listed in metrics.json); first: {next(iter(unreadable))}"
-        )
-    log.info(
-        f"finetune: validation accuracy {before['accuracy']:.4f} -> {after['accuracy']:.4f}, "
-        f"{metrics['epochs_run']} epochs in {format_duration(fit_seconds)}"
-    )
-    return out_dir, metrics
+    if "test" in before:
+        metrics["test_accuracy_before"] = before["test"]["accuracy"]
+        metrics["test_accuracy_after"] = after["test"]["accuracy"]
+    return {**metrics, **warmup}
 
 
 def _save(
     out_dir: Path,
     *,
-    model: Any,
-    meta: dict[str, Any],
-    metrics: dict[str, Any],
     config: FinetuneConfig,
+    start: Start,
+    feature_model: FeatureModel,
+    head: DenseHead,
+    metrics: dict[str, Any],
 ) -> None:
     """Write model.keras, head.json, metrics.json and config.json, each atomically."""
+    # Saved frozen, as bases.combine builds end-to-end models; training changed weights only.
+    feature_model.model.trainable = False
+    meta = head_meta(
+        END_TO_END,
+        classes=head.classes_.tolist(),
+        class_names=list(start.cache.class_names),  # indexed by class id, as the cache's
+        input_size=list(feature_model.input_size),
+        interpolation=start.cache.attrs["interpolation"],
+        source=str(Path(config.source)),
+        head="dense",
+    )
+    model = end_to_end_model(feature_model, head.model_, name="finetuned")
     out_dir.mkdir(parents=True, exist_ok=True)
     replace_atomically(out_dir / "model.keras", model.save)
     write_head_meta(out_dir, meta)
     write_json_atomic(out_dir / "metrics.json", metrics)
     write_json_atomic(out_dir / "config.json", dataclasses.asdict(config))
+
+
+def _log_done(*, metrics: dict[str, Any], unreadable: dict[str, str]) -> None:
+    """The images left out, if any, and the accuracy before and after."""
+    if unreadable:
+        log.info("finetune: %d images could not be read and were left out (listed in "
+                 "metrics.json); first: %s", len(unreadable), next(iter(unreadable)))
+    log.info("finetune: validation accuracy %.4f -> %.4f, %d epochs in %s",
+             metrics["val_accuracy_before"], metrics["val_accuracy_after"],
+             metrics["epochs_run"], format_duration(metrics["fit_seconds"]))
