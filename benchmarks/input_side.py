@@ -6,6 +6,8 @@ Per output size, interleaved ``repeats`` times so drifting load hits every metho
                  (the same library calls extract makes, nothing else)
     threads-K    ``decoded_batches(decode="threads", workers=K)``
     processes-K  ``decoded_batches(decode="processes", workers=K)``: batch workers
+    bare-x2      bare in two warm worker processes, half the files each: what two cores of
+                 this machine give on this work at all (the ceiling for "2 workers / 1")
 
 Core-ms per image is CPU time (this process's threads + finished worker processes, from
 ``getrusage``) over images; a decoder's overhead is its core-ms over bare's (the header
@@ -42,6 +44,19 @@ def _bare(paths: Sequence[Path], size: tuple[int, int]) -> None:
 
     for path in paths:
         resize_bilinear(decode_jpeg(path.read_bytes()), size)
+
+
+def _bare_in_pool(paths: Sequence[Path], size: tuple[int, int], processes: int) -> float:
+    """Wall seconds of bare over ``paths`` split across ``processes`` warm processes."""
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
+
+    with ProcessPoolExecutor(processes, mp_context=get_context("spawn")) as pool:
+        list(pool.map(_bare, [paths[:processes]] * processes, [size] * processes))  # warm
+        start = time.perf_counter()
+        list(pool.map(_bare, [paths[k::processes] for k in range(processes)],
+                      [size] * processes))
+        return time.perf_counter() - start
 
 
 def _ours(paths: Sequence[Path], size: tuple[int, int], *, decode: str, workers: int,
@@ -106,8 +121,11 @@ def measure_input_side(paths: Sequence[Path], sizes: Sequence[int], *, repeats: 
         result["steady_core_ms_over_bare"] = {
             name: m["steady_core_ms_per_img"] / bare for name, m in result["methods"].items()}
         if 1 in workers and 2 in workers:
+            one = np.median([_bare_in_pool(paths, size, 1) for _ in range(repeats)])
+            two = np.median([_bare_in_pool(paths, size, 2) for _ in range(repeats)])
             result["two_workers_over_one"] = {
-                d: result["methods"][f"{d}-2"]["img_s"] / result["methods"][f"{d}-1"]["img_s"]
-                for d in ("threads", "processes")}
+                "bare (this machine's ceiling)": float(one / two),
+                **{d: result["methods"][f"{d}-2"]["img_s"] / result["methods"][f"{d}-1"]["img_s"]
+                   for d in ("threads", "processes")}}
         out.append(result)
     return out

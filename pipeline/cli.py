@@ -62,8 +62,10 @@ def extract_parser() -> argparse.ArgumentParser:
                    help="decode workers (0: auto); with --engine ray: model actors (0: one per "
                    "--gpus-per-worker GPUs of the cluster, or one per node without GPUs)")
     p.add_argument("--decode", default="auto",
-                   help="threads | processes | auto (threads with TensorFlow, whose decoder "
-                   "frees the GIL; processes without it on >= 4 cores, e.g. a JAX-only GPU box)")
+                   help="threads | processes | auto: how files are decoded in parallel; the "
+                   "pixels are the same. processes: spawned workers, a run of files of one "
+                   "batch per task into shared memory (no GIL); threads: one per file; auto "
+                   "(default): processes on >= 4 cores, threads on fewer")
     p.add_argument("--log-every", type=float, default=30.0,
                    help="seconds between progress lines when not on a terminal")
     p.add_argument("--shard", default=None, metavar="i/N",

@@ -351,7 +351,7 @@ def test_png_orientation_is_read_without_decoding_the_pixels(tmp_path, monkeypat
     found by walking the chunks, as Pillow finds them after decoding every pixel."""
     from PIL import PngImagePlugin
 
-    from pipeline.images.kernels import png_orientation
+    from pipeline.images.formats import png_orientation
 
     exif = Image.Exif()
     exif[0x0112] = 6

@@ -51,7 +51,7 @@ class ExtractConfig:
     out: str | None = None
     seed: int = 0
     workers: int = 0  # decode workers; with engine="ray", model actors (0: auto)
-    decode: str = "auto"  # threads | processes | auto (threads with TF, processes without)
+    decode: str = "auto"  # threads | processes | auto (processes on >= 4 cores, else threads)
     log_every: float = 30.0
     compression: str = "none"
     shard: str | None = None  # "i/N": this process extracts the i-th of N contiguous slices

@@ -22,7 +22,6 @@ import importlib.util
 import io
 import os
 import re
-import struct
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,7 +30,14 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from pipeline.images.kernels import decode_jpeg, has_fast_jpeg, png_orientation, resize_bilinear
+from pipeline.images.formats import (
+    PNG_SIGNATURE,
+    jpeg_complete,
+    png_orientation,
+    png_without_inflated_chunks,
+    tf_reads_bmp,
+)
+from pipeline.images.kernels import decode_jpeg, has_fast_jpeg, resize_bilinear
 
 __all__ = [
     "INTERPOLATIONS",
@@ -263,12 +269,12 @@ def _inspect(data: bytes) -> tuple[int, np.ndarray | None]:
     try:
         return _inspect_with_pillow(data)
     except ValueError:
-        if not data.startswith(_PNG_SIGNATURE):
+        if not data.startswith(PNG_SIGNATURE):
             raise
         # Pillow caps each inflated text / ICC chunk at PngImagePlugin.MAX_TEXT_CHUNK (1 MB;
         # a few KB on disk exceed it) and refuses the file; TF (Keras) ignores those chunks.
         # Reading the header without them keeps the cap, module-wide, for everyone else.
-        return _inspect_with_pillow(_png_without_inflated_chunks(data))
+        return _inspect_with_pillow(png_without_inflated_chunks(data))
 
 
 def _inspect_with_pillow(data: bytes) -> tuple[int, np.ndarray | None]:
@@ -278,7 +284,7 @@ def _inspect_with_pillow(data: bytes) -> tuple[int, np.ndarray | None]:
                 f"image too large ({im.width}x{im.height} pixels > {MAX_PIXELS}): "
                 "possible decompression bomb"
             )
-        if im.format in ("JPEG", "MPO") and not _jpeg_complete(data):
+        if im.format in ("JPEG", "MPO") and not jpeg_complete(data):
             raise ImageReadError("cannot decode image: truncated JPEG (the file ends before "
                                  "the image does)")
         orientation = (png_orientation(data) if im.format == "PNG"
@@ -288,92 +294,10 @@ def _inspect_with_pillow(data: bytes) -> tuple[int, np.ndarray | None]:
             if pixels is not None:
                 return orientation, pixels
         if (im.format in _TF_FORMATS and im.mode in _TF_MODES and has_tensorflow()
-                and (im.format != "BMP" or _tf_reads_bmp(data))):
+                and (im.format != "BMP" or tf_reads_bmp(data))):
             return orientation, None
         im.load()
         return orientation, _to_rgb(ImageOps.exif_transpose(im))
-
-
-# A marker inside entropy-coded data: 0xFF followed by neither 0x00 (a stuffed byte), a
-# restart marker (0xD0-0xD7) nor 0xFF (a fill byte).
-_JPEG_MARKER = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")
-
-
-def _jpeg_complete(data: bytes) -> bool:
-    """Whether a JPEG's segments and scans reach its end-of-image marker within ``data``.
-
-    Why: on a truncated JPEG TF's decoder fails only after libjpeg has printed "Input file
-    read error" on stderr (twice: graph, then eager). This walk (segment lengths, then a
-    search for the marker after each scan) finds the cut first, in ~5 % of a decode; over
-    every cut point of baseline, progressive and thumbnail-carrying files it agrees with
-    TF's accept/refuse exactly. Bytes after the marker (camera trailers) are allowed.
-    """
-    end, at = len(data), 2
-    while True:
-        while data[at : at + 2] == b"\xff\xff":  # fill bytes before a marker
-            at += 1
-        if at + 2 > end:
-            return False
-        if data[at] != 0xFF:
-            return True  # damaged, not short: the decoder judges
-        code = data[at + 1]
-        if code == 0xD9:  # end of image
-            return True
-        if 0xD0 <= code <= 0xD7 or code == 0x01:  # markers without a length
-            at += 2
-            continue
-        if at + 4 > end:
-            return False
-        at += 2 + int.from_bytes(data[at + 2 : at + 4], "big")
-        if code == 0xDA:  # start of scan: entropy-coded data up to the next marker
-            marker = _JPEG_MARKER.search(data, at)
-            if marker is None:
-                return False
-            at = marker.start()
-        elif at > end:
-            return False
-
-
-def _tf_reads_bmp(data: bytes) -> bool:
-    """Whether TF's BMP decoder takes this file: an info header (40 bytes or more), 8, 24
-    or 32 bits per pixel, not run-length encoded.
-
-    TF refuses the others (1-, 4- and 16-bit ones: "Number of channels inherent in the
-    image must be 1, 3 or 4") or would read their bytes as raw pixels, so Keras stops on
-    them; Pillow decodes them (a documented deviation).
-    """
-    if len(data) < 34:
-        return False
-    header, bits, compression = struct.unpack_from("<I10xHI", data, 14)
-    return header >= 40 and bits in (8, 24, 32) and compression in (0, 3)  # BI_RGB, BITFIELDS
-
-
-_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-
-
-# The PNG chunks Pillow inflates while reading a header: text and the ICC profile. None
-# of them changes a pixel (neither Pillow nor TF applies the profile).
-_PNG_INFLATED = {b"tEXt", b"zTXt", b"iTXt", b"iCCP"}
-
-
-def _png_without_inflated_chunks(data: bytes) -> bytes:
-    """A PNG's bytes without its text and ICC-profile chunks (nothing is inflated).
-
-    A malformed chunk list is kept from the first bad length on, for Pillow to judge.
-    """
-    kept, at = [data[:8]], 8
-    while at + 12 <= len(data):
-        kind = data[at + 4 : at + 8]
-        end = at + 12 + int.from_bytes(data[at : at + 4], "big")
-        if end > len(data):
-            break
-        if kind not in _PNG_INFLATED:
-            kept.append(data[at:end])
-        at = end
-        if kind == b"IEND":
-            break
-    kept.append(data[at:])
-    return b"".join(kept)
 
 
 @functools.lru_cache(maxsize=64)

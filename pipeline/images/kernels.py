@@ -5,7 +5,6 @@
     resize_bilinear   ``tf.image.resize(method="bilinear")`` in NumPy, the same float32
                       operations in the same order: bit-identical, ~1.3 ms for a 500x375
                       photo to 224 px (TF's kernel: ~2.2 ms)
-    png_orientation   a PNG's EXIF orientation from its eXIf chunk, without inflating pixels
 
 Both heavy kernels release the GIL for most of their time (libjpeg-turbo, NumPy loops), and
 neither needs TensorFlow, so a JAX- or torch-only box gets the same pixels as Keras.
@@ -19,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["decode_jpeg", "has_fast_jpeg", "png_orientation", "resize_bilinear"]
+__all__ = ["decode_jpeg", "has_fast_jpeg", "resize_bilinear"]
 
 
 @functools.cache
@@ -106,56 +105,3 @@ def resize_bilinear(pixels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     bottom *= wy
     top += bottom  # top + (bottom - top) * wy
     return top.reshape(out_h, out_w, 3)
-
-
-def png_orientation(data: bytes) -> int:
-    """The EXIF orientation (1-8) Pillow's ``getexif()`` finds in a PNG; 1 when none.
-
-    Where Pillow looks: the eXIf chunk, else ImageMagick's "Raw profile type exif" text
-    chunk (hex digits after three header lines), before or after the pixel data.
-
-    Why: Pillow's ``getexif()`` on a PNG without an eXIf chunk before its pixels inflates
-    every pixel looking for one later (~2.6 ms for a photo, more than TF's whole decode).
-    Walking the chunk headers costs microseconds; a malformed chunk list stops the walk
-    (the decoder judges the file), an unreadable EXIF block orients nothing.
-    """
-    from PIL import Image, PngImagePlugin
-
-    exif, raw_profile = None, None
-    at = 8
-    while at + 12 <= len(data):
-        length = int.from_bytes(data[at : at + 4], "big")
-        kind, body = data[at + 4 : at + 8], data[at + 8 : at + 8 + length]
-        if kind == b"eXIf" and exif is None:
-            exif = b"Exif\x00\x00" + body
-        elif kind in (b"tEXt", b"zTXt") and raw_profile is None:
-            keyword, _, text = body.partition(b"\x00")
-            if keyword == b"Raw profile type exif":
-                raw_profile = text if kind == b"tEXt" else _inflate(
-                    text[1:], PngImagePlugin.MAX_TEXT_CHUNK)
-        elif kind == b"IEND":
-            break
-        at += 12 + length
-    try:
-        if exif is None and raw_profile is not None:
-            exif = bytes.fromhex("".join(raw_profile.decode("latin-1").split("\n")[3:]))
-        if not exif:
-            return 1
-        parsed = Image.Exif()
-        parsed.load(exif)
-        return int(parsed.get(0x0112, 1) or 1)
-    except Exception:  # noqa: BLE001 - an unreadable EXIF block orients nothing
-        return 1
-
-
-def _inflate(data: bytes, limit: int) -> bytes | None:
-    """zlib data inflated up to ``limit`` bytes (Pillow's cap on text chunks); None if
-    it is damaged or larger."""
-    import zlib
-
-    try:
-        inflater = zlib.decompressobj()
-        out = inflater.decompress(data, limit + 1)
-    except zlib.error:
-        return None
-    return out if len(out) <= limit else None
