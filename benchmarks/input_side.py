@@ -127,5 +127,10 @@ def measure_input_side(paths: Sequence[Path], sizes: Sequence[int], *, repeats: 
                 "bare (this machine's ceiling)": float(one / two),
                 **{d: result["methods"][f"{d}-2"]["img_s"] / result["methods"][f"{d}-1"]["img_s"]
                    for d in ("threads", "processes")}}
+        if len(workers) == 2 and workers != (1, 2):  # the GPU box: every core against one
+            k = max(workers)
+            result["k_workers_over_one"] = {
+                d: (k, result["methods"][f"{d}-{k}"]["img_s"]
+                    / result["methods"][f"{d}-1"]["img_s"]) for d in ("threads", "processes")}
         out.append(result)
     return out

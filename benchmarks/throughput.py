@@ -226,9 +226,12 @@ def shared_cpu_bound(forward_img_s: float, input_img_s: float) -> float:
 
 
 def throughput_ratios(img_s: dict[str, float], input_bound: bool) -> dict[str, float]:
-    """b/a, b/c (and b/min(a, e) for an input-bound case) from img/s per method, plus b
-    against the shared-CPU bound 1/(1/a' + 1/e) with the faster forward entry point a'."""
-    ratios = {"b/a": img_s["b"] / img_s["a"], "b/d": img_s["b"] / img_s["d"]}
+    """b/a, b/c (and b/min(a, e) for an input-bound case, or whenever the forward pass runs
+    on a GPU: ``input_bound=True``) from img/s per method, plus b against the shared-CPU
+    bound 1/(1/a' + 1/e) with the faster forward entry point a'."""
+    ratios = {"b/a": img_s["b"] / img_s["a"]}
+    if "d" in img_s:  # the naive loop is left out on the GPU box (minutes per run)
+        ratios["b/d"] = img_s["b"] / img_s["d"]
     if "c" in img_s:  # no Keras peer without TensorFlow
         ratios["b/c"] = img_s["b"] / img_s["c"]
     fastest = max(img_s["a"], img_s["a_on_batch"])
@@ -241,7 +244,8 @@ def throughput_ratios(img_s: dict[str, float], input_bound: bool) -> dict[str, f
 
 
 def measure_throughput(case: BenchCase, data_dir: Path, work: Path, paths: Sequence[Path], *,
-                       repeats: int, batch_size: int, workers: int, seed: int) -> dict[str, Any]:
+                       repeats: int, batch_size: int, workers: int, seed: int,
+                       gpu: bool = False) -> dict[str, Any]:
     """a .. e for one case, interleaved (a b c d e, a b c d e, ...) so drifting load hits
     all methods alike; medians of ``repeats`` runs after one untimed warm-up of each
     model entry point (tracing is a one-off cost, measured separately as ``cold_s``)."""
@@ -257,8 +261,9 @@ def measure_throughput(case: BenchCase, data_dir: Path, work: Path, paths: Seque
     peer = has_tensorflow()  # the Keras peer reads images with tf.data
     if peer:
         model.predict(keras_peer_dataset(data_dir, case, batch_size).take(1), verbose=0)
-    skip = {"b_1_worker"} if not case.sweep_workers else set()
+    skip = {"b_1_worker"} if not case.sweep_workers or gpu else set()
     skip |= {"c"} if not peer else set()
+    skip |= {"d"} if gpu else set()
     runs: dict[str, list[float]] = {k: [] for k in ("a", "a_on_batch", "b", "b_1_worker", "c",
                                                     "d", "e") if k not in skip}
     b_loop: list[float] = []
@@ -270,13 +275,14 @@ def measure_throughput(case: BenchCase, data_dir: Path, work: Path, paths: Seque
         seconds, result = extract_seconds(config, fm)
         runs["b"].append(seconds)
         b_loop.append(result.seconds)
-        if case.sweep_workers:
+        if "b_1_worker" in runs:
             config.workers = 1
             runs["b_1_worker"].append(extract_seconds(config, fm)[0])
         if peer:
             runs["c"].append(keras_peer_seconds(data_dir, case, model, work / "c.npy",
                                                 batch_size))
-        runs["d"].append(naive_seconds(paths, case, model, work / "d.npy", batch_size))
+        if "d" in runs:
+            runs["d"].append(naive_seconds(paths, case, model, work / "d.npy", batch_size))
         runs["e"].append(input_side_seconds(paths, data_dir, fm, work / "e.h5",
                                             batch_size=batch_size, workers=workers))
     methods = {k: summary(v, n) for k, v in runs.items()}
@@ -285,7 +291,7 @@ def measure_throughput(case: BenchCase, data_dir: Path, work: Path, paths: Seque
     return {
         "case": asdict(case), "n_images": n, "feature_shape": list(fm.feature_shape),
         "cold_s": {"build": build_s, "first_batch_trace": trace_s},
-        "methods": methods, "ratios": throughput_ratios(img_s, case.input_bound),
+        "methods": methods, "ratios": throughput_ratios(img_s, case.input_bound or gpu),
     }
 
 
