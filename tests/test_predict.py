@@ -18,11 +18,12 @@ from pipeline.bases import PREPROCESS_MODES, build_feature_model, preprocess
 from pipeline.bases.combine import end_to_end_model, preprocessing_layers
 from pipeline.cache import read_cache
 from pipeline.cli import fit_head_main, predict_main
+from pipeline.export import export_model
 from pipeline.extract import ExtractConfig, run_extract
 from pipeline.fit import FitConfig, run_fit
 from pipeline.heads import HEADS, load_head
 from pipeline.images import load_image
-from pipeline.predict import PredictConfig, export_model, run_predict, skipped_path
+from pipeline.predict import PredictConfig, run_predict, skipped_path
 
 # Equality here is "same computation, maybe another batch split": float32 round-off only.
 TOL = {"rtol": 1e-4, "atol": 1e-5}
@@ -270,6 +271,14 @@ def test_export_refuses_other_heads_and_bad_names(models, tmp_path, capsys):
                           "--export", str(tmp_path / "x.keras")])
     assert code == 2 and not out.exists()
     assert capsys.readouterr().err.strip().splitlines()[-1].startswith("error: export needs")
+
+
+def test_export_is_still_importable_from_predict():
+    import pipeline.export
+    import pipeline.predict
+
+    assert pipeline.predict.export_model is pipeline.export.export_model
+    assert pipeline.predict.check_exportable is pipeline.export.check_exportable
 
 
 def test_fit_head_and_predict_export_from_the_command_line(models, tmp_path, capsys):
