@@ -11,17 +11,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from pipeline.predictor import (
-    END_TO_END,
-    load_bottleneck,
-    locate_model,
-    recorded,
-    recorded_class_names,
-)
+from pipeline.predictor import load_bottleneck, locate_model, recorded, recorded_class_names
 
 __all__ = ["check_exportable", "export_model"]
 
-_FORMAT_VERSION = 1
 # Files of a fit_head folder that an export must never overwrite.
 _MODEL_DIR_FILES = ("model.keras", "model.joblib", "head.json", "metrics.json", "config.json")
 
@@ -65,6 +58,7 @@ def export_model(model_dir: str | os.PathLike, out: str | os.PathLike) -> Path:
             files, the head is not dense, or the recorded base cannot be rebuilt.
     """
     from pipeline.bases.combine import end_to_end_model
+    from pipeline.heads.persist import END_TO_END, head_meta
     from pipeline.util.files import replace_atomically, write_json_atomic
 
     out = Path(out)
@@ -86,19 +80,17 @@ def export_model(model_dir: str | os.PathLike, out: str | os.PathLike) -> Path:
     model = end_to_end_model(feature_model, head.model_, feature_dtype=dtype)
     out.parent.mkdir(parents=True, exist_ok=True)
     replace_atomically(out, model.save)
-    write_json_atomic(
-        sidecar,
-        {
-            "format_version": _FORMAT_VERSION,
-            "kind": END_TO_END,
-            "classes": head.classes_.tolist(),
-            "class_names": recorded_class_names(metrics),
-            "input_size": list(feature_model.input_size),
-            "interpolation": recorded("interpolation", attrs),
-            "source": str(located.folder),
-            "head": "dense",
-            "feature_dtype": dtype,
-            "cache_attrs": attrs,
-        },
+    # The model-folder format's version and fields: X.json reads as a finetune head.json.
+    meta = head_meta(
+        END_TO_END,
+        classes=head.classes_.tolist(),
+        class_names=recorded_class_names(metrics),
+        input_size=list(feature_model.input_size),
+        interpolation=recorded("interpolation", attrs),
+        source=str(located.folder),
+        head="dense",
+        feature_dtype=dtype,
+        cache_attrs=attrs,
     )
+    write_json_atomic(sidecar, meta)
     return out

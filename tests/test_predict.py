@@ -22,6 +22,7 @@ from pipeline.export import export_model
 from pipeline.extract import ExtractConfig, run_extract
 from pipeline.fit import FitConfig, run_fit
 from pipeline.heads import HEADS, load_head
+from pipeline.heads.persist import HEAD_FORMAT_VERSION
 from pipeline.images import load_image
 from pipeline.predict import PredictConfig, run_predict, skipped_path
 
@@ -197,6 +198,8 @@ def test_exported_model_equals_predict(models, tmp_path, setup):
     exported = export_model(heads["dense"], tmp_path / "export" / "head.keras")
     meta = json.loads(exported.with_suffix(".json").read_text())
     assert meta["kind"] == "end-to-end" and meta["input_size"] == [8, 8]
+    assert list(meta)[:2] == ["format_version", "kind"]
+    assert meta["format_version"] == HEAD_FORMAT_VERSION  # one version for head.json and X.json
     end_to_end, result = predict(exported, [data], tmp_path / "e2e.csv")
     assert result.kind == "end-to-end"
     assert [r["path"] for r in end_to_end] == [r["path"] for r in bottleneck]
