@@ -12,10 +12,10 @@ order (folders walked recursively, sorted, hidden files ignored), with the colum
 ``p_`` for heads with probabilities (dense, logreg, knn, end-to-end); ``score_`` for the SVMs'
 decision function (for two classes its single score s becomes ``-s, s``). ``predicted``
 is the head's own ``predict``. Unreadable files never stop the run and never take a
-row: they are printed to stderr and written with their reason to ``<out stem>.skipped.csv``
-(removed when a later run skips nothing). A run that can read no image at all is an error
-and writes nothing; a file named as an image that is plainly something else (an HDF5
-cache, a ``.keras`` zip, a text file) is said to be so.
+row: they are logged (the CLI shows them on stderr) and written with their reason to
+``<out stem>.skipped.csv`` (removed when a later run skips nothing). A run that can read
+no image at all is an error and writes nothing; a file named as an image that is plainly
+something else (an HDF5 cache, a ``.keras`` zip, a text file) is said to be so.
 """
 
 from __future__ import annotations
@@ -232,13 +232,21 @@ def _rows(
 def run_predict(config: PredictConfig) -> PredictResult:
     """Predict the class of every image given, with the configuration recorded with a model.
 
-    Protocol: validate the arguments; find the model's metadata and list the images,
-    setting aside named files that are plainly no images (cheap failures first); load the
-    model (:func:`load_predictor`: for a fit_head folder
-    the frozen feature model is rebuilt from the recorded cache attributes); decode images
-    in threads with :func:`pipeline.images.batches.decoded_batches` at the recorded size and
-    interpolation; score each batch; stream rows into a temporary CSV that replaces
-    ``out`` only when complete; list unreadable files in ``<out stem>.skipped.csv``.
+    Protocol (cheap failures first, then one pass over the images):
+
+    1. ``_validate``: the arguments.
+    2. :func:`~pipeline.predictor.locate_model`: the model's metadata (JSON only).
+    3. ``_images``: the images (:func:`list_images`), named files that are plainly no
+       images set aside.
+    4. :func:`~pipeline.predictor.load_predictor`, which Ctrl-C does not cut in two: for
+       a fit_head folder the frozen feature model is rebuilt from the recorded cache
+       attributes.
+    5. ``_check_top_k``: ``top_k`` against the model's classes.
+    6. ``_write_predictions``: decode images in threads with
+       :func:`pipeline.images.batches.decoded_batches` at the recorded size and
+       interpolation, score each batch, stream rows into a temporary CSV that replaces
+       ``out`` only when complete.
+    7. ``_write_skipped``: list unreadable files in ``<out stem>.skipped.csv``.
 
     Args:
         config: the model, the images and the output options.
@@ -252,30 +260,77 @@ def run_predict(config: PredictConfig) -> PredictResult:
             could be read (then nothing is written).
         FileNotFoundError: a model folder's head files are incomplete.
     """
-    from pipeline.images.batches import decoded_batches
-    from pipeline.util.files import replace_atomically
-
     _validate(config)
     located = locate_model(config.model)
-    paths = list_images(config.images)
-    rejected = _rejected(config.images, paths)
-    paths = [p for p in paths if p not in rejected]
+    paths, rejected = _images(inputs=config.images)
     with deferred():  # Ctrl-C while the model is built stops right after it
         predictor = load_predictor(located)
-    n_classes = len(predictor.class_names)
-    top_k = config.top_k or 0
+    top_k = _check_top_k(top_k=config.top_k, n_classes=len(predictor.class_names))
+    out = Path(config.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    log.info("predict: %d images, %s model %s (%d classes), input %dx%d %s -> %s",
+             len(paths), predictor.kind, config.model, len(predictor.class_names),
+             *predictor.input_size, predictor.interpolation, out)
+    start = time.monotonic()
+    skipped = [(str(p), reason) for p, reason in rejected.items()]
+    n_predicted = _write_predictions(
+        out=out, paths=paths, predictor=predictor, top_k=top_k, config=config, skipped=skipped
+    )
+    skipped_out = _write_skipped(out, skipped)
+    return PredictResult(
+        out, n_predicted, skipped, skipped_out, predictor.kind, time.monotonic() - start
+    )
+
+
+def _images(*, inputs: Sequence[str | os.PathLike]) -> tuple[list[Path], dict[Path, str]]:
+    """The images to predict, and {named file: why it is not an image} for those set aside.
+
+    Raises:
+        ValueError: as :func:`list_images`, or every file is plainly no image.
+    """
+    paths = list_images(inputs)
+    rejected = _rejected(inputs, paths)
+    return [p for p in paths if p not in rejected], rejected
+
+
+def _check_top_k(*, top_k: int | None, n_classes: int) -> int:
+    """``top_k`` as a number of ranked columns (0: none).
+
+    Raises:
+        ValueError: more than the model has classes.
+    """
+    top_k = top_k or 0
     if top_k > n_classes:
         raise ValueError(
             f"`top_k` must be at most the number of classes ({n_classes}). "
             f"Received: top_k={top_k}"
         )
-    out = Path(config.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    log.info("predict: %d images, %s model %s (%d classes), input %dx%d %s -> %s",
-             len(paths), predictor.kind, config.model, n_classes, *predictor.input_size,
-             predictor.interpolation, out)
-    start = time.monotonic()
-    skipped = [(str(p), reason) for p, reason in rejected.items()]
+    return top_k
+
+
+def _write_predictions(
+    *,
+    out: Path,
+    paths: Sequence[Path],
+    predictor: Predictor,
+    top_k: int,
+    config: PredictConfig,
+    skipped: list[tuple[str, str]],
+) -> int:
+    """Decode ``paths`` ahead, score each batch and write its rows to the CSV ``out``.
+
+    ``out`` is written whole or not at all; unreadable files are appended to ``skipped``;
+    progress is logged.
+
+    Returns:
+        The number of rows (images predicted).
+
+    Raises:
+        ValueError: no image could be read; ``out`` is left as it was.
+    """
+    from pipeline.images.batches import decoded_batches
+    from pipeline.util.files import replace_atomically
+
     n_predicted = 0
 
     def write(tmp: Path) -> None:
@@ -314,10 +369,7 @@ def run_predict(config: PredictConfig) -> PredictResult:
             )
 
     replace_atomically(out, write)
-    skipped_out = _write_skipped(out, skipped)
-    return PredictResult(
-        out, n_predicted, skipped, skipped_out, predictor.kind, time.monotonic() - start
-    )
+    return n_predicted
 
 
 def _write_skipped(out: Path, skipped: list[tuple[str, str]], limit: int = 20) -> Path | None:
