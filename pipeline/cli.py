@@ -371,7 +371,7 @@ def fit_head_main(argv: Sequence[str] | None = None) -> int:
         from pipeline.fit import FitConfig, format_report, run_fit
 
         if export is not None:
-            from pipeline.predict import check_exportable
+            from pipeline.export import check_exportable
 
             check_exportable(args.head)  # before training, not after
         out_dir, metrics = run_fit(FitConfig(**options))
@@ -383,7 +383,7 @@ def fit_head_main(argv: Sequence[str] | None = None) -> int:
             flush=True,
         )
         if export is not None:
-            from pipeline.predict import export_model
+            from pipeline.export import export_model
 
             path = export_model(out_dir, export)
             print(f"fit_head: exported base + head to {path} (+ {path.with_suffix('.json')})",
@@ -403,7 +403,8 @@ def predict_main(argv: Sequence[str] | None = None) -> int:
         if args.images:
             check_output("--out", args.out)
         check_output("--export", export)
-        from pipeline.predict import PredictConfig, export_model, run_predict
+        from pipeline.export import export_model
+        from pipeline.predict import PredictConfig, run_predict
 
         if export is not None:
             path = export_model(args.model, export)

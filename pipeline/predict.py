@@ -1,16 +1,8 @@
-"""A trained model on new images -> one CSV of predictions; a dense head -> one ``.keras`` file.
+"""A trained model on new images -> one CSV of predictions.
 
-Two kinds of model are accepted, and both read the configuration recorded with them, so
-decoding, resizing and preprocessing are never re-specified by hand and cannot drift:
-
-    bottleneck   a fit_head folder (model.keras | model.joblib, head.json, metrics.json).
-                 The frozen feature model is rebuilt from metrics.json["cache_attrs"]
-                 (recorded files must still match their sha256); images are decoded as
-                 extract.py does, features are rounded through the cache dtype, and the
-                 head is applied: predictions equal those on cached features.
-    end-to-end   a folder whose head.json says "kind": "end-to-end" (finetune output,
-                 model.keras taking RGB 0..255), or an exported ``X.keras`` with its
-                 metadata ``X.json`` beside it (:func:`export_model`).
+The model (a fit_head folder, a finetune folder or an exported ``X.keras``) is found and
+loaded by :mod:`pipeline.predictor` with the configuration recorded with it, so decoding,
+resizing and preprocessing are never re-specified by hand and cannot drift.
 
 Output (``--out``, default ``predictions.csv``): one row per readable image, in input
 order (folders walked recursively, sorted, hidden files ignored), with the columns
@@ -20,10 +12,10 @@ order (folders walked recursively, sorted, hidden files ignored), with the colum
 ``p_`` for heads with probabilities (dense, logreg, knn, end-to-end); ``score_`` for the SVMs'
 decision function (for two classes its single score s becomes ``-s, s``). ``predicted``
 is the head's own ``predict``. Unreadable files never stop the run and never take a
-row: they are printed to stderr and written with their reason to ``<out stem>.skipped.csv``
-(removed when a later run skips nothing). A run that can read no image at all is an error
-and writes nothing; a file named as an image that is plainly something else (an HDF5
-cache, a ``.keras`` zip, a text file) is said to be so.
+row: they are logged (the CLI shows them on stderr) and written with their reason to
+``<out stem>.skipped.csv`` (removed when a later run skips nothing). A run that can read
+no image at all is an error and writes nothing; a file named as an image that is plainly
+something else (an HDF5 cache, a ``.keras`` zip, a text file) is said to be so.
 """
 
 from __future__ import annotations
@@ -32,17 +24,18 @@ import csv
 import logging
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
+# export_model and check_exportable lived here before export.py: re-exported for old callers.
+from pipeline.export import check_exportable, export_model
 from pipeline.images import IMAGE_EXTENSIONS, image_files
 from pipeline.interrupts import deferred
+from pipeline.predictor import END_TO_END, Predictor, load_predictor, locate_model
 from pipeline.progress import Progress, format_duration
-from pipeline.util.files import read_json
 
 __all__ = [
     "END_TO_END",
@@ -59,10 +52,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-END_TO_END = "end-to-end"
-_FORMAT_VERSION = 1
-# Files of a fit_head folder that an export must never overwrite.
-_MODEL_DIR_FILES = ("model.keras", "model.joblib", "head.json", "metrics.json", "config.json")
 
 
 @dataclass
@@ -104,205 +93,6 @@ class PredictResult:
         )
 
 
-@dataclass
-class Predictor:
-    """A loaded model: how to decode images for it and how to score a decoded batch.
-
-    ``predict_batch(images)`` takes ``(n, H, W, 3)`` float32 RGB in 0..255 (it may
-    preprocess them in place) and returns ``(predicted, values)``: column indices of the
-    predicted classes ``(n,)`` and one value per class ``(n, n_classes)``.
-    """
-
-    kind: str  # a HEADS name or END_TO_END
-    class_names: list[str]  # one per output column
-    input_size: tuple[int, int]
-    interpolation: str
-    value_prefix: str  # "p" (probabilities) or "score" (decision function)
-    predict_batch: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
-
-
-@dataclass
-class _Located:
-    """Where a model's files are: its metadata (head.json or X.json) and folder."""
-
-    meta: dict[str, Any]
-    meta_path: Path
-    folder: Path
-    keras_file: Path | None  # the end-to-end model file
-
-
-def _locate(model: str | os.PathLike) -> _Located:
-    """Find a model's metadata without loading anything heavy."""
-    path = Path(model)
-    if path.is_file() and path.suffix == ".keras":
-        sidecar = path.with_suffix(".json")
-        if sidecar.is_file():
-            return _Located(read_json(sidecar), sidecar, path.parent, path)
-        if path.name == "model.keras":  # the model file of a model folder: use the folder
-            path = path.parent
-    if path.is_dir() and (path / "head.json").is_file():
-        meta = read_json(path / "head.json")
-        keras_file = path / "model.keras" if meta.get("kind") == END_TO_END else None
-        return _Located(meta, path / "head.json", path, keras_file)
-    raise ValueError(
-        "`model` must be a fit_head or finetune output folder (with head.json), or an "
-        f"exported .keras file with its .json beside it. Received: model={str(model)!r}"
-    )
-
-
-def _metrics(located: _Located) -> dict[str, Any]:
-    """What fit_head records beside a model (``cache_attrs``, ``class_names``).
-
-    An exported ``X.json`` carries both itself; a model folder has them in metrics.json.
-    """
-    if "cache_attrs" in located.meta:
-        metrics, path = located.meta, located.meta_path
-    else:
-        path = located.folder / "metrics.json"
-        if not path.is_file():
-            raise ValueError(
-                f"{located.folder} has no metrics.json: predict needs the cache attributes "
-                f"fit_head records there. Received: model={str(located.folder)!r}"
-            )
-        metrics = read_json(path)
-    if not isinstance(metrics.get("cache_attrs"), dict):
-        raise ValueError(f"{path} records no cache_attrs: the base cannot be rebuilt.")
-    return metrics
-
-
-def _recorded(key: str, *sources: dict[str, Any]) -> Any:
-    for source in sources:
-        if source.get(key) is not None:
-            return source[key]
-    raise ValueError(f"The model records no {key!r}; it cannot be applied without guessing.")
-
-
-def _column_names(classes: Sequence[Any], class_names: Sequence[str] | None) -> list[str]:
-    """Names of the output columns.
-
-    ``class_names`` may list every class of the cache (indexed by class id, as in
-    metrics.json) or exactly the model's classes in output order; both are read.
-    """
-    classes = list(classes)
-    names = list(class_names or [])
-    if len(names) == len(classes):
-        return [str(n) for n in names]
-    if all(isinstance(c, int) and 0 <= c < len(names) for c in classes):
-        return [str(names[c]) for c in classes]
-    return [str(c) for c in classes]
-
-
-def _load_bottleneck(located: _Located) -> tuple[Any, dict[str, Any], Any]:
-    """``(head, metrics, feature model)`` of a fit_head folder, checked against each other."""
-    from pipeline.bases import feature_model_from_attrs
-    from pipeline.heads import DenseHead, load_head
-
-    metrics = _metrics(located)
-    head = load_head(located.folder)
-    feature_model = feature_model_from_attrs(metrics["cache_attrs"])
-    got = feature_model.feature_shape
-    if isinstance(head, DenseHead):
-        matches, expected = tuple(head.feature_shape_) == got, tuple(head.feature_shape_)
-    else:
-        expected = head[-1].n_features_in_  # the classifier sees flattened rows
-        matches = int(np.prod(got)) == expected
-    if not matches:
-        raise ValueError(
-            f"The head in {located.folder} was trained on features of shape {expected}, but "
-            f"the feature model rebuilt from its cache_attrs gives {got}."
-        )
-    return head, metrics, feature_model
-
-
-def _class_names(metrics: dict[str, Any]) -> list[str] | None:
-    return metrics.get("class_names") or metrics["cache_attrs"].get("class_names")
-
-
-def _bottleneck_predictor(located: _Located) -> Predictor:
-    from pipeline.heads import DenseHead
-
-    head, metrics, feature_model = _load_bottleneck(located)
-    attrs = metrics["cache_attrs"]
-    dtype = attrs.get("dtype", "float32")
-    has_proba = hasattr(head, "predict_proba")
-
-    def predict_batch(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        # Round through the cache dtype, as fit_head saw the features (float16 caches).
-        X = feature_model.features(images).astype(dtype).astype(np.float32)
-        if isinstance(head, DenseHead):
-            values = head.predict_proba(X)
-            return np.argmax(values, axis=1), values
-        values = head.predict_proba(X) if has_proba else head.decision_function(X)
-        if values.ndim == 1:  # two classes: one score, positive for classes_[1]
-            values = np.stack([-values, values], axis=1)
-        return np.searchsorted(head.classes_, head.predict(X)), values
-
-    return Predictor(
-        kind=located.meta["kind"],
-        class_names=_column_names(head.classes_.tolist(), _class_names(metrics)),
-        input_size=feature_model.input_size,
-        interpolation=_recorded("interpolation", attrs),
-        value_prefix="p" if has_proba else "score",
-        predict_batch=predict_batch,
-    )
-
-
-def _end_to_end_predictor(located: _Located) -> Predictor:
-    import keras
-
-    meta = located.meta
-    # Recorded facts come from head.json (or X.json) first, then from the cache attributes.
-    has_metrics = "cache_attrs" in meta or (located.folder / "metrics.json").is_file()
-    attrs = _metrics(located)["cache_attrs"] if has_metrics else {}
-    size = tuple(int(v) for v in _recorded("input_size", meta, attrs))
-    interpolation = _recorded("interpolation", meta, attrs)
-    classes = _recorded("classes", meta)
-    names = _column_names(classes, meta.get("class_names") or attrs.get("class_names"))
-    if located.keras_file is None or not located.keras_file.is_file():
-        raise ValueError(f"{located.folder} has no model.keras. Received: model={located.folder}")
-    model = keras.models.load_model(located.keras_file, compile=False, safe_mode=True)
-    fixed = tuple(model.input_shape[1:3])
-    if None not in fixed and fixed != size:
-        raise ValueError(
-            f"{located.keras_file} takes {fixed[0]}x{fixed[1]} images, but its metadata "
-            f"records input_size={list(size)}."
-        )
-
-    def predict_batch(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        values = np.asarray(model.predict_on_batch(images))
-        if values.ndim == 2 and values.shape[1] == 1 and len(names) == 2:
-            values = np.concatenate([1.0 - values, values], axis=1)  # a sigmoid output
-        if values.ndim != 2 or values.shape[1] != len(names):
-            raise ValueError(
-                f"{located.keras_file} outputs shape {values.shape[1:]} for "
-                f"{len(names)} classes {names}."
-            )
-        return np.argmax(values, axis=1), values
-
-    return Predictor(END_TO_END, names, (size[0], size[1]), interpolation, "p", predict_batch)
-
-
-def load_predictor(model: str | os.PathLike) -> Predictor:
-    """Load a fit_head folder, a finetune folder or an exported ``.keras`` for prediction.
-
-    Args:
-        model: a model folder (head.json), its ``model.keras``, or an exported ``X.keras``
-            with ``X.json`` beside it.
-
-    Returns:
-        A :class:`Predictor` with the recorded input size and interpolation.
-
-    Raises:
-        ValueError: no model there, missing or inconsistent metadata, a recorded base
-            file that is gone or changed.
-    """
-    return _load(_locate(model))
-
-
-def _load(located: _Located) -> Predictor:
-    if located.meta.get("kind") == END_TO_END:
-        return _end_to_end_predictor(located)
-    return _bottleneck_predictor(located)
 
 
 def list_images(inputs: Sequence[str | os.PathLike]) -> list[Path]:
@@ -442,13 +232,21 @@ def _rows(
 def run_predict(config: PredictConfig) -> PredictResult:
     """Predict the class of every image given, with the configuration recorded with a model.
 
-    Protocol: validate the arguments; find the model's metadata and list the images,
-    setting aside named files that are plainly no images (cheap failures first); load the
-    model (:func:`load_predictor`: for a fit_head folder
-    the frozen feature model is rebuilt from the recorded cache attributes); decode images
-    in threads with :func:`pipeline.images.batches.decoded_batches` at the recorded size and
-    interpolation; score each batch; stream rows into a temporary CSV that replaces
-    ``out`` only when complete; list unreadable files in ``<out stem>.skipped.csv``.
+    Protocol (cheap failures first, then one pass over the images):
+
+    1. ``_validate``: the arguments.
+    2. :func:`~pipeline.predictor.locate_model`: the model's metadata (JSON only).
+    3. ``_images``: the images (:func:`list_images`), named files that are plainly no
+       images set aside.
+    4. :func:`~pipeline.predictor.load_predictor`, which Ctrl-C does not cut in two: for
+       a fit_head folder the frozen feature model is rebuilt from the recorded cache
+       attributes.
+    5. ``_check_top_k``: ``top_k`` against the model's classes.
+    6. ``_write_predictions``: decode images in threads with
+       :func:`pipeline.images.batches.decoded_batches` at the recorded size and
+       interpolation, score each batch, stream rows into a temporary CSV that replaces
+       ``out`` only when complete.
+    7. ``_write_skipped``: list unreadable files in ``<out stem>.skipped.csv``.
 
     Args:
         config: the model, the images and the output options.
@@ -462,30 +260,77 @@ def run_predict(config: PredictConfig) -> PredictResult:
             could be read (then nothing is written).
         FileNotFoundError: a model folder's head files are incomplete.
     """
-    from pipeline.images.batches import decoded_batches
-    from pipeline.util.files import replace_atomically
-
     _validate(config)
-    located = _locate(config.model)
-    paths = list_images(config.images)
-    rejected = _rejected(config.images, paths)
-    paths = [p for p in paths if p not in rejected]
+    located = locate_model(config.model)
+    paths, rejected = _images(inputs=config.images)
     with deferred():  # Ctrl-C while the model is built stops right after it
-        predictor = _load(located)
-    n_classes = len(predictor.class_names)
-    top_k = config.top_k or 0
+        predictor = load_predictor(located)
+    top_k = _check_top_k(top_k=config.top_k, n_classes=len(predictor.class_names))
+    out = Path(config.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    log.info("predict: %d images, %s model %s (%d classes), input %dx%d %s -> %s",
+             len(paths), predictor.kind, config.model, len(predictor.class_names),
+             *predictor.input_size, predictor.interpolation, out)
+    start = time.monotonic()
+    skipped = [(str(p), reason) for p, reason in rejected.items()]
+    n_predicted = _write_predictions(
+        out=out, paths=paths, predictor=predictor, top_k=top_k, config=config, skipped=skipped
+    )
+    skipped_out = _write_skipped(out, skipped)
+    return PredictResult(
+        out, n_predicted, skipped, skipped_out, predictor.kind, time.monotonic() - start
+    )
+
+
+def _images(*, inputs: Sequence[str | os.PathLike]) -> tuple[list[Path], dict[Path, str]]:
+    """The images to predict, and {named file: why it is not an image} for those set aside.
+
+    Raises:
+        ValueError: as :func:`list_images`, or every file is plainly no image.
+    """
+    paths = list_images(inputs)
+    rejected = _rejected(inputs, paths)
+    return [p for p in paths if p not in rejected], rejected
+
+
+def _check_top_k(*, top_k: int | None, n_classes: int) -> int:
+    """``top_k`` as a number of ranked columns (0: none).
+
+    Raises:
+        ValueError: more than the model has classes.
+    """
+    top_k = top_k or 0
     if top_k > n_classes:
         raise ValueError(
             f"`top_k` must be at most the number of classes ({n_classes}). "
             f"Received: top_k={top_k}"
         )
-    out = Path(config.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    log.info("predict: %d images, %s model %s (%d classes), input %dx%d %s -> %s",
-             len(paths), predictor.kind, config.model, n_classes, *predictor.input_size,
-             predictor.interpolation, out)
-    start = time.monotonic()
-    skipped = [(str(p), reason) for p, reason in rejected.items()]
+    return top_k
+
+
+def _write_predictions(
+    *,
+    out: Path,
+    paths: Sequence[Path],
+    predictor: Predictor,
+    top_k: int,
+    config: PredictConfig,
+    skipped: list[tuple[str, str]],
+) -> int:
+    """Decode ``paths`` ahead, score each batch and write its rows to the CSV ``out``.
+
+    ``out`` is written whole or not at all; unreadable files are appended to ``skipped``;
+    progress is logged.
+
+    Returns:
+        The number of rows (images predicted).
+
+    Raises:
+        ValueError: no image could be read; ``out`` is left as it was.
+    """
+    from pipeline.images.batches import decoded_batches
+    from pipeline.util.files import replace_atomically
+
     n_predicted = 0
 
     def write(tmp: Path) -> None:
@@ -524,10 +369,7 @@ def run_predict(config: PredictConfig) -> PredictResult:
             )
 
     replace_atomically(out, write)
-    skipped_out = _write_skipped(out, skipped)
-    return PredictResult(
-        out, n_predicted, skipped, skipped_out, predictor.kind, time.monotonic() - start
-    )
+    return n_predicted
 
 
 def _write_skipped(out: Path, skipped: list[tuple[str, str]], limit: int = 20) -> Path | None:
@@ -552,81 +394,3 @@ def _write_skipped(out: Path, skipped: list[tuple[str, str]], limit: int = 20) -
         shown.append(f"  ... and {len(skipped) - limit} more (all in {target})")
     log.warning("\n".join(shown))
     return target
-
-
-def check_exportable(head: str) -> None:
-    """Refuse to export a head without a Keras model.
-
-    Args:
-        head: the head kind (a ``HEADS`` name, or ``end-to-end``).
-
-    Raises:
-        ValueError: ``head`` is not ``dense``.
-    """
-    if head != "dense":
-        raise ValueError(
-            "export needs a dense head (scikit-learn heads and end-to-end models have no "
-            f"separate Keras head to combine with the base). Received: head={head!r}"
-        )
-
-
-def export_model(model_dir: str | os.PathLike, out: str | os.PathLike) -> Path:
-    """Save a fit_head dense head and its frozen base as one end-to-end ``.keras`` model.
-
-    The model takes ``(H, W, 3)`` float RGB images in 0..255 at the recorded input size
-    (decode and resize them with the recorded interpolation; ``predict.py`` does) and
-    outputs the head's probabilities (softmax; one sigmoid column for two classes).
-    It is built from Keras layers only (:func:`pipeline.bases.combine.end_to_end_model`) and
-    loads with ``safe_mode=True``. Beside ``X.keras``, ``X.json`` records what
-    ``predict.py`` needs: kind ``end-to-end``, classes, class_names (indexed by class id),
-    input_size, interpolation, the source folder and the cache attributes.
-
-    Args:
-        model_dir: a fit_head output folder with a dense head.
-        out: the ``.keras`` file to write (its folder is created).
-
-    Returns:
-        The path of the saved model.
-
-    Raises:
-        ValueError: ``out`` does not end in ``.keras`` or would overwrite the folder's own
-            files, the head is not dense, or the recorded base cannot be rebuilt.
-    """
-    from pipeline.bases.combine import end_to_end_model
-    from pipeline.util.files import replace_atomically, write_json_atomic
-
-    out = Path(out)
-    if out.suffix != ".keras":
-        raise ValueError(f"`export` must be a file ending in .keras. Received: export={str(out)!r}")
-    located = _locate(model_dir)
-    check_exportable(located.meta.get("kind", "?"))
-    sidecar = out.with_suffix(".json")
-    folder = located.folder.resolve()
-    for target in (out, sidecar):
-        if target.resolve().parent == folder and target.name in _MODEL_DIR_FILES:
-            raise ValueError(
-                f"Exporting to {out} would overwrite {target.name} of the model itself: "
-                f"choose another name. Received: export={str(out)!r}"
-            )
-    head, metrics, feature_model = _load_bottleneck(located)
-    attrs = metrics["cache_attrs"]
-    dtype = attrs.get("dtype", "float32")
-    model = end_to_end_model(feature_model, head.model_, feature_dtype=dtype)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    replace_atomically(out, model.save)
-    write_json_atomic(
-        sidecar,
-        {
-            "format_version": _FORMAT_VERSION,
-            "kind": END_TO_END,
-            "classes": head.classes_.tolist(),
-            "class_names": _class_names(metrics),
-            "input_size": list(feature_model.input_size),
-            "interpolation": _recorded("interpolation", attrs),
-            "source": str(located.folder),
-            "head": "dense",
-            "feature_dtype": dtype,
-            "cache_attrs": attrs,
-        },
-    )
-    return out

@@ -26,6 +26,18 @@ def test_the_cache_never_imports_keras():
     assert "tensorflow" not in loaded
 
 
+def test_predict_and_export_import_keras_only_to_build_a_model():
+    # A wrong path or image list fails before Keras loads; predictor.py spells END_TO_END
+    # itself rather than import it from heads.persist (which imports Keras) for this.
+    from pipeline.heads.persist import END_TO_END
+    from pipeline.predictor import END_TO_END as spelled_in_predictor
+
+    assert spelled_in_predictor == END_TO_END
+    loaded = _modules_after("import pipeline.predictor, pipeline.export, pipeline.predict")
+    assert "keras" not in loaded
+    assert "sklearn" not in loaded
+
+
 def _import_graph() -> dict[str, set[str]]:
     """Every pipeline module -> the pipeline modules it imports, lazy imports included.
 

@@ -18,11 +18,13 @@ from pipeline.bases import PREPROCESS_MODES, build_feature_model, preprocess
 from pipeline.bases.combine import end_to_end_model, preprocessing_layers
 from pipeline.cache import read_cache
 from pipeline.cli import fit_head_main, predict_main
+from pipeline.export import export_model
 from pipeline.extract import ExtractConfig, run_extract
 from pipeline.fit import FitConfig, run_fit
 from pipeline.heads import HEADS, load_head
+from pipeline.heads.persist import HEAD_FORMAT_VERSION
 from pipeline.images import load_image
-from pipeline.predict import PredictConfig, export_model, run_predict, skipped_path
+from pipeline.predict import PredictConfig, run_predict, skipped_path
 
 # Equality here is "same computation, maybe another batch split": float32 round-off only.
 TOL = {"rtol": 1e-4, "atol": 1e-5}
@@ -196,6 +198,8 @@ def test_exported_model_equals_predict(models, tmp_path, setup):
     exported = export_model(heads["dense"], tmp_path / "export" / "head.keras")
     meta = json.loads(exported.with_suffix(".json").read_text())
     assert meta["kind"] == "end-to-end" and meta["input_size"] == [8, 8]
+    assert list(meta)[:2] == ["format_version", "kind"]
+    assert meta["format_version"] == HEAD_FORMAT_VERSION  # one version for head.json and X.json
     end_to_end, result = predict(exported, [data], tmp_path / "e2e.csv")
     assert result.kind == "end-to-end"
     assert [r["path"] for r in end_to_end] == [r["path"] for r in bottleneck]
@@ -270,6 +274,14 @@ def test_export_refuses_other_heads_and_bad_names(models, tmp_path, capsys):
                           "--export", str(tmp_path / "x.keras")])
     assert code == 2 and not out.exists()
     assert capsys.readouterr().err.strip().splitlines()[-1].startswith("error: export needs")
+
+
+def test_export_is_still_importable_from_predict():
+    import pipeline.export
+    import pipeline.predict
+
+    assert pipeline.predict.export_model is pipeline.export.export_model
+    assert pipeline.predict.check_exportable is pipeline.export.check_exportable
 
 
 def test_fit_head_and_predict_export_from_the_command_line(models, tmp_path, capsys):

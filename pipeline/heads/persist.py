@@ -3,7 +3,10 @@
 A fit_head folder holds ``head.json`` (``format_version``, ``kind``, then what that kind
 needs) beside its model: ``model.keras`` for the dense head, ``model.joblib`` (a pickle,
 its sha256 recorded in ``head.json``) for the scikit-learn heads. A finetune folder holds
-``model.keras`` (base + head, end to end) and a ``head.json`` of kind ``end-to-end``.
+``model.keras`` (base + head, end to end) and a ``head.json`` of kind ``end-to-end``; an
+export (:func:`pipeline.export.export_model`) writes ``X.keras`` and an ``X.json`` of the
+same kind and version. The version is checked where a head is loaded (:func:`load_head`);
+predict reads end-to-end metadata whatever its version (every file so far has version 1).
 Every file is written atomically (:func:`pipeline.util.files.replace_atomically`).
 """
 
@@ -42,7 +45,7 @@ END_TO_END = "end-to-end"
 
 
 def head_meta(kind: str, **fields: Any) -> dict[str, Any]:
-    """The content of a ``head.json``: the format version and ``kind`` first, then ``fields``.
+    """A ``head.json`` (or export ``X.json``): the format version and ``kind``, then ``fields``.
 
     Args:
         kind: a ``HEADS`` name or ``END_TO_END``.

@@ -1,0 +1,272 @@
+"""A trained model, found from its recorded metadata and loaded to score decoded images.
+
+Two kinds of model are accepted, and both read the configuration recorded with them, so
+decoding, resizing and preprocessing are never re-specified by hand and cannot drift:
+
+    bottleneck   a fit_head folder (model.keras | model.joblib, head.json, metrics.json).
+                 The frozen feature model is rebuilt from metrics.json["cache_attrs"]
+                 (recorded files must still match their sha256); images are decoded as
+                 extract.py does, features are rounded through the cache dtype, and the
+                 head is applied: predictions equal those on cached features.
+    end-to-end   a folder whose head.json says "kind": "end-to-end" (finetune output,
+                 model.keras taking RGB 0..255), or an exported ``X.keras`` with its
+                 metadata ``X.json`` beside it (:func:`pipeline.export.export_model`).
+
+:func:`locate_model` reads only JSON, so a wrong path fails before anything heavy loads;
+:func:`load_predictor` builds the model. Keras, scikit-learn and the bases are imported
+only there, so importing this module stays light.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.util.files import read_json
+
+__all__ = [
+    "END_TO_END",
+    "ModelFiles",
+    "Predictor",
+    "load_bottleneck",
+    "load_predictor",
+    "locate_model",
+    "recorded",
+    "recorded_class_names",
+]
+
+# The same kind as pipeline.heads.persist.END_TO_END, spelled here so that importing this
+# module does not import Keras (persist does).
+END_TO_END = "end-to-end"
+
+
+@dataclass
+class Predictor:
+    """A loaded model: how to decode images for it and how to score a decoded batch.
+
+    ``predict_batch(images)`` takes ``(n, H, W, 3)`` float32 RGB in 0..255 (it may
+    preprocess them in place) and returns ``(predicted, values)``: column indices of the
+    predicted classes ``(n,)`` and one value per class ``(n, n_classes)``.
+    """
+
+    kind: str  # a HEADS name or END_TO_END
+    class_names: list[str]  # one per output column
+    input_size: tuple[int, int]
+    interpolation: str
+    value_prefix: str  # "p" (probabilities) or "score" (decision function)
+    predict_batch: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
+
+
+@dataclass
+class ModelFiles:
+    """Where a model's files are: its metadata (head.json or X.json) and folder."""
+
+    meta: dict[str, Any]
+    meta_path: Path
+    folder: Path
+    keras_file: Path | None  # the end-to-end model file
+
+
+def locate_model(model: str | os.PathLike) -> ModelFiles:
+    """Find a model's metadata without loading anything heavy.
+
+    Args:
+        model: a model folder (head.json), its ``model.keras``, or an exported ``X.keras``
+            with ``X.json`` beside it.
+
+    Returns:
+        Where its files are, with the metadata read.
+
+    Raises:
+        ValueError: no model there.
+    """
+    path = Path(model)
+    if path.is_file() and path.suffix == ".keras":
+        sidecar = path.with_suffix(".json")
+        if sidecar.is_file():
+            return ModelFiles(read_json(sidecar), sidecar, path.parent, path)
+        if path.name == "model.keras":  # the model file of a model folder: use the folder
+            path = path.parent
+    if path.is_dir() and (path / "head.json").is_file():
+        meta = read_json(path / "head.json")
+        keras_file = path / "model.keras" if meta.get("kind") == END_TO_END else None
+        return ModelFiles(meta, path / "head.json", path, keras_file)
+    raise ValueError(
+        "`model` must be a fit_head or finetune output folder (with head.json), or an "
+        f"exported .keras file with its .json beside it. Received: model={str(model)!r}"
+    )
+
+
+def _metrics(located: ModelFiles) -> dict[str, Any]:
+    """What fit_head records beside a model (``cache_attrs``, ``class_names``).
+
+    An exported ``X.json`` carries both itself; a model folder has them in metrics.json.
+    """
+    if "cache_attrs" in located.meta:
+        metrics, path = located.meta, located.meta_path
+    else:
+        path = located.folder / "metrics.json"
+        if not path.is_file():
+            raise ValueError(
+                f"{located.folder} has no metrics.json: predict needs the cache attributes "
+                f"fit_head records there. Received: model={str(located.folder)!r}"
+            )
+        metrics = read_json(path)
+    if not isinstance(metrics.get("cache_attrs"), dict):
+        raise ValueError(f"{path} records no cache_attrs: the base cannot be rebuilt.")
+    return metrics
+
+
+def recorded(key: str, *sources: dict[str, Any]) -> Any:
+    """The first non-null ``key`` in ``sources``.
+
+    Raises:
+        ValueError: none records it (a model is never applied with a guessed setting).
+    """
+    for source in sources:
+        if source.get(key) is not None:
+            return source[key]
+    raise ValueError(f"The model records no {key!r}; it cannot be applied without guessing.")
+
+
+def _column_names(classes: Sequence[Any], class_names: Sequence[str] | None) -> list[str]:
+    """Names of the output columns.
+
+    ``class_names`` may list every class of the cache (indexed by class id, as in
+    metrics.json) or exactly the model's classes in output order; both are read.
+    """
+    classes = list(classes)
+    names = list(class_names or [])
+    if len(names) == len(classes):
+        return [str(n) for n in names]
+    if all(isinstance(c, int) and 0 <= c < len(names) for c in classes):
+        return [str(names[c]) for c in classes]
+    return [str(c) for c in classes]
+
+
+def load_bottleneck(located: ModelFiles) -> tuple[Any, dict[str, Any], Any]:
+    """``(head, metrics, feature model)`` of a fit_head folder, checked against each other.
+
+    Args:
+        located: a fit_head folder's files (:func:`locate_model`).
+
+    Returns:
+        The fitted head, what fit_head recorded (``cache_attrs``, ``class_names``) and the
+        frozen feature model rebuilt from the cache attributes.
+
+    Raises:
+        ValueError: no cache attributes, a recorded base file gone or changed, or the
+            head was trained on features of another shape.
+    """
+    from pipeline.bases import feature_model_from_attrs
+    from pipeline.heads import DenseHead, load_head
+
+    metrics = _metrics(located)
+    head = load_head(located.folder)
+    feature_model = feature_model_from_attrs(metrics["cache_attrs"])
+    got = feature_model.feature_shape
+    if isinstance(head, DenseHead):
+        matches, expected = tuple(head.feature_shape_) == got, tuple(head.feature_shape_)
+    else:
+        expected = head[-1].n_features_in_  # the classifier sees flattened rows
+        matches = int(np.prod(got)) == expected
+    if not matches:
+        raise ValueError(
+            f"The head in {located.folder} was trained on features of shape {expected}, but "
+            f"the feature model rebuilt from its cache_attrs gives {got}."
+        )
+    return head, metrics, feature_model
+
+
+def recorded_class_names(metrics: dict[str, Any]) -> list[str] | None:
+    """The class names fit_head recorded (indexed by class id), if any."""
+    return metrics.get("class_names") or metrics["cache_attrs"].get("class_names")
+
+
+def _bottleneck_predictor(located: ModelFiles) -> Predictor:
+    from pipeline.heads import DenseHead
+
+    head, metrics, feature_model = load_bottleneck(located)
+    attrs = metrics["cache_attrs"]
+    dtype = attrs.get("dtype", "float32")
+    has_proba = hasattr(head, "predict_proba")
+
+    def predict_batch(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        # Round through the cache dtype, as fit_head saw the features (float16 caches).
+        X = feature_model.features(images).astype(dtype).astype(np.float32)
+        if isinstance(head, DenseHead):
+            values = head.predict_proba(X)
+            return np.argmax(values, axis=1), values
+        values = head.predict_proba(X) if has_proba else head.decision_function(X)
+        if values.ndim == 1:  # two classes: one score, positive for classes_[1]
+            values = np.stack([-values, values], axis=1)
+        return np.searchsorted(head.classes_, head.predict(X)), values
+
+    return Predictor(
+        kind=located.meta["kind"],
+        class_names=_column_names(head.classes_.tolist(), recorded_class_names(metrics)),
+        input_size=feature_model.input_size,
+        interpolation=recorded("interpolation", attrs),
+        value_prefix="p" if has_proba else "score",
+        predict_batch=predict_batch,
+    )
+
+
+def _end_to_end_predictor(located: ModelFiles) -> Predictor:
+    import keras
+
+    meta = located.meta
+    # Recorded facts come from head.json (or X.json) first, then from the cache attributes.
+    has_metrics = "cache_attrs" in meta or (located.folder / "metrics.json").is_file()
+    attrs = _metrics(located)["cache_attrs"] if has_metrics else {}
+    size = tuple(int(v) for v in recorded("input_size", meta, attrs))
+    interpolation = recorded("interpolation", meta, attrs)
+    classes = recorded("classes", meta)
+    names = _column_names(classes, meta.get("class_names") or attrs.get("class_names"))
+    if located.keras_file is None or not located.keras_file.is_file():
+        raise ValueError(f"{located.folder} has no model.keras. Received: model={located.folder}")
+    model = keras.models.load_model(located.keras_file, compile=False, safe_mode=True)
+    fixed = tuple(model.input_shape[1:3])
+    if None not in fixed and fixed != size:
+        raise ValueError(
+            f"{located.keras_file} takes {fixed[0]}x{fixed[1]} images, but its metadata "
+            f"records input_size={list(size)}."
+        )
+
+    def predict_batch(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        values = np.asarray(model.predict_on_batch(images))
+        if values.ndim == 2 and values.shape[1] == 1 and len(names) == 2:
+            values = np.concatenate([1.0 - values, values], axis=1)  # a sigmoid output
+        if values.ndim != 2 or values.shape[1] != len(names):
+            raise ValueError(
+                f"{located.keras_file} outputs shape {values.shape[1:]} for "
+                f"{len(names)} classes {names}."
+            )
+        return np.argmax(values, axis=1), values
+
+    return Predictor(END_TO_END, names, (size[0], size[1]), interpolation, "p", predict_batch)
+
+
+def load_predictor(model: str | os.PathLike | ModelFiles) -> Predictor:
+    """Load a fit_head folder, a finetune folder or an exported ``.keras`` for prediction.
+
+    Args:
+        model: a model folder (head.json), its ``model.keras``, or an exported ``X.keras``
+            with ``X.json`` beside it; or what :func:`locate_model` found there.
+
+    Returns:
+        A :class:`Predictor` with the recorded input size and interpolation.
+
+    Raises:
+        ValueError: no model there, missing or inconsistent metadata, a recorded base
+            file that is gone or changed.
+    """
+    located = model if isinstance(model, ModelFiles) else locate_model(model)
+    if located.meta.get("kind") == END_TO_END:
+        return _end_to_end_predictor(located)
+    return _bottleneck_predictor(located)
