@@ -59,8 +59,9 @@ def extract_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="cache file (default: cache/<data>-<base>-...h5)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=0,
-                   help="decode workers (0: auto); with --engine ray: model actors (0: one per "
-                   "--gpus-per-worker GPUs of the cluster, or one per node without GPUs)")
+                   help="decode workers (0: auto, one per core but one, at most 8 threads); "
+                   "with --engine ray: model actors (0: one per --gpus-per-worker GPUs of the "
+                   "cluster, or one per node without GPUs)")
     p.add_argument("--decode", default="auto",
                    help="threads | processes | auto: how files are decoded in parallel; the "
                    "pixels are the same. processes: spawned workers, a run of files of one "

@@ -78,7 +78,10 @@ def decoded_batches(
     check_decode(decode)
     cores = os.cpu_count() or 1
     processes = decode == "processes" or (decode == "auto" and cores >= 4)
-    workers = workers or (max(1, cores - 1) if processes else min(8, cores))
+    # One core is left to the parent, whose forward pass needs it: on 2 cores a second
+    # decode thread made extraction 6 % slower (docs/performance.md). Threads stop gaining
+    # at about 8 (the GIL between the decoders' calls).
+    workers = workers or (max(1, cores - 1) if processes else min(8, max(1, cores - 1)))
     group = (np.arange(len(paths)) if positions is None
              else np.asarray(positions, np.int64)) // batch_size
     if processes:
