@@ -190,6 +190,33 @@ def test_numpy_bilinear_equals_tf_resize(shape, size):
     np.testing.assert_array_equal(resize_bilinear(x, size), tf.image.resize(x, size).numpy())
 
 
+def test_bilinear_reuses_work_arrays_safely_across_calls_shapes_and_threads():
+    """The per-thread work arrays never leak into a result: every call's output equals
+    TF's, earlier results stay intact, and ``out=`` is written and returned."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import tensorflow as tf
+
+    from pipeline.images import resize_bilinear
+
+    rng = np.random.default_rng(1)
+    cases = [(rng.integers(0, 256, (*shape, 3), dtype=np.uint8), size)
+             for shape, size in [((375, 500), (224, 224)), ((40, 30), (96, 96)),
+                                 ((600, 80), (150, 150)), ((375, 500), (96, 96))] * 3]
+    expected = [tf.image.resize(x, size).numpy() for x, size in cases]
+
+    def run(case: tuple[np.ndarray, tuple[int, int]]) -> np.ndarray:
+        return resize_bilinear(*case)
+
+    with ThreadPoolExecutor(3) as pool:
+        results = list(pool.map(run, cases))
+    for got, want in zip(results, expected, strict=True):
+        np.testing.assert_array_equal(got, want)  # not overwritten by a later call
+    out = np.full((150, 150, 3), -1, np.float32)
+    assert resize_bilinear(cases[2][0], (150, 150), out=out) is out
+    np.testing.assert_array_equal(out, expected[2])
+
+
 def test_pipeline_without_tensorflow_reads_the_same_pixels(tmp_path, monkeypatch):
     """A JAX- or torch-only box (no TF) decodes with Pillow and resizes in NumPy."""
     import pipeline.images

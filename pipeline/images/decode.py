@@ -353,22 +353,26 @@ def load_image(
 
 
 def read_image(
-    path: str | os.PathLike, size: tuple[int, int], interpolation: str = "bilinear"
+    path: str | os.PathLike, size: tuple[int, int], interpolation: str = "bilinear",
+    out: np.ndarray | None = None,
 ) -> tuple[np.ndarray, str]:
     """:func:`load_image` plus the sha256 of the file's bytes (read once for both).
 
-    The pixels may be a read-only view of TensorFlow's buffer: the batch assembler copies
-    them into its batch anyway, so a second copy here would be wasted.
+    The pixels are written to ``out`` when given (a C-contiguous float32 (H, W, 3) slot of
+    a batch, saving a copy). Without it they may be a read-only view of TensorFlow's
+    buffer: the batch assembler copies them into its batch anyway.
 
     Raises:
         ImageReadError: see :func:`decode_bytes`.
     """
     data = _read_bytes(path)
-    return _decode_resized(data, size, interpolation), hashlib.sha256(data).hexdigest()
+    return _decode_resized(data, size, interpolation, out), hashlib.sha256(data).hexdigest()
 
 
-def _decode_resized(data: bytes, size: tuple[int, int], interpolation: str) -> np.ndarray:
-    """Decode + orient + resize, through one TF graph when TF decodes this file.
+def _decode_resized(data: bytes, size: tuple[int, int], interpolation: str,
+                    out: np.ndarray | None = None) -> np.ndarray:
+    """Decode + orient + resize (into ``out`` when given), through one TF graph when TF
+    decodes this file.
 
     Raises:
         ImageReadError: see :func:`decode_bytes`.
@@ -379,10 +383,16 @@ def _decode_resized(data: bytes, size: tuple[int, int], interpolation: str) -> n
         orientation, pixels = _inspect(data)
     if pixels is None:
         try:
-            return np.asarray(_tf_decode_resize(tuple(size), interpolation, orientation)(data))
+            resized = np.asarray(_tf_decode_resize(tuple(size), interpolation,
+                                                   orientation)(data))
         except Exception:  # noqa: BLE001 - the eager decoder below words the skip reason
             pixels = decode_bytes(data)  # raises ImageReadError with the eager op's message
-    return resize(pixels, size, interpolation)
+        else:
+            if out is None:
+                return resized
+            out[...] = resized
+            return out
+    return resize(pixels, size, interpolation, out)
 
 
 _ATTACHED: dict[str, Any] = {}  # shared batch buffers this worker process has opened
@@ -412,27 +422,28 @@ def read_images_into(
     slot_bytes = size[0] * size[1] * 3 * 4
     results: list[tuple[str | None, str | None]] = []
     for k, path in enumerate(paths):
+        slot = np.ndarray((*size, 3), np.float32, shm.buf,
+                          offset=(first_slot + k) * slot_bytes)
         try:
-            pixels, digest = read_image(path, size, interpolation)
+            _, digest = read_image(path, size, interpolation, out=slot)
         except ImageReadError as exc:
             results.append((None, str(exc)))
             continue
-        slot = np.ndarray((*size, 3), np.float32, shm.buf,
-                          offset=(first_slot + k) * slot_bytes)
-        slot[...] = pixels
         results.append((digest, None))
     return results
 
 
-def resize(pixels: np.ndarray, size: tuple[int, int], interpolation: str) -> np.ndarray:
-    """Resize decoded pixels to (H, W, 3) float32 with Keras' kernel (NumPy without TF).
+def resize(pixels: np.ndarray, size: tuple[int, int], interpolation: str,
+           out: np.ndarray | None = None) -> np.ndarray:
+    """Resize decoded pixels to (H, W, 3) float32 with Keras' kernel (NumPy without TF),
+    into ``out`` when given.
 
     Raises:
         ValueError: an unknown interpolation, or one other than bilinear without TensorFlow.
     """
     interpolation = check_interpolation(interpolation)
     if interpolation == "bilinear":  # bit-identical to TF's kernel, and faster
-        return resize_bilinear(pixels, size)
+        return resize_bilinear(pixels, size, out)
     if not has_tensorflow():
         raise ValueError(
             "Without TensorFlow only bilinear resizing is available. "
@@ -441,5 +452,8 @@ def resize(pixels: np.ndarray, size: tuple[int, int], interpolation: str) -> np.
     import tensorflow as tf  # Keras' resize kernel; imported late to keep the CLI fast
 
     resized = tf.image.resize(pixels, size, method=interpolation)
+    if out is not None:
+        out[...] = resized
+        return out
     # A writable copy: preprocessing works in place.
     return np.array(resized, dtype=np.float32)

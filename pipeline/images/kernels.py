@@ -14,6 +14,7 @@ tests/test_keras_parity.py holds them to ``image_dataset_from_directory`` byte f
 from __future__ import annotations
 
 import functools
+import threading
 from typing import Any
 
 import numpy as np
@@ -80,28 +81,63 @@ def _bilinear_plan(
     return np.concatenate([y0, y1]), left, right, np.repeat(wx, 3), wy[:, None]
 
 
-def resize_bilinear(pixels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+_SCRATCH = threading.local()  # per-thread work arrays of resize_bilinear, reused per call
+_SCRATCH_KEEP = 64 << 20  # bytes: a rare huge photo's work arrays are not kept
+
+
+def _scratch(name: str, shape: tuple[int, int], dtype: type) -> np.ndarray:
+    """A reusable (shape) work array of this thread, contents undefined.
+
+    Why: fresh multi-MB temporaries are mmapped and returned to the OS on every call by
+    glibc's malloc, and faulting their pages in again cost ~900 page faults and about half
+    the resize time per 224 px image (docs/performance.md, "Update 2026-12-03b").
+    """
+    size = shape[0] * shape[1]
+    held = getattr(_SCRATCH, name, None)
+    if held is None or held.size < size:
+        held = np.empty(size, dtype)
+        if held.nbytes <= _SCRATCH_KEEP:
+            setattr(_SCRATCH, name, held)
+    return held[:size].reshape(shape)
+
+
+def resize_bilinear(pixels: np.ndarray, size: tuple[int, int],
+                    out: np.ndarray | None = None) -> np.ndarray:
     """``tf.image.resize(method="bilinear")`` of (H, W, 3) pixels, bit for bit, in NumPy.
 
     The same float32 operations in TF's order (x-lerp of the upper and lower source rows,
     then the y-lerp), each a separate IEEE operation, so the result does not depend on
     the CPU. Only the pixels used are gathered and converted: a photo never becomes float32
-    as a whole.
+    as a whole, and the work arrays are reused from call to call in each thread.
+
+    Args:
+        out: a C-contiguous (size[0], size[1], 3) float32 array to write the result to
+            (a batch slot, shared memory), saving a copy.
 
     Returns:
-        A new writable (size[0], size[1], 3) float32 array in 0..255.
+        ``out``, or a new writable (size[0], size[1], 3) float32 array, in 0..255.
     """
     height, width = pixels.shape[:2]
     out_h, out_w = size
     rows, left, right, wx, wy = _bilinear_plan(height, width, out_h, out_w)
-    flat = np.ascontiguousarray(pixels).reshape(height, width * 3)[rows]  # (2*out_h, W*3)
-    lerp = flat[:, left].astype(np.float32)
-    upper = flat[:, right].astype(np.float32)
+    if out is None:
+        out = np.empty((out_h, out_w, 3), np.float32)
+    flat = _scratch("rows", (2 * out_h, width * 3), np.uint8)  # rows y0 then rows y1
+    # mode="clip": the indices are in range, and "raise" would buffer the output.
+    np.take(np.ascontiguousarray(pixels).reshape(height, width * 3), rows, axis=0, out=flat,
+            mode="clip")
+    gathered = _scratch("gathered", (2 * out_h, out_w * 3), np.uint8)
+    lerp = _scratch("lerp", gathered.shape, np.float32)
+    upper = _scratch("upper", gathered.shape, np.float32)
+    np.take(flat, left, axis=1, out=gathered, mode="clip")
+    lerp[...] = gathered
+    np.take(flat, right, axis=1, out=gathered, mode="clip")
+    upper[...] = gathered
     upper -= lerp
     upper *= wx
-    lerp += upper  # left + (right - left) * wx, rows y0 then rows y1
+    lerp += upper  # left + (right - left) * wx
     top, bottom = lerp[:out_h], lerp[out_h:]
     bottom -= top
     bottom *= wy
-    top += bottom  # top + (bottom - top) * wy
-    return top.reshape(out_h, out_w, 3)
+    np.add(top, bottom, out=out.reshape(out_h, out_w * 3))  # top + (bottom - top) * wy
+    return out
