@@ -63,8 +63,9 @@ def decode_all(paths: Sequence[Path], size: tuple[int, int], *, batch_size: int 
     """All images decoded and resized as extract does: (N, H, W, 3) float32 in 0..255."""
     from pipeline.images.batches import decoded_batches
 
-    batches = [b.images for b in decoded_batches(paths, size=size, batch_size=batch_size,
-                                                 workers=workers)]
+    # Copies: a batch's buffer is refilled once the next batch is asked for.
+    batches = [b.images.copy() for b in decoded_batches(paths, size=size,
+                                                        batch_size=batch_size, workers=workers)]
     return np.concatenate(batches)
 
 

@@ -3,6 +3,7 @@ every decoder, worker count, batch size and starting position; a dying worker is
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import multiprocessing
 import os
@@ -38,10 +39,12 @@ def test_every_file_once_in_its_batch_with_its_pixels(files, decode, workers, ba
                                                       start):
     paths = files[start:]
     positions = list(range(start, start + len(paths)))  # a resume: the run's own batches
-    batches = list(decoded_batches(paths, size=SIZE, batch_size=batch_size, workers=workers,
-                                   decode=decode, positions=positions))
+    batches = decoded_batches(paths, size=SIZE, batch_size=batch_size, workers=workers,
+                              decode=decode, positions=positions)
     seen: list[int] = []
-    for batch in batches:
+    n_batches = 0
+    for batch in batches:  # a batch is valid until the next is asked for
+        n_batches += 1
         members = sorted([*batch.indices, *(i for i, _ in batch.skipped)])
         groups = {positions[i] // batch_size for i in members}
         assert len(groups) == 1, "a batch holds the files of one forward pass"
@@ -54,7 +57,7 @@ def test_every_file_once_in_its_batch_with_its_pixels(files, decode, workers, ba
             assert reason and paths[i].parent.name == "b"
     assert seen == list(range(len(paths)))
     expected_groups = sorted({p // batch_size for p in positions})
-    assert len(batches) == len(expected_groups)
+    assert n_batches == len(expected_groups)
 
 
 def test_a_worker_killed_mid_run_is_named(files):
@@ -66,3 +69,45 @@ def test_a_worker_killed_mid_run_is_named(files):
     with pytest.raises(RuntimeError, match="A decode worker process died"):
         for _ in batches:
             pass
+
+
+@pytest.fixture(scope="module")
+def jpegs(tmp_path_factory) -> list:
+    """JPEGs only: spawned workers decode them without importing TensorFlow (fast)."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("jpegs")
+    paths = [root / f"{i}.jpg" for i in range(7)]
+    for i, path in enumerate(paths):
+        Image.fromarray(np.full((8, 9, 3), 30 * i, np.uint8)).save(path, quality=95)
+    return paths
+
+
+@pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")
+def test_a_batch_kept_after_the_run_stays_valid_and_the_shared_ring_is_freed(jpegs):
+    kept = None
+    for batch in decoded_batches(jpegs, size=SIZE, batch_size=2, workers=1,
+                                 decode="processes"):
+        kept = batch  # the last batch is still held when the run ends
+    np.testing.assert_array_equal(kept.images[0], load_image(jpegs[6], SIZE))
+    ring = kept.images
+    while isinstance(ring, np.ndarray):
+        ring = ring.base
+    if os.path.isdir("/dev/shm"):
+        assert not os.path.exists(f"/dev/shm/{ring.shm.name}"), "the name is unlinked"
+    del kept, batch, ring
+    gc.collect()  # the mapping closes with the last view, without an unraisable error
+
+
+def test_a_ring_that_does_not_fit_in_shared_memory_is_refused_or_left_to_threads(
+        jpegs, monkeypatch, caplog):
+    from pipeline.images import batches as module
+
+    monkeypatch.setattr(module, "_free_shared_memory", lambda: 1000)
+    with pytest.raises(ValueError, match=r"--shm-size=.*Received: decode='processes'"):
+        next(decoded_batches(jpegs, size=SIZE, batch_size=2, workers=1, decode="processes"))
+    monkeypatch.setattr(module.os, "cpu_count", lambda: 4)  # auto would pick processes
+    with caplog.at_level("WARNING"):
+        got = [i for b in decoded_batches(jpegs, size=SIZE, batch_size=2) for i in b.indices]
+    assert got == list(range(len(jpegs)))
+    assert "Decoding in threads" in caplog.text

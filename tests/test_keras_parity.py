@@ -346,6 +346,39 @@ def test_jpeg_pixels_equal_keras_with_and_without_tensorflow(tmp_path, tensorflo
     assert_same_rows(ours, theirs)
 
 
+def test_jpeg_header_walk_reads_what_pillow_reads(tmp_path):
+    """Size, components and EXIF orientation from the JPEG's own markers equal Pillow's,
+    on every subsampling, progressive, grayscale, CMYK, each orientation, with an XMP
+    segment and a thumbnail-bearing EXIF block before the frame header."""
+    import io
+
+    from pipeline.images.formats import exif_orientation, jpeg_header
+
+    write_jpeg_corpus(tmp_path / "corpus")
+    files = [p.read_bytes() for p in sorted((tmp_path / "corpus").iterdir())]
+    for orientation in range(1, 9):
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        files.append(jpeg_bytes(random_pixels(orientation, (9, 13, 3)), exif=exif.tobytes()))
+    cmyk = io.BytesIO()
+    Image.fromarray(random_pixels(3, (6, 7, 4)), "CMYK").save(cmyk, "JPEG")
+    files.append(cmyk.getvalue())
+    payload = b"http://ns.adobe.com/xap/1.0/\x00<x:xmpmeta/>"
+    xmp = b"\xff\xe1" + (len(payload) + 2).to_bytes(2, "big") + payload
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    with_xmp = jpeg_bytes(random_pixels(9, (5, 11, 3)), exif=exif.tobytes())
+    files.append(with_xmp[:2] + xmp + with_xmp[2:])
+    for data in files:
+        header = jpeg_header(data)
+        with Image.open(io.BytesIO(data)) as im:
+            assert (header.width, header.height) == im.size
+            assert header.components == len(im.getbands())
+            assert exif_orientation(header.exif) == im.getexif().get(0x0112, 1)
+            assert header.complete
+    assert exif_orientation(jpeg_header(files[-1]).exif) == 6
+
+
 def test_png_orientation_is_read_without_decoding_the_pixels(tmp_path, monkeypatch):
     """An eXIf chunk after the pixel data, and ImageMagick's raw EXIF text profile, are
     found by walking the chunks, as Pillow finds them after decoding every pixel."""

@@ -7,9 +7,9 @@ by extraction and by predict.
 
 from __future__ import annotations
 
+import logging
 import os
-from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
@@ -18,9 +18,11 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.images.decode import ImageReadError, read_image, read_images_into
+from pipeline.images.decode import read_image_into, read_images_into
 
 __all__ = ["DECODERS", "DecodedBatch", "check_decode", "decoded_batches"]
+
+log = logging.getLogger(__name__)
 
 
 DECODERS = ("auto", "threads", "processes")
@@ -31,6 +33,9 @@ class DecodedBatch:
     """Up to ``batch_size`` readable images and the unreadable files met on the way.
 
     ``indices`` and ``skipped`` index the ``paths`` given to :func:`decoded_batches`.
+    ``images`` lives in a ring of batch buffers that the decoders fill ahead, so it is
+    valid, and may be changed in place (preprocessed), until the next batch is asked for;
+    copy it to keep it longer.
     """
 
     indices: list[int]
@@ -68,12 +73,19 @@ def decoded_batches(
     starts part-way (a resume, a shard) are those of a whole run, and each matches one
     forward pass of :meth:`FeatureModel.all_features`. ``positions`` must increase.
 
+    Each file is resized straight into its batch's slot of a ring of batch buffers (no
+    copy in the parent); the two batches after the one handed out are being decoded.
+
     ``decode``: ``threads`` (libjpeg-turbo, NumPy and TF's decoder release the GIL for
     most of an image), ``processes`` (spawned workers, each decoding a run of files of one
-    batch into shared memory per task: no GIL at all, and the parent's work per image is
-    one copy), or ``auto``: processes on 4 or more cores, threads on fewer (there the
-    parent's forward pass needs a core of its own; docs/performance.md). Pixels are the
-    same either way: workers run :func:`read_image` in the same environment.
+    batch per task into a ring in shared memory: no GIL at all, and the parent's work per
+    image is bookkeeping), or ``auto``: processes on 4 or more cores, threads on fewer
+    (there the parent's forward pass needs a core of its own; docs/performance.md).
+    Pixels are the same either way: workers run :func:`read_image` in the same environment.
+
+    Raises:
+        ValueError: ``decode="processes"`` and the ring does not fit in the free shared
+            memory (/dev/shm); ``auto`` decodes in threads instead, with a warning.
     """
     check_decode(decode)
     cores = os.cpu_count() or 1
@@ -84,136 +96,223 @@ def decoded_batches(
     workers = workers or (max(1, cores - 1) if processes else min(8, max(1, cores - 1)))
     group = (np.arange(len(paths)) if positions is None
              else np.asarray(positions, np.int64)) // batch_size
+    batches = _Batches.of(group)
     if processes:
-        results = _decoded_in_processes(paths, group, size=size, interpolation=interpolation,
-                                        batch_size=batch_size, workers=workers)
-    else:
-        results = _decoded_in_threads(paths, size=size, interpolation=interpolation,
-                                      window=2 * batch_size + workers, workers=workers)
-    yield from _batched(results, group, size=size, batch_size=batch_size)
+        ring = _SharedRing.fitting(batches, size=size, workers=workers,
+                                   fallback=decode == "auto")
+        if ring is not None:
+            yield from _decoded_in_processes(paths, batches, ring, size=size,
+                                             interpolation=interpolation, workers=workers)
+            return
+        workers = min(8, max(1, cores - 1))
+    yield from _decoded_in_threads(paths, batches, size=size, interpolation=interpolation,
+                                   workers=workers)
 
 
-# What a decoder yields per file, in input order: (index, pixels, sha256) when read,
-# (index, None, reason) when skipped. The pixels may be a view into a buffer that is
-# reused once the next file is asked for: the batch assembler copies them at once.
-_Decoded = tuple[int, np.ndarray | None, str]
+@dataclass(frozen=True)
+class _Batches:
+    """The batches of a run: batch ``b`` holds files ``starts[b]:starts[b + 1]``, and file
+    ``i`` of it has slot ``i - starts[b]`` of its buffer."""
+
+    starts: list[int]
+
+    @classmethod
+    def of(cls, group: np.ndarray) -> _Batches:
+        """The batches of consecutive equal ``group`` values."""
+        if not len(group):
+            return cls([0])
+        return cls([0, *(np.flatnonzero(np.diff(group)) + 1).tolist(), len(group)])
+
+    def __len__(self) -> int:
+        return len(self.starts) - 1
+
+    def files(self, b: int) -> range:
+        """The files of batch ``b``."""
+        return range(self.starts[b], self.starts[b + 1])
+
+    @property
+    def largest(self) -> int:
+        """The most files in one batch (a buffer's slots)."""
+        return int(max(np.diff(self.starts), default=1))
 
 
-def _batched(results: Iterator[_Decoded], group: np.ndarray, *, size: tuple[int, int],
-             batch_size: int) -> Iterator[DecodedBatch]:
-    """Assemble decoded files into the batches of ``group``, one copy per image."""
-    def new_buffer() -> np.ndarray:
-        # A fresh buffer per batch: the consumer preprocesses the previous one in place.
-        return np.empty((batch_size, *size, 3), np.float32)
+# A decoder's result per file: (sha256, None) when read into its slot, (None, reason) when
+# skipped.
+_Result = tuple[str | None, str | None]
 
-    n = len(group)
+
+def _ring(batches: _Batches, depth: int, start: Callable[[int], None],
+          finish: Callable[[int], DecodedBatch]) -> Iterator[DecodedBatch]:
+    """Batches in order, batch ``b`` decoded into buffer ``b % depth``.
+
+    ``start(b)`` sets batch ``b`` decoding; ``finish(b)`` waits for it. Batch ``b + depth``
+    starts only once the consumer asks for the batch after ``b``: a buffer is refilled only
+    after its batch has been handed out and left behind.
+    """
+    for b in range(min(depth, len(batches))):
+        start(b)
+    for b in range(len(batches)):
+        yield finish(b)
+        if b + depth < len(batches):
+            start(b + depth)
+
+
+def _assembled(buffer: np.ndarray, files: range, results: Sequence[_Result]) -> DecodedBatch:
+    """The batch of ``files`` whose pixels are in ``buffer``'s slots 0.., readable rows
+    moved up over the skipped ones (so its images are one contiguous block)."""
     indices: list[int] = []
-    images = new_buffer()
     digests: list[str] = []
     skipped: list[tuple[int, str]] = []
-    for i, pixels, text in results:
-        if pixels is None:
-            skipped.append((i, text))
-        else:
-            images[len(indices)] = pixels
-            digests.append(text)
-            indices.append(i)
-        if i + 1 == n or group[i + 1] != group[i]:
-            yield DecodedBatch(indices, images[: len(indices)], skipped, digests)
-            indices, images, skipped, digests = [], new_buffer(), [], []
+    for slot, (i, (digest, reason)) in enumerate(zip(files, results, strict=True)):
+        if digest is None:
+            skipped.append((i, str(reason)))
+            continue
+        if slot != len(indices):
+            buffer[len(indices)] = buffer[slot]
+        indices.append(i)
+        digests.append(digest)
+    return DecodedBatch(indices, buffer[: len(indices)], skipped, digests)
 
 
-def _decoded_in_threads(paths: Sequence[Path], *, size: tuple[int, int], interpolation: str,
-                        window: int, workers: int) -> Iterator[_Decoded]:
-    """One future per file in a thread pool, ``window`` files ahead."""
-    pending: deque[tuple[int, Future]] = deque()
-    upcoming = iter(range(len(paths)))
+_DEPTH = 3  # batch buffers: the one handed out and two being decoded
+
+
+def _decoded_in_threads(paths: Sequence[Path], batches: _Batches, *, size: tuple[int, int],
+                        interpolation: str, workers: int) -> Iterator[DecodedBatch]:
+    """One future per file in a thread pool, each resizing into its batch slot."""
+    ring = np.empty((_DEPTH, batches.largest, *size, 3), np.float32)
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode")
+    pending: dict[int, list[Future]] = {}
 
-    def submit(i: int) -> None:
-        pending.append((i, pool.submit(read_image, paths[i], size, interpolation)))
+    def start(b: int) -> None:
+        buffer = ring[b % _DEPTH]
+        pending[b] = [pool.submit(read_image_into, paths[i], size, interpolation, buffer[k])
+                      for k, i in enumerate(batches.files(b))]
+
+    def finish(b: int) -> DecodedBatch:
+        return _assembled(ring[b % _DEPTH], batches.files(b),
+                          [future.result() for future in pending.pop(b)])
 
     try:
-        for i in upcoming:
-            submit(i)
-            if len(pending) >= window:
-                break
-        while pending:
-            i, future = pending.popleft()
-            following = next(upcoming, None)
-            if following is not None:
-                submit(following)
-            try:
-                pixels, digest = future.result()
-            except ImageReadError as exc:
-                yield i, None, str(exc)
-            else:
-                yield i, pixels, digest
+        yield from _ring(batches, _DEPTH, start, finish)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _chunks(group: np.ndarray, size: int) -> list[range]:
-    """Runs of at most ``size`` consecutive files, never across two batches."""
-    chunks: list[range] = []
-    start = 0
-    for end in [*np.flatnonzero(np.diff(group)) + 1, len(group)]:
-        chunks.extend(range(s, min(s + size, end)) for s in range(start, end, size))
-        start = end
-    return chunks
+class _SharedRing:
+    """Batch buffers in shared memory, the layout of the processes' ring.
+
+    The arrays handed out keep this object alive (it is their base), so the mapping is
+    closed only when the last batch a consumer still holds is gone; the name is unlinked
+    as soon as decoding ends.
+    """
+
+    def __init__(self, depth: int, slots: int, size: tuple[int, int]) -> None:
+        self.depth, self.slots = depth, slots
+        shape = (depth, slots, *size, 3)
+        self.shm = shared_memory.SharedMemory(create=True,
+                                              size=int(np.prod(shape)) * 4)
+        self._view: np.ndarray | None = np.ndarray(shape, np.float32, self.shm.buf)
+        self.__array_interface__ = self._view.__array_interface__
+
+    @classmethod
+    def fitting(cls, batches: _Batches, *, size: tuple[int, int], workers: int,
+                fallback: bool) -> _SharedRing | None:
+        """A ring deep enough to keep ``workers`` busy; None (threads then) when it does
+        not fit in the free shared memory and ``fallback`` is allowed.
+
+        Raises:
+            ValueError: it does not fit and ``fallback`` is False.
+        """
+        slots = batches.largest
+        runs = -(-slots // _run_length(slots, workers))
+        # Two runs in flight per worker, in the batches after the one handed out.
+        depth = max(_DEPTH, 1 + -(-2 * workers // runs))
+        need = depth * slots * size[0] * size[1] * 3 * 4
+        free = _free_shared_memory()
+        if free is None or need <= free:
+            return cls(depth, slots, size)
+        message = (
+            f"Decoding in processes needs {need / 2**20:.0f} MiB of shared memory "
+            f"({depth} buffers of {slots} images of {size[0]}x{size[1]} px) and /dev/shm "
+            f"has {free / 2**20:.0f} MiB free. In Docker, start the container with "
+            f"--shm-size={-(-need * 2 // 2**30)}g; or lower --batch-size, or decode in "
+            "threads (--decode threads)."
+        )
+        if not fallback:
+            raise ValueError(f"{message} Received: decode='processes'")
+        log.warning("%s Decoding in threads.", message)
+        return None
+
+    def buffer(self, b: int) -> np.ndarray:
+        """Batch ``b``'s buffer, (slots, H, W, 3)."""
+        return np.asarray(self)[b % self.depth]
+
+    def offset(self, b: int) -> int:
+        """Batch ``b``'s first slot in the whole ring."""
+        return (b % self.depth) * self.slots
+
+    def release(self) -> None:
+        """Unlink the name now; the memory goes when the last batch handed out does."""
+        self.shm.unlink()
+
+    def __del__(self) -> None:
+        self._view = None  # the export must go before the mapping can close
+        if hasattr(self, "shm"):
+            self.shm.close()
 
 
-def _decoded_in_processes(paths: Sequence[Path], group: np.ndarray, *, size: tuple[int, int],
-                          interpolation: str, batch_size: int,
-                          workers: int) -> Iterator[_Decoded]:
-    """One task per run of files of one batch, in spawned processes, into shared memory.
+def _run_length(slots: int, workers: int) -> int:
+    """Files per worker task: a batch spread over all workers, at most 64."""
+    return max(1, min(64, -(-slots // workers)))
+
+
+def _free_shared_memory() -> int | None:
+    """Free bytes in /dev/shm, where Linux keeps shared memory (None elsewhere)."""
+    try:
+        stat = os.statvfs("/dev/shm")
+    except (OSError, AttributeError):
+        return None
+    return stat.f_bavail * stat.f_frsize
+
+
+def _decoded_in_processes(paths: Sequence[Path], batches: _Batches, ring: _SharedRing, *,
+                          size: tuple[int, int], interpolation: str,
+                          workers: int) -> Iterator[DecodedBatch]:
+    """One task per run of files of one batch, in spawned processes, into the shared ring.
 
     Each worker gets a run of about ``batch_size / workers`` files (so a batch is spread
-    over all workers, and the parent handles one future per run, not per file) and two
-    runs in flight per worker. Run j writes into slot block ``j % depth``; at most
-    ``depth - 1`` runs are in flight, so a block is only rewritten after the parent has
-    copied it.
+    over all workers, and the parent handles one future per run, not per file) and writes
+    each file's pixels into its slot of the batch's buffer.
     """
-    chunk = max(1, min(64, -(-batch_size // workers)))
-    runs = _chunks(group, chunk)
-    depth = 2 * workers + 1
-    shm = shared_memory.SharedMemory(create=True, size=depth * chunk * size[0] * size[1] * 12)
-    slots = np.ndarray((depth, chunk, *size, 3), np.float32, shm.buf)
+    length = _run_length(ring.slots, workers)
     pool = ProcessPoolExecutor(workers, mp_context=get_context("spawn"))
-    pending: deque[tuple[int, Future]] = deque()
-    upcoming = iter(range(len(runs)))
+    pending: dict[int, list[Future]] = {}
 
-    def submit(j: int) -> None:
-        files = [str(paths[i]) for i in runs[j]]
-        pending.append((j, pool.submit(read_images_into, shm.name, (j % depth) * chunk, files,
-                                       size, interpolation)))
+    def start(b: int) -> None:
+        files = batches.files(b)
+        pending[b] = [
+            pool.submit(read_images_into, ring.shm.name, ring.offset(b) + first - files.start,
+                        [str(paths[i]) for i in range(first, min(first + length, files.stop))],
+                        size, interpolation)
+            for first in range(files.start, files.stop, length)
+        ]
+
+    def finish(b: int) -> DecodedBatch:
+        try:
+            results = [result for future in pending.pop(b) for result in future.result()]
+        except BrokenProcessPool as exc:
+            raise RuntimeError(
+                "A decode worker process died: killed, out of memory, or it could not "
+                "start. Workers are spawned and import the main module, so a script "
+                "that decodes in processes must do so under `if __name__ == "
+                "'__main__':`. Or decode in threads (decode='threads', extract.py "
+                "--decode threads)."
+            ) from exc
+        return _assembled(ring.buffer(b), batches.files(b), results)
 
     try:
-        for j in upcoming:
-            submit(j)
-            if len(pending) >= depth - 1:
-                break
-        while pending:
-            j, future = pending.popleft()
-            try:
-                results = future.result()
-            except BrokenProcessPool as exc:
-                raise RuntimeError(
-                    "A decode worker process died: killed, out of memory, or it could not "
-                    "start. Workers are spawned and import the main module, so a script "
-                    "that decodes in processes must do so under `if __name__ == "
-                    "'__main__':`. Or decode in threads (decode='threads', extract.py "
-                    "--decode threads)."
-                ) from exc
-            block = slots[j % depth]
-            for k, (i, (digest, reason)) in enumerate(zip(runs[j], results, strict=True)):
-                yield (i, None, reason) if digest is None else (i, block[k], digest)
-            # Only now, once this block is copied, may a new run be written into it.
-            following = next(upcoming, None)
-            if following is not None:
-                submit(following)
+        yield from _ring(batches, ring.depth, start, finish)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
-        del slots  # the view must go before the block can close
-        shm.close()
-        shm.unlink()
+        ring.release()

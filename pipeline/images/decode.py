@@ -32,7 +32,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from pipeline.images.formats import (
     PNG_SIGNATURE,
-    jpeg_complete,
+    exif_orientation,
+    jpeg_header,
     png_orientation,
     png_without_inflated_chunks,
     tf_reads_bmp,
@@ -50,6 +51,7 @@ __all__ = [
     "load_image",
     "parse_size",
     "read_image",
+    "read_image_into",
     "read_images_into",
     "resize",
     "resize_bilinear",
@@ -260,12 +262,17 @@ def _plain_reason(exc: BaseException, data: bytes) -> str:
 def _inspect(data: bytes) -> tuple[int, np.ndarray | None]:
     """(EXIF orientation, pixels) where pixels is None when TensorFlow is to decode them.
 
-    Pillow reads only the header (format, mode, size, EXIF), so bombs and non-images are
+    Only the header is read first (format, mode, size, EXIF), so bombs and non-images are
     refused before any pixel is decoded; then libjpeg-turbo decodes the JPEGs it decodes as
-    TF does, TF the other files it reads (when installed), Pillow the rest.
+    TF does, TF the other files it reads (when installed), Pillow the rest. A JPEG's
+    header is walked here (:func:`jpeg_header`), any other file's Pillow reads.
     """
     if not data:
         raise ImageReadError("empty file (0 bytes)")
+    if data.startswith(b"\xff\xd8") and has_fast_jpeg():
+        found = _inspect_jpeg(data)
+        if found is not None:
+            return found
     try:
         return _inspect_with_pillow(data)
     except ValueError:
@@ -277,16 +284,40 @@ def _inspect(data: bytes) -> tuple[int, np.ndarray | None]:
         return _inspect_with_pillow(png_without_inflated_chunks(data))
 
 
+def _inspect_jpeg(data: bytes) -> tuple[int, np.ndarray] | None:
+    """A JPEG's orientation and pixels from its own markers and libjpeg-turbo, the checks
+    and results of :func:`_inspect_with_pillow`; None when Pillow is to look (no frame
+    header before the scans, CMYK, or libjpeg-turbo refused it)."""
+    header = jpeg_header(data)
+    if header.components not in (1, 3):
+        return None
+    _check_size(header.width, header.height)
+    if not header.complete:
+        raise ImageReadError(_TRUNCATED_JPEG)
+    orientation = exif_orientation(header.exif)
+    pixels = _fast_jpeg(data, orientation)
+    return None if pixels is None else (orientation, pixels)
+
+
+_TRUNCATED_JPEG = "cannot decode image: truncated JPEG (the file ends before the image does)"
+
+
+def _check_size(width: int, height: int) -> None:
+    """Refuse a bomb from its header.
+
+    Raises:
+        ImageReadError: more than ``MAX_PIXELS`` pixels.
+    """
+    if width * height > MAX_PIXELS:
+        raise ImageReadError(f"image too large ({width}x{height} pixels > {MAX_PIXELS}): "
+                             "possible decompression bomb")
+
+
 def _inspect_with_pillow(data: bytes) -> tuple[int, np.ndarray | None]:
     with Image.open(io.BytesIO(data)) as im:
-        if im.width * im.height > MAX_PIXELS:
-            raise ImageReadError(
-                f"image too large ({im.width}x{im.height} pixels > {MAX_PIXELS}): "
-                "possible decompression bomb"
-            )
-        if im.format in ("JPEG", "MPO") and not jpeg_complete(data):
-            raise ImageReadError("cannot decode image: truncated JPEG (the file ends before "
-                                 "the image does)")
+        _check_size(im.width, im.height)
+        if im.format in ("JPEG", "MPO") and not jpeg_header(data).complete:
+            raise ImageReadError(_TRUNCATED_JPEG)
         orientation = (png_orientation(data) if im.format == "PNG"
                        else int(im.getexif().get(0x0112, 1) or 1))
         if im.format in _FAST_JPEG_FORMATS and im.mode in _FAST_JPEG_MODES:
@@ -395,6 +426,19 @@ def _decode_resized(data: bytes, size: tuple[int, int], interpolation: str,
     return resize(pixels, size, interpolation, out)
 
 
+def read_image_into(path: str | os.PathLike, size: tuple[int, int], interpolation: str,
+                    out: np.ndarray) -> tuple[str | None, str | None]:
+    """:func:`read_image` into ``out`` (a batch slot), its failure as a value.
+
+    Returns:
+        ``(sha256, None)`` when the file was read, ``(None, reason)`` when it is skipped.
+    """
+    try:
+        return read_image(path, size, interpolation, out=out)[1], None
+    except ImageReadError as exc:
+        return None, str(exc)
+
+
 _ATTACHED: dict[str, Any] = {}  # shared batch buffers this worker process has opened
 
 
@@ -402,15 +446,12 @@ def read_images_into(
     buffer: str, first_slot: int, paths: list[str], size: tuple[int, int],
     interpolation: str = "bilinear",
 ) -> list[tuple[str | None, str | None]]:
-    """:func:`read_image` of several files in a worker process: file k's pixels go to slot
-    ``first_slot + k`` of the shared memory block ``buffer`` (float32 slots of (H, W, 3)).
+    """:func:`read_image_into` of several files in a worker process: file k's pixels go to
+    slot ``first_slot + k`` of the shared memory block ``buffer`` (float32 (H, W, 3) slots).
 
     Why: one task per run of files, not per file, so the parent pays one future and one
     message per run; and pixels never travel through a pipe (600 KB each at 224 px) but
-    are written where the parent copies them into its batch.
-
-    Returns:
-        Per file ``(sha256, None)`` when it was read, ``(None, reason)`` when skipped.
+    are written into the batch the parent hands out.
     """
     shm = _ATTACHED.get(buffer)
     if shm is None:
@@ -420,17 +461,10 @@ def read_images_into(
         # once; the parent unlinks it when the batches are done.
         shm = _ATTACHED[buffer] = shared_memory.SharedMemory(name=buffer)
     slot_bytes = size[0] * size[1] * 3 * 4
-    results: list[tuple[str | None, str | None]] = []
-    for k, path in enumerate(paths):
-        slot = np.ndarray((*size, 3), np.float32, shm.buf,
-                          offset=(first_slot + k) * slot_bytes)
-        try:
-            _, digest = read_image(path, size, interpolation, out=slot)
-        except ImageReadError as exc:
-            results.append((None, str(exc)))
-            continue
-        results.append((digest, None))
-    return results
+    return [read_image_into(path, size, interpolation,
+                            np.ndarray((*size, 3), np.float32, shm.buf,
+                                       offset=(first_slot + k) * slot_bytes))
+            for k, path in enumerate(paths)]
 
 
 def resize(pixels: np.ndarray, size: tuple[int, int], interpolation: str,

@@ -1,6 +1,8 @@
 """What a file's bytes say before any pixel is decoded: JPEG and PNG structure, BMP headers.
 
-    jpeg_complete                 whether a JPEG's scans reach its end-of-image marker
+    jpeg_header                   a JPEG's size, components, EXIF and whether its scans
+                                  reach its end-of-image marker
+    exif_orientation              the orientation in an EXIF block, as Pillow reads it
     tf_reads_bmp                  whether TF's BMP decoder takes a file (Keras stops on others)
     png_without_inflated_chunks   a PNG without its text and ICC chunks (Pillow's caps)
     png_orientation               a PNG's EXIF orientation without inflating its pixels
@@ -13,10 +15,13 @@ from __future__ import annotations
 
 import re
 import struct
+from typing import NamedTuple
 
 __all__ = [
     "PNG_SIGNATURE",
-    "jpeg_complete",
+    "JpegHeader",
+    "exif_orientation",
+    "jpeg_header",
     "png_orientation",
     "png_without_inflated_chunks",
     "tf_reads_bmp",
@@ -28,39 +33,90 @@ __all__ = [
 _JPEG_MARKER = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")
 
 
-def jpeg_complete(data: bytes) -> bool:
-    """Whether a JPEG's segments and scans reach its end-of-image marker within ``data``.
+class JpegHeader(NamedTuple):
+    """What a JPEG's markers say: its frame size and components (0 when no frame header
+    comes before the first scan), its first EXIF segment (where Pillow reads the
+    orientation) and whether its scans reach the end-of-image marker."""
 
-    Why: on a truncated JPEG TF's decoder fails only after libjpeg has printed "Input file
-    read error" on stderr (twice: graph, then eager). This walk (segment lengths, then a
-    search for the marker after each scan) finds the cut first, in ~5 % of a decode; over
+    width: int
+    height: int
+    components: int
+    exif: bytes | None
+    complete: bool
+
+
+# Start-of-frame markers: every JPEG coding process (0xC4, 0xC8 and 0xCC are not frames).
+_JPEG_FRAMES = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+
+
+def jpeg_header(data: bytes) -> JpegHeader:
+    """Walk a JPEG's segments: frame header, EXIF and completeness in one pass.
+
+    Completeness: on a truncated JPEG TF's decoder fails only after libjpeg has printed
+    "Input file read error" on stderr (twice: graph, then eager). This walk (segment
+    lengths, then a search for the marker after each scan) finds the cut first; over
     every cut point of baseline, progressive and thumbnail-carrying files it agrees with
-    TF's accept/refuse exactly. Bytes after the marker (camera trailers) are allowed.
+    TF's accept/refuse exactly. Bytes after the end marker (camera trailers) are allowed;
+    a damaged (not short) file counts as complete: the decoder judges it.
+
+    Why not Pillow: its header parse (Python per marker) cost more than sha256 and this
+    walk together, next to a 0.3-0.7 ms decode.
     """
     end, at = len(data), 2
+    width = height = components = 0
+    exif: bytes | None = None
+    scanned = False
+
+    def header(complete: bool) -> JpegHeader:
+        return JpegHeader(width, height, components, exif, complete)
+
     while True:
         while data[at : at + 2] == b"\xff\xff":  # fill bytes before a marker
             at += 1
         if at + 2 > end:
-            return False
+            return header(False)
         if data[at] != 0xFF:
-            return True  # damaged, not short: the decoder judges
+            return header(True)  # damaged, not short: the decoder judges
         code = data[at + 1]
         if code == 0xD9:  # end of image
-            return True
+            return header(True)
         if 0xD0 <= code <= 0xD7 or code == 0x01:  # markers without a length
             at += 2
             continue
         if at + 4 > end:
-            return False
-        at += 2 + int.from_bytes(data[at + 2 : at + 4], "big")
+            return header(False)
+        length = int.from_bytes(data[at + 2 : at + 4], "big")
+        if not scanned:  # Pillow reads the header up to the first scan
+            body = data[at + 4 : at + 2 + length]
+            if code in _JPEG_FRAMES and not components and len(body) >= 6:
+                height, width = struct.unpack_from(">HH", body, 1)
+                components = body[5]
+            elif code == 0xE1 and exif is None and body.startswith(b"Exif\x00\x00"):
+                exif = body
+        at += 2 + length
         if code == 0xDA:  # start of scan: entropy-coded data up to the next marker
+            scanned = True
             marker = _JPEG_MARKER.search(data, at)
             if marker is None:
-                return False
+                return header(False)
             at = marker.start()
         elif at > end:
-            return False
+            return header(False)
+
+
+def exif_orientation(exif: bytes | None) -> int:
+    """The orientation tag (0x0112) of an EXIF block as Pillow's ``getexif()`` reads it;
+    1 when there is none or the block is unreadable."""
+    if not exif:
+        return 1
+    from PIL import Image
+
+    try:
+        parsed = Image.Exif()
+        parsed.load(exif)
+        return int(parsed.get(0x0112, 1) or 1)
+    except Exception:  # noqa: BLE001 - an unreadable EXIF block orients nothing
+        return 1
 
 
 def tf_reads_bmp(data: bytes) -> bool:
@@ -116,7 +172,7 @@ def png_orientation(data: bytes) -> int:
     Walking the chunk headers costs microseconds; a malformed chunk list stops the walk
     (the decoder judges the file), an unreadable EXIF block orients nothing.
     """
-    from PIL import Image, PngImagePlugin
+    from PIL import PngImagePlugin
 
     exif, raw_profile = None, None
     at = 8
@@ -133,16 +189,12 @@ def png_orientation(data: bytes) -> int:
         elif kind == b"IEND":
             break
         at += 12 + length
-    try:
-        if exif is None and raw_profile is not None:
+    if exif is None and raw_profile is not None:
+        try:
             exif = bytes.fromhex("".join(raw_profile.decode("latin-1").split("\n")[3:]))
-        if not exif:
+        except ValueError:  # not hex: an unreadable EXIF block orients nothing
             return 1
-        parsed = Image.Exif()
-        parsed.load(exif)
-        return int(parsed.get(0x0112, 1) or 1)
-    except Exception:  # noqa: BLE001 - an unreadable EXIF block orients nothing
-        return 1
+    return exif_orientation(exif)
 
 
 def _inflate(data: bytes, limit: int) -> bytes | None:
