@@ -65,7 +65,8 @@ def extract_parser() -> argparse.ArgumentParser:
     p.add_argument("--decode", default="auto",
                    help="threads | processes | auto: how files are decoded in parallel; the "
                    "pixels are the same. processes: spawned workers, a run of files of one "
-                   "batch per task into shared memory (no GIL); threads: one per file; auto "
+                   "batch per task straight into the batch in /dev/shm (no GIL; in Docker "
+                   "start the container with --shm-size=1g); threads: one per file; auto "
                    "(default): processes on >= 4 cores, threads on fewer")
     p.add_argument("--log-every", type=float, default=30.0,
                    help="seconds between progress lines when not on a terminal")
