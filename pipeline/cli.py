@@ -38,14 +38,20 @@ def extract_parser() -> argparse.ArgumentParser:
     p.add_argument("data_dir", nargs="?",
                    help="DATA_DIR/<class>/... or DATA_DIR/{train,validation,test}/<class>/...")
     p.add_argument("--base",
-                   help="keras.applications name (vgg16, resnet50, ...) or a .keras file")
+                   help="keras.applications name (vgg16, resnet50, ...), a .keras file, or a "
+                   "keras-hub preset: hf://keras/..., kaggle://..., a built-in name such as "
+                   "dinov2_with_registers_base, or a local preset folder (needs the [hub] extra)")
     p.add_argument("--weights", default=None,
-                   help="imagenet (default for named bases) | none (random, seeded) | a file")
+                   help="imagenet (default for named bases) | none (random, seeded) | a file; "
+                   "keras-hub presets carry their own (none: random)")
     p.add_argument("--input-size", default=None, help="N or HxW (default: the base's own size)")
     p.add_argument("--layer", default=None,
                    help="cut the base at this layer (default: its last); a,b,c stores several "
                    "layers from one forward pass; all-blocks: the end of every block (max 8)")
-    p.add_argument("--pooling", default="avg", help="flatten | avg | max | none (default: avg)")
+    p.add_argument("--pooling", default="avg",
+                   help="feature maps: flatten | avg | max | none; transformer tokens "
+                   "(keras-hub bases): cls | mean (patch tokens; avg is the same) | max | "
+                   "cls+mean (DINOv2's linear probe) | flatten | none (default: avg)")
     p.add_argument("--preprocess", default=None,
                    help="for .keras bases: none | scale | tf | caffe | torch (default: none)")
     p.add_argument("--interpolation", default="bilinear", help="resize method (default: bilinear)")

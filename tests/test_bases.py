@@ -48,8 +48,8 @@ def test_names_are_case_insensitive_and_unknown_names_suggest():
 
 
 def test_pooling_message_names_argument_and_value():
-    with pytest.raises(ValueError, match=r"Received: pooling='mean'"):
-        check_pooling("mean")
+    with pytest.raises(ValueError, match=r"Received: pooling='median'"):
+        check_pooling("median")
 
 
 @pytest.mark.parametrize(

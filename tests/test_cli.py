@@ -22,7 +22,7 @@ def data(tmp_path):
     "args, message",
     [
         (["--base", "vgg17"], "Received: base='vgg17'"),
-        (["--base", "vgg16", "--pooling", "mean"], "Received: pooling='mean'"),
+        (["--base", "vgg16", "--pooling", "median"], "Received: pooling='median'"),
         (["--base", "vgg16", "--dtype", "int8"], "Received: dtype='int8'"),
         (["--base", "vgg16", "--batch-size", "0"], "Received: batch_size=0"),
         (["--base", "vgg16", "--input-size", "big"], "Received: input_size='big'"),
@@ -46,7 +46,7 @@ def test_missing_and_empty_folders(tmp_path, capsys):
 
 def test_script_reports_one_line_without_traceback(data, tmp_path):
     proc = subprocess.run(
-        [PYTHON, str(SCRIPTS / "extract.py"), str(data), "--base", "vgg16", "--pooling", "mean"],
+        [PYTHON, str(SCRIPTS / "extract.py"), str(data), "--base", "vgg16", "--pooling", "median"],
         capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode == 2

@@ -12,12 +12,14 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from pipeline.bases.blocks import parse_layers
+from pipeline.bases.hub import HUB_PREFIX, is_hub_base
 from pipeline.bases.registry import (
     JIT_MODES,
     PRECISIONS,
     build_application,
     check_pooling,
     check_preprocess,
+    is_application,
     load_saved_base,
     preprocess,
     resolve_base,
@@ -130,31 +132,13 @@ def _any_batch_graph(model: Any) -> Any:
     return forward
 
 
-def _pooled(x: Any, pooling: str, layer: str, index: int) -> Any:
-    """One layer's output, pooled as asked (layer names kept unique per output)."""
-    import keras
-
-    rank = len(x.shape)
-    if pooling in ("avg", "max") and rank != 4:
-        raise ValueError(
-            f"pooling={pooling!r} needs a 4-D feature map, but layer {layer!r} outputs shape "
-            f"{tuple(x.shape)}. Use --pooling flatten or none. Received: pooling={pooling!r}"
-        )
-    suffix = "" if index == 0 else f"_{index}"
-    if pooling == "avg":
-        return keras.layers.GlobalAveragePooling2D(name=f"bottleneck_avg_pool{suffix}")(x)
-    if pooling == "max":
-        return keras.layers.GlobalMaxPooling2D(name=f"bottleneck_max_pool{suffix}")(x)
-    if pooling == "flatten" and rank > 2:
-        return keras.layers.Flatten(name=f"bottleneck_flatten{suffix}")(x)
-    return x
-
-
 def _feature_extractor(model: Any, layers: list[str], pooling: str) -> Any:
     """One model, one forward pass, one pooled output per requested layer."""
     import keras
 
-    outputs = [_pooled(model.get_layer(name).output, pooling, name, i)
+    from pipeline.bases.pooling import pooled
+
+    outputs = [pooled(model.get_layer(name).output, pooling, name, i)
                for i, name in enumerate(layers)]
     return keras.Model(model.inputs, outputs if len(outputs) > 1 else outputs[0],
                        name="feature_extractor")
@@ -201,6 +185,10 @@ def build_feature_model(
     if base.endswith((".keras", ".h5")) or Path(base).is_file():
         loaded = _saved_base(base, weights=weights, input_size=input_size,
                              preprocess_mode=preprocess_mode, precision=precision)
+    elif not is_application(base) and is_hub_base(base):
+        return _hub_feature_model(base, weights=weights, input_size=input_size, layer=layer,
+                                  pooling=pooling, preprocess_mode=preprocess_mode, seed=seed,
+                                  precision=precision, jit=jit, batch_size=batch_size)
     else:
         loaded = _named_base(base, weights=weights, input_size=input_size,
                              preprocess_mode=preprocess_mode, seed=seed, precision=precision)
@@ -213,6 +201,34 @@ def build_feature_model(
     attrs = _feature_attrs(loaded, layers=layers, pooling=pooling, seed=seed,
                            precision=precision)
     return FeatureModel(feature, attrs, size, loaded.preprocess, layers, batch_size=batch_size)
+
+
+def _hub_feature_model(base: str, *, weights: str | None, input_size: tuple[int, int] | None,
+                       layer: str | None, pooling: str, preprocess_mode: str | None, seed: int,
+                       precision: str, jit: str, batch_size: int) -> FeatureModel:
+    """A keras-hub backbone with its converter's preprocessing inside the model.
+
+    Raises:
+        ValueError: a bad argument (``--preprocess`` is the preset's, never chosen).
+    """
+    from pipeline.bases.hub import hub_feature_extractor, hub_layers, load_hub_base
+
+    if preprocess_mode not in (None, "none"):
+        raise ValueError(
+            "A keras-hub base preprocesses as its preset's image converter says: leave "
+            f"--preprocess unset. Received: preprocess={preprocess_mode!r}"
+        )
+    hub = load_hub_base(base, weights=weights, input_size=input_size, precision=precision,
+                        seed=seed)
+    hub.backbone.trainable = False
+    layers = hub_layers(layer, hub.backbone)
+    feature = hub_feature_extractor(hub, layers, pooling)
+    if jit != "auto":
+        feature.jit_compile = jit == "on"
+    loaded = _Base(hub.backbone, hub.size, "none", hub.attrs)
+    attrs = _feature_attrs(loaded, layers=layers, pooling=pooling, seed=seed,
+                           precision=precision)
+    return FeatureModel(feature, attrs, hub.size, "none", layers, batch_size=batch_size)
 
 
 class _Base(NamedTuple):
@@ -332,6 +348,8 @@ def feature_model_from_attrs(attrs: dict[str, Any], batch_size: int = 32) -> Fea
     weights: str | None = attrs["weights"]
     if base.startswith("file:"):
         base, weights = _verified(attrs["base_path"], attrs["base_sha256"], "base"), None
+    elif base.startswith(HUB_PREFIX):
+        _check_hub_weights(attrs)
     elif weights.startswith("sha256:"):
         weights = _verified(attrs["weights_path"], weights.removeprefix("sha256:"), "weights")
     return build_feature_model(
@@ -345,6 +363,17 @@ def feature_model_from_attrs(attrs: dict[str, Any], batch_size: int = 32) -> Fea
         precision=attrs.get("precision", "float32"),
         batch_size=batch_size,
     )
+
+
+def _check_hub_weights(attrs: dict[str, Any]) -> None:
+    """A local keras-hub preset must still hold the weights the cache was made with.
+
+    Raises:
+        ValueError: the folder is gone or its weights changed.
+    """
+    if attrs.get("base_path") and attrs.get("base_sha256"):
+        _verified(str(Path(attrs["base_path"]) / "model.weights.h5"), attrs["base_sha256"],
+                  "base")
 
 
 def _verified(path: str, sha256: str, what: str) -> str:

@@ -24,6 +24,7 @@ __all__ = [
     "WeightsUnavailableError",
     "build_application",
     "check_pooling",
+    "is_application",
     "check_preprocess",
     "default_input_size",
     "load_saved_base",
@@ -31,7 +32,9 @@ __all__ = [
     "resolve_base",
 ]
 
-POOLINGS = ("flatten", "avg", "max", "none")
+# avg, max: over a feature map's grid or a transformer's patch tokens; cls, mean (= avg),
+# cls+mean: transformer tokens (keras-hub bases, pipeline/bases/hub.py).
+POOLINGS = ("flatten", "avg", "max", "none", "cls", "mean", "cls+mean")
 
 
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
@@ -129,6 +132,11 @@ def _registry() -> dict[str, BaseSpec]:
     return specs
 
 
+def is_application(name: str) -> bool:
+    """Whether ``name`` is a keras.applications base (case-insensitive)."""
+    return _key(name) in _registry()
+
+
 def resolve_base(name: str) -> BaseSpec:
     """Look up a keras.applications base by case-insensitive name (vgg16, ResNet50, ...).
 
@@ -142,8 +150,10 @@ def resolve_base(name: str) -> BaseSpec:
         close = difflib.get_close_matches(_key(name), list(registry), n=3, cutoff=0.6)
         hint = f" Did you mean {', '.join(registry[k].name for k in close)}?" if close else ""
         raise ValueError(
-            f"Unknown base. Expected a keras.applications model ({', '.join(names)}) or a "
-            f"path to a .keras file.{hint} Received: base={name!r}"
+            f"Unknown base. Expected a keras.applications model ({', '.join(names)}), a "
+            "path to a .keras file, or a keras-hub preset (a handle such as "
+            "hf://keras/..., a built-in preset name, or a preset folder; needs "
+            f"pip install 'bottleneck-pipeline[hub]').{hint} Received: base={name!r}"
         )
     return spec
 

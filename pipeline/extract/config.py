@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -176,7 +177,7 @@ def default_out(config: ExtractConfig, input_size: tuple[int, int]) -> Path:
     Built from the arguments alone (no model needed), so an up-to-date check can find the
     cache before paying for building the base.
     """
-    base = Path(config.base).stem if is_file_base(config.base) else config.base
+    base = _base_name(config.base)
     h, w = input_size
     layer = (config.layer or "top").replace(",", "+")
     parts = [Path(config.data_dir).resolve().name, base.lower(), f"{h}x{w}", layer]
@@ -188,6 +189,17 @@ def default_out(config: ExtractConfig, input_size: tuple[int, int]) -> Path:
         i, n = parse_shard(config.shard)
         name += f".part-{i}-of-{n}"
     return Path("cache") / (name + ".h5")
+
+
+def _base_name(base: str) -> str:
+    """``--base`` as a file-name part: a file's stem, a preset folder's name, a keras-hub
+    handle without its scheme (``hf://keras/dinov2_small`` -> ``keras_dinov2_small``)."""
+    if is_file_base(base):
+        return Path(base).stem
+    if "://" in base or base.startswith("hub:"):
+        handle = base.removeprefix("hub:").split("://", 1)[-1]
+        return re.sub(r"[^A-Za-z0-9.+-]+", "_", handle).strip("_")
+    return Path(base).name if Path(base).is_dir() else base
 
 
 def is_file_base(base: str) -> bool:

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.bases import FeatureModel, resolve_base
+from pipeline.bases import FeatureModel, is_application, resolve_base
 from pipeline.cache import (
     CacheError,
     CacheLock,
@@ -28,7 +28,6 @@ from pipeline.extract.config import (
     ExtractConfig,
     ExtractResult,
     default_out,
-    is_file_base,
     parse_shard,
     shard_slice,
     validate,
@@ -80,7 +79,9 @@ def run_extract(config: ExtractConfig) -> ExtractResult:
         stats = file_stats(index)
         _report_ignored(index.ignored)
         out = Path(config.out) if config.out else None
-        if out is None and (size or not is_file_base(config.base)):
+        # Before building the base, where its input size is known without it: a keras-hub
+        # preset's size is in its files.
+        if out is None and (size or is_application(config.base)):
             out = default_out(config, size or (resolve_base(config.base).default_size,) * 2)
         if out is not None and (result := up_to_date(config, index, out, stats)) is not None:
             return result

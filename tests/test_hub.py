@@ -1,0 +1,165 @@
+"""keras-hub backbones as bases: tiny random-weight presets saved as local folders; cached
+features equal a plain keras-hub forward pass of the same converted pixels, pooled by hand."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import write_index_images
+
+from pipeline.cache import read_cache
+from pipeline.extract import ExtractConfig, run_extract
+from pipeline.images import load_image
+
+keras_hub = pytest.importorskip("keras_hub")
+
+SCALE = [1 / (255 * 0.229), 1 / (255 * 0.224), 1 / (255 * 0.225)]
+OFFSET = [-0.485 / 0.229, -0.456 / 0.224, -0.406 / 0.225]
+
+
+def save_preset(backbone, folder: Path, size: int) -> Path:
+    """A local preset folder as keras-hub writes one: backbone and image converter."""
+    backbone.save_to_preset(str(folder))
+    keras_hub.layers.ImageConverter(image_size=(size, size), scale=SCALE,
+                                    offset=OFFSET).save_to_preset(str(folder))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def presets(tmp_path_factory) -> dict[str, Path]:
+    """A DINOv2 with register tokens (a 2-block token model), a ViT and a ResNet."""
+    import keras
+
+    root = tmp_path_factory.mktemp("presets")
+    keras.utils.set_random_seed(0)
+    dino = keras_hub.models.DINOV2Backbone(
+        patch_size=14, num_layers=2, hidden_dim=16, num_heads=2, intermediate_dim=32,
+        num_register_tokens=2, image_shape=(28, 28, 3), position_embedding_shape=(28, 28, 3))
+    vit = keras_hub.models.ViTBackbone(image_shape=(32, 32, 3), patch_size=8, num_layers=1,
+                                       num_heads=2, hidden_dim=16, mlp_dim=32)
+    resnet = keras_hub.models.ResNetBackbone(
+        input_conv_filters=[64], input_conv_kernel_sizes=[3], stackwise_num_filters=[64, 16],
+        stackwise_num_blocks=[1, 1], stackwise_num_strides=[1, 2], block_type="basic_block",
+        use_pre_activation=False, image_shape=(32, 32, 3))
+    return {"dino": save_preset(dino, root / "dino", 28),
+            "vit": save_preset(vit, root / "vit", 32),
+            "resnet": save_preset(resnet, root / "resnet", 32)}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("hub-data")
+    write_index_images(root, 7, classes=("a", "b"))
+    return root
+
+
+def reference(preset: Path, data: Path, paths: list[str], size: int,
+              output: str | None = None) -> np.ndarray:
+    """keras-hub's own forward pass of the converted pixels (no pooling)."""
+    import keras
+
+    backbone = keras_hub.models.Backbone.from_preset(str(preset))
+    pixels = np.stack([load_image(data / p, (size, size)) for p in paths])
+    x = pixels * np.float32(SCALE) + np.float32(OFFSET)
+    if output is not None:
+        backbone = keras.Model(backbone.input, backbone.pyramid_outputs[output])
+    return np.asarray(backbone.predict({"images": x} if isinstance(backbone.input, dict)
+                                       else x, verbose=0))
+
+
+@pytest.mark.parametrize("pooling", ["cls", "mean", "cls+mean", "none"])
+def test_dinov2_tokens_pooled_equal_a_plain_keras_hub_forward_pass(tmp_path, presets, data,
+                                                                   pooling):
+    out = tmp_path / "c.h5"
+    run_extract(ExtractConfig(str(data), str(presets["dino"]), pooling=pooling, batch_size=4,
+                              out=str(out)))
+    cache = read_cache(out)
+    tokens = reference(presets["dino"], data, cache.paths, 28)  # (n, 1 + 2 + 4, 16)
+    patches = tokens[:, 3:]  # class token, 2 registers, then the 2x2 patch grid
+    expected = {"cls": tokens[:, 0], "mean": patches.mean(1),
+                "cls+mean": np.concatenate([tokens[:, 0], patches.mean(1)], -1),
+                "none": tokens}[pooling]
+    np.testing.assert_allclose(cache.features, expected, rtol=1e-5, atol=1e-5)
+    assert cache.attrs["base"] == f"hub:{presets['dino'].resolve()}"
+    assert cache.attrs["hub_class"] == "DINOV2Backbone"
+    np.testing.assert_allclose(cache.attrs["hub_scale"], SCALE)
+    assert len(cache.attrs["base_sha256"]) == 64
+
+
+def test_intermediate_blocks_in_one_pass_and_other_backbones(tmp_path, presets, data):
+    out = tmp_path / "blocks.h5"
+    run_extract(ExtractConfig(str(data), str(presets["dino"]), layer="stage1,stage2",
+                              pooling="cls", batch_size=4, out=str(out)))
+    first = read_cache(out, layer="stage1")
+    np.testing.assert_allclose(
+        first.features, reference(presets["dino"], data, first.paths, 28, "stage1")[:, 0],
+        rtol=1e-5, atol=1e-5)
+    vit_out, resnet_out = tmp_path / "vit.h5", tmp_path / "resnet.h5"
+    run_extract(ExtractConfig(str(data), str(presets["vit"]), pooling="cls", out=str(vit_out)))
+    vit = read_cache(vit_out)
+    np.testing.assert_allclose(vit.features, reference(presets["vit"], data, vit.paths, 32)[:, 0],
+                               rtol=1e-5, atol=1e-5)
+    run_extract(ExtractConfig(str(data), str(presets["resnet"]), out=str(resnet_out)))
+    resnet = read_cache(resnet_out)  # a feature map: avg pooling, as for keras.applications
+    np.testing.assert_allclose(
+        resnet.features, reference(presets["resnet"], data, resnet.paths, 32).mean((1, 2)),
+        rtol=1e-5, atol=1e-5)
+
+
+def test_bad_choices_are_named(tmp_path, presets, data):
+    with pytest.raises(ValueError,
+                       match=r"needs transformer tokens.*avg, max.*Received: pooling='cls'"):
+        run_extract(ExtractConfig(str(data), str(presets["resnet"]), pooling="cls",
+                                  out=str(tmp_path / "a.h5")))
+    with pytest.raises(ValueError, match=r"has no output 'stage9'.*stage1.*Received: layer"):
+        run_extract(ExtractConfig(str(data), str(presets["dino"]), layer="stage9",
+                                  out=str(tmp_path / "b.h5")))
+    with pytest.raises(ValueError, match=r"leave --preprocess unset"):
+        run_extract(ExtractConfig(str(data), str(presets["dino"]), preprocess="tf",
+                                  out=str(tmp_path / "c.h5")))
+
+
+def test_a_changed_preset_is_refused_on_rebuild(tmp_path, presets, data):
+    """A cache (and a head trained on it) names its preset folder and weights' sha256: a
+    changed weights file can never silently give other features."""
+    import shutil
+
+    from pipeline.bases import feature_model_from_attrs
+
+    preset = tmp_path / "dino"
+    shutil.copytree(presets["dino"], preset)
+    out = tmp_path / "c.h5"
+    run_extract(ExtractConfig(str(data), str(preset), pooling="cls", out=str(out)))
+    attrs = read_cache(out).attrs
+    rebuilt = feature_model_from_attrs(attrs)
+    assert rebuilt.attrs["base_sha256"] == attrs["base_sha256"]
+    with open(preset / "model.weights.h5", "ab") as f:
+        f.write(b"\0")
+    with pytest.raises(ValueError, match="changed since the cache was made"):
+        feature_model_from_attrs(attrs)
+
+
+def test_a_preset_that_cannot_download_says_what_to_fetch_and_where(monkeypatch):
+    """Offline (here simulated: the download raises as requests does without network)."""
+    from pipeline.bases import WeightsUnavailableError, build_feature_model
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("Failed to resolve 'www.kaggle.com'")
+
+    monkeypatch.setattr(keras_hub.models.Backbone, "from_preset", offline)
+    with pytest.raises(WeightsUnavailableError,
+                       match=r"save_to_preset\('PRESET'\).*--base PRESET. Received: base="):
+        build_feature_model("hf://keras/dinov2_small")
+
+
+def test_random_weights_from_a_preset_config(presets):
+    from pipeline.bases import build_feature_model
+
+    fm = build_feature_model(str(presets["vit"]), weights="none", pooling="cls", seed=4)
+    assert fm.attrs["weights"] == "none" and fm.attrs["base_sha256"] == ""
+    assert fm.feature_shape == (16,)
+    x = np.random.default_rng(0).uniform(0, 255, (2, 32, 32, 3)).astype(np.float32)
+    again = build_feature_model(str(presets["vit"]), weights="none", pooling="cls", seed=4)
+    np.testing.assert_array_equal(fm.features(x), again.features(x))  # seeded
