@@ -32,11 +32,14 @@ def extract_parser() -> argparse.ArgumentParser:
     """Arguments of ``extract.py``."""
     p = argparse.ArgumentParser(
         prog="extract.py",
-        description="Run every image of DATA_DIR once through a frozen base and write the "
+        description="Run every image of DATA_DIR (a folder of class folders, or a CSV "
+        "manifest of paths and labels) once through a frozen base and write the "
         "bottleneck features, labels and paths to an HDF5 cache.",
     )
-    p.add_argument("data_dir", nargs="?",
-                   help="DATA_DIR/<class>/... or DATA_DIR/{train,validation,test}/<class>/...")
+    p.add_argument("data_dir", nargs="?", metavar="DATA_DIR|LABELS.csv",
+                   help="DATA_DIR/<class>/... or DATA_DIR/{train,validation,test}/<class>/...; "
+                   "or a .csv manifest with a header row path,label[,split] (paths relative "
+                   "to its folder, or absolute; split: train|validation|val|test|empty)")
     p.add_argument("--base",
                    help="keras.applications name (vgg16, resnet50, ...) or a .keras file")
     p.add_argument("--weights", default=None,
