@@ -136,8 +136,10 @@ def predict_parser() -> argparse.ArgumentParser:
         "as one .keras model.",
     )
     p.add_argument("model", help="fit_head/finetune output folder, or an exported FILE.keras")
-    p.add_argument("images", nargs="*", metavar="IMAGES_OR_DIR",
-                   help="image files and/or folders (walked recursively, sorted)")
+    p.add_argument("images", nargs="*", metavar="IMAGES_OR_DIR_OR_LIST",
+                   help="image files, folders (walked recursively, sorted) and/or lists of "
+                   "paths: a .txt file (one per line) or a .csv file with a path column; "
+                   "a list's paths are relative to its folder, or absolute")
     p.add_argument("--out", default="predictions.csv",
                    help="CSV to write (default: predictions.csv); unreadable files go to "
                    "<stem>.skipped.csv")
