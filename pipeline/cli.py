@@ -32,11 +32,14 @@ def extract_parser() -> argparse.ArgumentParser:
     """Arguments of ``extract.py``."""
     p = argparse.ArgumentParser(
         prog="extract.py",
-        description="Run every image of DATA_DIR once through a frozen base and write the "
+        description="Run every image of DATA_DIR (a folder of class folders, or a CSV "
+        "manifest of paths and labels) once through a frozen base and write the "
         "bottleneck features, labels and paths to an HDF5 cache.",
     )
-    p.add_argument("data_dir", nargs="?",
-                   help="DATA_DIR/<class>/... or DATA_DIR/{train,validation,test}/<class>/...")
+    p.add_argument("data_dir", nargs="?", metavar="DATA_DIR|LABELS.csv",
+                   help="DATA_DIR/<class>/... or DATA_DIR/{train,validation,test}/<class>/...; "
+                   "or a .csv manifest with a header row path,label[,split] (paths relative "
+                   "to its folder, or absolute; split: train|validation|val|test|empty)")
     p.add_argument("--base",
                    help="keras.applications name (vgg16, resnet50, ...), a .keras file, or a "
                    "keras-hub preset: hf://keras/..., kaggle://..., a built-in name such as "
@@ -140,8 +143,10 @@ def predict_parser() -> argparse.ArgumentParser:
         "as one .keras model.",
     )
     p.add_argument("model", help="fit_head/finetune output folder, or an exported FILE.keras")
-    p.add_argument("images", nargs="*", metavar="IMAGES_OR_DIR",
-                   help="image files and/or folders (walked recursively, sorted)")
+    p.add_argument("images", nargs="*", metavar="IMAGES_OR_DIR_OR_LIST",
+                   help="image files, folders (walked recursively, sorted) and/or lists of "
+                   "paths: a .txt file (one per line) or a .csv file with a path column; "
+                   "a list's paths are relative to its folder, or absolute")
     p.add_argument("--out", default="predictions.csv",
                    help="CSV to write (default: predictions.csv); unreadable files go to "
                    "<stem>.skipped.csv")

@@ -4,8 +4,10 @@ The model (a fit_head folder, a finetune folder or an exported ``X.keras``) is f
 loaded by :mod:`pipeline.predictor` with the configuration recorded with it, so decoding,
 resizing and preprocessing are never re-specified by hand and cannot drift.
 
-Output (``--out``, default ``predictions.csv``): one row per readable image, in input
-order (folders walked recursively, sorted, hidden files ignored), with the columns
+Images are named as files, folders or lists of paths (:func:`list_images`). Output
+(``--out``, default ``predictions.csv``): one row per readable image, in input order
+(folders walked recursively, sorted, hidden files ignored; lists in their order), with
+the columns
 
     path, predicted, p_<class>... | score_<class>..., [top1_class, top1_p|top1_score, ...]
 
@@ -13,7 +15,9 @@ order (folders walked recursively, sorted, hidden files ignored), with the colum
 decision function (for two classes its single score s becomes ``-s, s``). ``predicted``
 is the head's own ``predict``. Unreadable files never stop the run and never take a
 row: they are logged (the CLI shows them on stderr) and written with their reason to
-``<out stem>.skipped.csv`` (removed when a later run skips nothing). A run that can read
+``<out stem>.skipped.csv`` (removed when a later run skips nothing); so is a listed file
+that does not exist (reason: ``listed in LIST line N but not found``), as extract treats
+a manifest's. A run that can read
 no image at all is an error and writes nothing; a file named as an image that is plainly
 something else (an HDF5 cache, a ``.keras`` zip, a text file) is said to be so.
 """
@@ -32,7 +36,7 @@ import numpy as np
 
 # export_model and check_exportable lived here before export.py: re-exported for old callers.
 from pipeline.export import check_exportable, export_model
-from pipeline.images import IMAGE_EXTENSIONS, image_files
+from pipeline.images import IMAGE_EXTENSIONS, image_files, is_list_file, read_path_list
 from pipeline.interrupts import deferred
 from pipeline.predictor import END_TO_END, Predictor, load_predictor, locate_model
 from pipeline.progress import Progress, format_duration
@@ -100,26 +104,39 @@ def list_images(inputs: Sequence[str | os.PathLike]) -> list[Path]:
 
     A folder contributes every image below it (recursive, sorted walk; hidden files and
     folders ignored; extensions from ``IMAGE_EXTENSIONS``, any case; symlinked folders
-    not followed). A file is taken as given, whatever its extension.
+    not followed). A ``.txt`` file (one path per line) or a ``.csv`` file (a ``path``
+    column) is a list: it contributes its paths in its order, relative to its folder or
+    absolute, missing files included (``run_predict`` skips those, naming the line). Any
+    other file is taken as given, whatever its extension.
 
     Args:
-        inputs: image files and/or folders.
+        inputs: image files, folders and/or lists of paths.
 
     Returns:
-        The paths, files as given and folder contents joined to the folder.
+        The paths, files as given and folder or list contents joined to their folder.
 
     Raises:
-        ValueError: nothing given, a path that does not exist, or no image found.
+        ValueError: nothing given, a path that does not exist, a list that cannot be
+            read, or no image found.
     """
+    return [path for path, _ in _named_images(inputs)]
+
+
+def _named_images(inputs: Sequence[str | os.PathLike]) -> list[tuple[Path, str]]:
+    """:func:`list_images` with, for each listed path, ``listed in LIST line N`` ("" else)."""
     if not inputs:
-        raise ValueError("No images given: pass image files and/or folders. Received: images=[]")
-    files: list[Path] = []
+        raise ValueError("No images given: pass image files, folders and/or lists of paths. "
+                         "Received: images=[]")
+    files: list[tuple[Path, str]] = []
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            files.extend(image_files(path))
+            files.extend((p, "") for p in image_files(path))
+        elif is_list_file(path):
+            files.extend((e.path, f"listed in {path} line {e.line}")
+                         for e in read_path_list(path))
         elif path.exists():
-            files.append(path)
+            files.append((path, ""))
         else:
             raise ValueError(f"No such image file or folder. Received: images={str(item)!r}")
     if not files:
@@ -178,8 +195,8 @@ def _rejected(inputs: Sequence[str | os.PathLike], paths: Sequence[Path]) -> dic
         path, reason = next(iter(rejected.items()))
         more = f" (and {len(rejected) - 1} more like it)" if len(rejected) > 1 else ""
         raise ValueError(
-            f"{path} is {reason}: predict takes image files or folders{more}. "
-            f"Received: images={_shown(inputs)}"
+            f"{path} is {reason}: predict takes image files, folders or lists of paths "
+            f"(.txt, .csv){more}. Received: images={_shown(inputs)}"
         )
     return rejected
 
@@ -283,13 +300,26 @@ def run_predict(config: PredictConfig) -> PredictResult:
 
 
 def _images(*, inputs: Sequence[str | os.PathLike]) -> tuple[list[Path], dict[Path, str]]:
-    """The images to predict, and {named file: why it is not an image} for those set aside.
+    """The images to predict, and {file: why it is set aside} for named files that are
+    plainly no images and listed files that do not exist.
+
+    A listed file that does not exist is a bad image, skipped and reported like an
+    unreadable one, not a bad argument: one stale line should not stop a long list.
 
     Raises:
-        ValueError: as :func:`list_images`, or every file is plainly no image.
+        ValueError: as :func:`list_images`, every named file is plainly no image, or no
+            listed file exists.
     """
-    paths = list_images(inputs)
-    rejected = _rejected(inputs, paths)
+    named = _named_images(inputs)
+    missing = {p: f"{note} but not found" for p, note in named if note and not p.exists()}
+    if missing and all(p in missing for p, _ in named):
+        path, reason = next(iter(missing.items()))
+        raise ValueError(
+            f"None of the {len(named)} listed files exists ({path}: {reason}); a list's "
+            f"paths are relative to its folder, or absolute. Received: images={_shown(inputs)}"
+        )
+    paths = [p for p, _ in named if p not in missing]
+    rejected = {**missing, **_rejected(inputs, paths)}
     return [p for p in paths if p not in rejected], rejected
 
 

@@ -36,7 +36,7 @@ def test_changed_deleted_touched_and_fixed_files(tmp_path, probe_model):
     save_png(np.full((6, 6, 3), (1, 2, 3), np.uint8), data / "a" / "broken.png")  # fixed
 
     result = run_extract(config(data, probe_model, out, augment=2))
-    assert result.changes == {"deleted": 1, "changed": 1, "retried_skipped": 1}
+    assert result.changes == {"deleted": 1, "changed": 1, "relabelled": 0, "retried_skipped": 1}
     assert result.n_new_rows == 2  # the changed image and the fixed one
     cache = read_cache(out, augmented=True)
     assert deleted not in cache.paths and len(cache.paths) == 12

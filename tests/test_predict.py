@@ -157,9 +157,13 @@ def _truncated_jpeg(path: Path) -> Path:
     ("broken.jpg", "No image could be read, so nothing was predicted and {out} was not "
                    "written. First of 1 unreadable: {path}: "),
     ("cache.h5", "{path} is an HDF5 file (a feature cache?), not an image: predict takes "
-                 "image files or folders. Received: images=['{path}']"),
-    ("list.txt", "{path} is a text file, not an image: predict takes image files or "
-                 "folders. Received: images=['{path}']"),
+                 "image files, folders or lists of paths (.txt, .csv). "
+                 "Received: images=['{path}']"),
+    ("notes.md", "{path} is a text file, not an image: predict takes image files, folders "
+                 "or lists of paths (.txt, .csv). Received: images=['{path}']"),
+    ("gone.txt", "None of the 2 listed files exists ({path.parent}/ant/gone.png: listed in "
+                 "{path} line 1 but not found); a list's paths are relative to its folder, "
+                 "or absolute. Received: images=['{path}']"),
 ])
 def test_predicting_nothing_fails_and_writes_nothing(models, tmp_path, capsys, name, message):
     data, cache, heads = models["3-class"]
@@ -168,8 +172,10 @@ def test_predicting_nothing_fails_and_writes_nothing(models, tmp_path, capsys, n
         _truncated_jpeg(path)
     elif name == "cache.h5":
         shutil.copy(cache, path)
-    else:
+    elif name == "notes.md":
         path.write_text("\n".join(str(p) for p in sorted((data / "ant").iterdir())) + "\n")
+    else:
+        path.write_text("ant/gone.png\n/nowhere/gone.png\n")
     out = tmp_path / "p.csv"
     assert predict_main([str(heads["logreg"]), str(path), "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -181,14 +187,37 @@ def test_predicting_nothing_fails_and_writes_nothing(models, tmp_path, capsys, n
 def test_files_that_are_no_images_are_named_among_good_ones(models, tmp_path):
     data, cache, heads = models["3-class"]
     one = sorted((data / "bee").iterdir())[0]
-    (tmp_path / "list.txt").write_text(f"{one}\n")
+    (tmp_path / "notes.md").write_text(f"{one}\n")
     out = tmp_path / "p.csv"
-    rows, result = predict(heads["logreg"], [cache, one, tmp_path / "list.txt"], out)
+    rows, result = predict(heads["logreg"], [cache, one, tmp_path / "notes.md"], out)
     assert [r["path"] for r in rows] == [str(one)]
     assert result.skipped == [
         (str(cache), "an HDF5 file (a feature cache?), not an image"),
-        (str(tmp_path / "list.txt"), "a text file, not an image"),
+        (str(tmp_path / "notes.md"), "a text file, not an image"),
     ]
+
+
+def test_lists_of_paths_predict_the_files_they_name(models, tmp_path, capsys):
+    data, _, heads = models["3-class"]
+    files = [p for c in ("ant", "cat") for p in sorted((data / c).iterdir())[:2]]
+    direct, _ = predict(heads["logreg"], files, tmp_path / "direct.csv")
+    lists = data.parent / "lists"  # a list's relative paths start from its own folder
+    lists.mkdir(exist_ok=True)
+    text = lists / "batch.txt"
+    text.write_text(f"../data/ant/{files[0].name}\n\n {files[1]} \n", encoding="utf-8")
+    table = lists / "more.CSV"  # a manifest serves: its path column is read, its label not
+    table.write_text(f"label,path\ncat,../data/cat/{files[2].name}\nant,../data/ant/gone.png\n"
+                     f"cat,{files[3]}\n", encoding="utf-8")
+    out = tmp_path / "p.csv"
+    rows, result = predict(heads["logreg"], [text, table], out)
+    assert [Path(r["path"]).resolve() for r in rows] == [p.resolve() for p in files]
+    for got, want in zip(rows, direct, strict=True):
+        assert {k: v for k, v in got.items() if k != "path"} == {
+            k: v for k, v in want.items() if k != "path"}
+    gone = str(lists / "../data/ant/gone.png")
+    assert result.skipped == [(gone, f"listed in {table} line 3 but not found")]
+    assert read_csv(skipped_path(out)) == [{"path": gone, "reason": result.skipped[0][1]}]
+    assert "gone.png: listed in" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("setup", list(SETUPS))

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from pipeline.augment import AugmentSpec
 from pipeline.bases import check_pooling, check_preprocess
-from pipeline.images import check_interpolation, parse_size
+from pipeline.images import check_interpolation, is_manifest, parse_size
 from pipeline.images.batches import check_decode
 from pipeline.progress import format_duration
 
@@ -174,13 +174,17 @@ def shard_slice(n_records: int, shard: tuple[int, int], batch_size: int = 1) -> 
 def default_out(config: ExtractConfig, input_size: tuple[int, int]) -> Path:
     """``cache/<data>-<base>-<HxW>-<layer|top>[-random]-<pooling>.h5``: one file per setup.
 
-    Built from the arguments alone (no model needed), so an up-to-date check can find the
-    cache before paying for building the base.
+    ``<data>`` is the folder's name; for a manifest, its folder's name and its own stem
+    (``kaggle/LABELS.csv`` -> ``kaggle-LABELS``), so two manifests of one folder (a train
+    and a test list) get two caches. Built from the arguments alone (no model needed), so
+    an up-to-date check can find the cache before paying for building the base.
     """
     base = _base_name(config.base)
     h, w = input_size
     layer = (config.layer or "top").replace(",", "+")
-    parts = [Path(config.data_dir).resolve().name, base.lower(), f"{h}x{w}", layer]
+    data = Path(config.data_dir).resolve()
+    name = f"{data.parent.name}-{data.stem}" if is_manifest(data) else data.name
+    parts = [name, base.lower(), f"{h}x{w}", layer]
     if config.weights == "none":
         parts.append("random")
     parts.append(config.pooling)

@@ -1,4 +1,4 @@
-"""``run_extract``: one folder of images -> frozen base -> one HDF5 cache."""
+"""``run_extract``: one folder (or manifest) of images -> frozen base -> one HDF5 cache."""
 
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ from pipeline.extract.config import (
 from pipeline.extract.engine import ExtractInterrupted, build_model, stopped
 from pipeline.extract.local_engine import augment_loop, extract_loop
 from pipeline.extract.sync import drop_stale_rows, file_stats, find_leaks, up_to_date
-from pipeline.images import ImageIndex, check_interpolation, index_images
+from pipeline.images import ImageIndex, check_interpolation, index_data
 from pipeline.interrupts import deferred
 
 __all__ = ["run_extract"]
@@ -46,20 +46,21 @@ log = logging.getLogger(__name__)
 def run_extract(config: ExtractConfig) -> ExtractResult:
     """Extract bottleneck features for every image of a folder into one HDF5 cache.
 
-    Protocol: validate every argument; index the folder (fixed order, one record per
-    image file); build the frozen feature model; open the cache (resume a partial one,
-    append to a complete one, or create it; a cache of another configuration is
-    refused); then decode images in threads, run full batches of readable images through
-    the model and commit each batch (rows + files skipped on the way) from a writer
-    thread. With ``augment=K``, K seeded augmented passes of every training row follow
-    (only the passes not yet stored). Batches are formed the same way on a resume, so an
-    interrupted run finishes byte-identical to an uninterrupted one. Ctrl-C / SIGTERM
-    commit what is done and raise :class:`ExtractInterrupted`. With ``engine='ray'`` the
-    decoding and forward pass of the images to do run on a Ray cluster instead
-    (pipeline/extract/ray_engine.py); everything else is this same path.
+    Protocol: validate every argument; index the folder, or the manifest CSV that
+    ``data_dir`` names (fixed order, one record per image file; a manifest is ordered as the
+    folder tree it describes: pipeline/images/manifest.py); build the frozen feature model;
+    open the cache (resume a partial one, append to a complete one, or create it; a cache of
+    another configuration is refused); then decode images in threads, run full batches of
+    readable images through the model and commit each batch (rows + files skipped on the
+    way) from a writer thread. With ``augment=K``, K seeded augmented passes of every
+    training row follow (only the passes not yet stored). Batches are formed the same way on
+    a resume, so an interrupted run finishes byte-identical to an uninterrupted one. Ctrl-C
+    / SIGTERM commit what is done and raise :class:`ExtractInterrupted`. With
+    ``engine='ray'`` the decoding and forward pass of the images to do run on a Ray cluster
+    instead (pipeline/extract/ray_engine.py); everything else is this same path.
 
     Raises:
-        ValueError: a bad argument or folder (Keras-style message).
+        ValueError: a bad argument, folder or manifest (Keras-style message).
         CacheError: a cache of another configuration exists at the output path.
         ExtractInterrupted: stopped by Ctrl-C or SIGTERM; the partial cache is resumable.
     """
@@ -72,7 +73,7 @@ def run_extract(config: ExtractConfig) -> ExtractResult:
         check_ray_config(config)
     out: Path | None = None
     try:
-        index: ImageIndex = index_images(config.data_dir)
+        index: ImageIndex = index_data(config.data_dir)
         if (shard := parse_shard(config.shard)) is not None:
             part = shard_slice(len(index.records), shard, config.batch_size)
             index.records, index.first = index.records[part], part.start
@@ -102,6 +103,7 @@ def run_extract(config: ExtractConfig) -> ExtractResult:
             backend=keras.backend.backend(),
             layout=index.layout,
             data_dir=str(index.root.resolve()),
+            **_source_attrs(index),
             **({"shard": config.shard} if config.shard else {}),
             config=dataclasses.asdict(config),
         )
@@ -114,6 +116,18 @@ def run_extract(config: ExtractConfig) -> ExtractResult:
         raise
     except KeyboardInterrupt as exc:  # before the batch loop, or between its steps
         raise stopped(exc, _kept(out)) from None
+
+
+def _source_attrs(index: ImageIndex) -> dict[str, str]:
+    """Where a manifest's records came from: its path and sha256 (nothing for a folder).
+
+    The sha256 tells a re-run that the manifest changed (a label or split may differ for
+    the same path, which file stats cannot see): then the rows are checked against it.
+    """
+    if index.manifest is None:
+        return {}
+    return {"manifest": str(index.manifest.resolve()),
+            "manifest_sha256": index.manifest_sha256 or ""}
 
 
 def _kept(out: Path | None) -> str:
@@ -226,6 +240,8 @@ def _extract_into(
         try:
             start = time.monotonic()
             writer, changes = drop_stale_rows(writer, index, stats)
+            if index.manifest is not None:  # the manifest the rows now agree with
+                writer.set_attrs(**_source_attrs(index))
             augmented = writer.n_augmented
             first_row = writer.n_rows
             done = writer.done_paths()
@@ -256,7 +272,7 @@ def _extract_into(
             path = writer.finish()
         finally:
             writer.close()
-    _report_skipped(new_skipped)
+    _report_skipped(new_skipped, index.notes)
     _report_leaks(leaks)
     return ExtractResult(path, "extracted" if wrote else "up-to-date", n_rows, n_rows - first_row,
                          n_skipped, new_skipped, feature_model.feature_shape, config.dtype, seconds,
@@ -310,7 +326,9 @@ def _report_leaks(leaks: list[tuple[str, str]]) -> None:
                  [f"{a} == {b}" for a, b in leaks])
 
 
-def _report_skipped(skipped: list[tuple[str, str]]) -> None:
+def _report_skipped(skipped: list[tuple[str, str]], notes: dict[str, str]) -> None:
+    # A manifest's missing file is named with its line (notes), beside the decoder's reason.
     _report_list(f"skipped {len(skipped)} unreadable files:",
-                 [f"{path}: {reason}" for path, reason in skipped], limit=20,
+                 [f"{path}: {reason}" + (f" ({notes[path]})" if path in notes else "")
+                  for path, reason in skipped], limit=20,
                  more=" (all listed in the cache's skipped/paths and skipped/reasons)")

@@ -1,7 +1,9 @@
-"""The cache against the folder: up to date, or which rows are stale.
+"""The cache against the folder (or manifest): up to date, or which rows are stale.
 
 A cache row records its file's size, mtime and sha256; a changed size or mtime leads to
-a hash, and only a different hash counts as a change.
+a hash, and only a different hash counts as a change. A manifest can also change a row's
+label or split without touching its file: the cache records the manifest's sha256, and a
+row whose label or split no longer matches is stale too.
 """
 
 from __future__ import annotations
@@ -45,6 +47,8 @@ def up_to_date(
         and all(recorded.get(k) == getattr(config, k) for k in _FEATURE_FIELDS)
         and old.get("class_names") == index.class_names
         and int(old.get("augment_passes", 0)) >= config.augment
+        # A changed manifest may relabel rows whose files are untouched: look closer.
+        and old.get("manifest_sha256") == index.manifest_sha256
     )
     if not same:
         return None
@@ -82,19 +86,26 @@ def file_stats(index: ImageIndex) -> dict[str, tuple[int, int]]:
 def drop_stale_rows(
     writer: CacheWriter, index: ImageIndex, stats: dict[str, tuple[int, int]]
 ) -> tuple[CacheWriter, dict[str, int]]:
-    """Remove rows of deleted or changed images (and skipped entries to retry).
+    """Remove rows of deleted, changed or relabelled images (and skipped entries to retry).
 
     A row whose file's size or mtime changed is hashed again; only a different sha256
-    counts as changed, so a touched-but-identical image keeps its row. Changed images
-    are then extracted again like new ones.
+    counts as changed, so a touched-but-identical image keeps its row. A row whose label
+    or split differs from the index (a manifest edited since; in a folder both follow
+    from the path) is relabelled. Changed and relabelled images are then extracted again
+    like new ones.
     """
     state = writer.row_state()
-    deleted = changed = 0
+    labels = writer.dataset("labels")[: len(state.paths)].tolist()
+    listed = {r.path: (r.label, r.split) for r in index.records}
+    deleted = changed = relabelled = 0
     keep_rows, touched = [], []
     for row, path in enumerate(state.paths):
         now = stats.get(path)
         if now is None:
             deleted += 1
+            continue
+        if listed[path] != (labels[row], state.split[row]):
+            relabelled += 1
             continue
         if now != (int(state.size[row]), int(state.mtime_ns[row])):
             if _file_digest(index.root / path) != state.sha256[row]:
@@ -110,11 +121,12 @@ def drop_stale_rows(
         if stats.get(path) == (int(state.skipped_size[j]), int(state.skipped_mtime_ns[j]))
     ]
     retried = len(state.skipped_paths) - len(keep_skipped)
-    changes = {"deleted": deleted, "changed": changed, "retried_skipped": retried}
-    if deleted or changed or retried:
-        log.warning("extract: the data folder changed: %d images deleted, %d changed, "
-                    "%d skipped files to retry; rewriting the cache without them.",
-                    deleted, changed, retried)
+    changes = {"deleted": deleted, "changed": changed, "relabelled": relabelled,
+               "retried_skipped": retried}
+    if deleted or changed or relabelled or retried:
+        log.warning("extract: the data changed: %d images deleted, %d changed, %d with "
+                    "another label or split, %d skipped files to retry; rewriting the cache "
+                    "without them.", deleted, changed, relabelled, retried)
         writer = writer.rewrite(np.asarray(keep_rows, dtype=np.int64),
                                 np.asarray(keep_skipped, dtype=np.int64))
     return writer, changes

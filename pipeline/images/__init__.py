@@ -1,5 +1,6 @@
-"""Images: find them in a folder (``index``), decode one as Keras does (``decode``), decode
-many ahead in ordered batches (``batches``). Every public name is re-exported here."""
+"""Images: find them in a folder (``index``) or read them from a manifest or path list
+(``manifest``), decode one as Keras does (``decode``), decode many ahead in ordered batches
+(``batches``). Every public name is re-exported here."""
 
 from pipeline.images.batches import DECODERS, DecodedBatch, check_decode, decoded_batches
 from pipeline.images.decode import (
@@ -26,11 +27,23 @@ from pipeline.images.index import (
     image_files,
     index_images,
 )
+from pipeline.images.manifest import (
+    LIST_EXTENSIONS,
+    MANIFEST_COLUMNS,
+    ListedPath,
+    index_data,
+    index_manifest,
+    is_list_file,
+    is_manifest,
+    read_path_list,
+)
 
 __all__ = [
     "DECODERS",
     "IMAGE_EXTENSIONS",
     "INTERPOLATIONS",
+    "LIST_EXTENSIONS",
+    "MANIFEST_COLUMNS",
     "MAX_PIXELS",
     "SPLIT_FOLDERS",
     "SPLIT_ORDER",
@@ -38,6 +51,7 @@ __all__ = [
     "ImageIndex",
     "ImageReadError",
     "ImageRecord",
+    "ListedPath",
     "check_decode",
     "check_interpolation",
     "decode_bytes",
@@ -45,11 +59,16 @@ __all__ = [
     "decoded_batches",
     "has_tensorflow",
     "image_files",
+    "index_data",
     "index_images",
+    "index_manifest",
+    "is_list_file",
+    "is_manifest",
     "load_image",
     "parse_size",
     "read_image",
     "read_images_into",
+    "read_path_list",
     "resize",
     "resize_bilinear",
 ]

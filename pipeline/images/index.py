@@ -66,7 +66,8 @@ class ImageRecord:
 
 @dataclass
 class ImageIndex:
-    """Every image of a data folder, in extraction order."""
+    """Every image of a data folder (or of a manifest, images/manifest.py), in extraction
+    order; record paths are relative to ``root``."""
 
     root: Path
     records: list[ImageRecord]
@@ -74,6 +75,9 @@ class ImageIndex:
     layout: str  # "classes" or "splits"
     ignored: list[str] = field(default_factory=list)
     first: int = 0  # position of records[0] in the whole folder's list (> 0 for a shard)
+    manifest: Path | None = None  # the CSV the records were read from (None: a folder)
+    manifest_sha256: str | None = None
+    notes: dict[str, str] = field(default_factory=dict)  # path -> said when it is skipped
 
     def positions(self, paths: Sequence[str]) -> list[int]:
         """Each path's position in the whole folder's list (forward batches follow it)."""
