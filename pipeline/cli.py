@@ -136,9 +136,12 @@ def predict_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="fit_head/finetune output folder, or an exported FILE.keras")
     p.add_argument("images", nargs="*", metavar="IMAGES_OR_DIR",
                    help="image files and/or folders (walked recursively, sorted)")
-    p.add_argument("--out", default="predictions.csv",
-                   help="CSV to write (default: predictions.csv); unreadable files go to "
-                   "<stem>.skipped.csv")
+    p.add_argument("--out", default=None,
+                   help="CSV to write (default: predictions.csv, or none when only "
+                   "--embeddings is given); unreadable files go to <stem>.skipped.csv")
+    p.add_argument("--embeddings", default=None, metavar="OUT.h5|.npy|.parquet",
+                   help="also write the features the head reads (the recorded frozen base, "
+                   "layer and pooling) with their paths; without --out, only these")
     p.add_argument("--top-k", type=int, default=None, help="add top1..topK class/value columns")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--workers", type=int, default=0, help="decode threads (0: auto)")
@@ -422,11 +425,13 @@ def predict_main(argv: Sequence[str] | None = None) -> int:
     export = options.pop("export")
 
     def command() -> int:
+        from pipeline.predict import PredictConfig, predictions_out, run_predict
+
         if args.images:
-            check_output("--out", args.out)
+            check_output("--out", predictions_out(args.out, args.embeddings))
+            check_output("--embeddings", args.embeddings)
         check_output("--export", export)
         from pipeline.export import export_model
-        from pipeline.predict import PredictConfig, run_predict
 
         if export is not None:
             path = export_model(args.model, export)

@@ -1,10 +1,11 @@
-"""Embeddings out: export_features writes .h5 / .npy / .parquet that read back to the
-cache's rows, row i always path i."""
+"""Embeddings out: predict --embeddings and export_features write .h5 / .npy / .parquet that
+read back to the cache's rows (or the base's forward pass), row i always path i."""
 
 from __future__ import annotations
 
 import csv
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -12,11 +13,11 @@ import h5py
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from conftest import index_pixel, write_index_images
+from conftest import bad_files, index_pixel, write_index_images
 
 from pipeline import embeddings as embeddings_module
 from pipeline.cache import read_cache
-from pipeline.cli import export_features_main
+from pipeline.cli import export_features_main, predict_main
 from pipeline.embeddings import (
     EmbeddingRows,
     EmbeddingsWriter,
@@ -26,6 +27,7 @@ from pipeline.embeddings import (
 )
 from pipeline.extract import ExtractConfig, run_extract
 from pipeline.fit import FitConfig, run_fit
+from pipeline.predict import PredictConfig, run_predict, skipped_path
 
 FORMATS = [".h5", ".npy", ".parquet"]
 CLASSES = ("a", "b", "c")
@@ -185,6 +187,80 @@ def test_export_of_a_chosen_layer_of_a_multi_layer_cache(tmp_path):
             np.testing.assert_array_equal(row, scale * colour_of(path, index))
         assert got["attrs"]["layer"] == (layer or "first")
         assert json.loads(got["attrs"]["layers"]) == [layer or "first"]
+
+
+@pytest.mark.parametrize("suffix", FORMATS)
+def test_predict_embeddings_equal_the_cached_features(setup, tmp_path, capsys, suffix):
+    data, index, cache_path, model = setup
+    out, emb = tmp_path / "p.csv", tmp_path / f"emb{suffix}"
+    assert predict_main([str(model), str(data), "--out", str(out), "--embeddings", str(emb),
+                         "--batch-size", "5"]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith("predict: done. 18 images") and f"predictions in {out}" in last
+    assert f"embeddings in {emb}" in last
+    got = read_back(emb)
+    with open(out, newline="", encoding="utf-8") as f:
+        predicted = list(csv.DictReader(f))
+    assert got["path"] == [row["path"] for row in predicted]
+    if suffix == ".h5":  # one forward pass for both outputs: the same predictions as without
+        run_predict(PredictConfig(str(model), [str(data)], str(tmp_path / "q.csv")))
+        with open(tmp_path / "q.csv", newline="", encoding="utf-8") as f:
+            assert list(csv.DictReader(f)) == predicted
+    cache = read_cache(cache_path)
+    cached = dict(zip(cache.paths, cache.features, strict=True))
+    relative = [Path(p).relative_to(data).as_posix() for p in got["path"]]
+    assert sorted(relative) == sorted(cache.paths)
+    np.testing.assert_allclose(got["features"], np.stack([cached[r] for r in relative]), **TOL)
+    for row, path in zip(got["features"], relative, strict=True):
+        np.testing.assert_allclose(row, colour_of(path, index), **TOL)
+    if suffix != ".npy":
+        assert got["attrs"]["base"] == cache.attrs["base"]
+        assert got["attrs"]["source"] == str(model)
+
+
+def test_embeddings_alone_write_no_csv_and_list_skipped_files(setup, tmp_path, monkeypatch):
+    data, index, _, model = setup
+    mixed = tmp_path / "mixed"
+    shutil.copytree(data, mixed)
+    expected = bad_files(mixed / "train" / "b")
+    monkeypatch.chdir(tmp_path)
+    emb = tmp_path / "out" / "emb.npy"
+    result = run_predict(PredictConfig(str(model), [str(mixed)], embeddings=str(emb),
+                                       batch_size=4))
+    assert result.out is None and not (tmp_path / "predictions.csv").exists()
+    assert result.embeddings == emb and result.n_predicted == 18
+    assert {Path(p).name for p, _ in result.skipped} == set(expected)
+    assert result.skipped_out == skipped_path(emb) == tmp_path / "out" / "emb.skipped.csv"
+    got = read_back(emb)
+    assert not any(Path(p).name in expected for p in got["path"])
+    for row, path in zip(got["features"], got["path"], strict=True):
+        np.testing.assert_allclose(row, colour_of(Path(path).relative_to(mixed).as_posix(),
+                                                  index), **TOL)
+
+
+@pytest.mark.parametrize("flag_value, message", [
+    ("x.csv", "error: `--embeddings` must end in .h5, .npy or .parquet. "
+              "Received: --embeddings='x.csv'"),
+    ("p.npy", "error: `--out` and `--embeddings` must name different files."),
+])
+def test_predict_refuses_bad_embeddings_before_any_work(setup, tmp_path, capsys, monkeypatch,
+                                                        flag_value, message):
+    data, _, _, model = setup
+    monkeypatch.chdir(tmp_path)
+    argv = [str(model), str(data), "--out", "p.rows.csv", "--embeddings", flag_value]
+    assert predict_main(argv) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith(message)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_predict_refuses_embeddings_of_an_end_to_end_model(setup, tmp_path):
+    data, _, _, _ = setup
+    folder = tmp_path / "finetuned"
+    folder.mkdir()
+    (folder / "head.json").write_text(json.dumps({"kind": "end-to-end", "source": "m/dense"}))
+    with pytest.raises(ValueError, match=r"made from m/dense\). Received: model="):
+        run_predict(PredictConfig(str(folder), [str(data)], embeddings=str(tmp_path / "e.h5")))
+    assert not (tmp_path / "e.h5").exists()
 
 
 @pytest.mark.parametrize("suffix", FORMATS)
