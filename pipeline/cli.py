@@ -21,6 +21,7 @@ __all__ = [
     "check_output",
     "compare_main",
     "demo_main",
+    "export_features_main",
     "extract_main",
     "finetune_main",
     "fit_head_main",
@@ -147,9 +148,12 @@ def predict_parser() -> argparse.ArgumentParser:
                    help="image files, folders (walked recursively, sorted) and/or lists of "
                    "paths: a .txt file (one per line) or a .csv file with a path column; "
                    "a list's paths are relative to its folder, or absolute")
-    p.add_argument("--out", default="predictions.csv",
-                   help="CSV to write (default: predictions.csv); unreadable files go to "
-                   "<stem>.skipped.csv")
+    p.add_argument("--out", default=None,
+                   help="CSV to write (default: predictions.csv, or none when only "
+                   "--embeddings is given); unreadable files go to <stem>.skipped.csv")
+    p.add_argument("--embeddings", default=None, metavar="OUT.h5|.npy|.parquet",
+                   help="also write the features the head reads (the recorded frozen base, "
+                   "layer and pooling) with their paths; without --out, only these")
     p.add_argument("--top-k", type=int, default=None, help="add top1..topK class/value columns")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--workers", type=int, default=0, help="decode threads (0: auto)")
@@ -158,6 +162,26 @@ def predict_parser() -> argparse.ArgumentParser:
     p.add_argument("--export", default=None, metavar="FILE.keras",
                    help="save the dense head + frozen base as one end-to-end model "
                    "(FILE.keras + FILE.json); no images needed")
+    return p
+
+
+def export_features_parser() -> argparse.ArgumentParser:
+    """Arguments of ``export_features.py``."""
+    p = argparse.ArgumentParser(
+        prog="export_features.py",
+        description="Write the rows of an extract cache (path, label, label_id, split, "
+        "features) as Parquet, NumPy or HDF5, for pandas, Polars, FAISS or a vector "
+        "database. Streams the cache; writes the file whole or not at all.",
+    )
+    p.add_argument("cache", metavar="CACHE.h5", help="an .h5 cache written by extract.py")
+    p.add_argument("out", metavar="OUT",
+                   help="OUT.parquet | OUT.npy (+ OUT.rows.csv naming the rows) | OUT.h5")
+    p.add_argument("--layer", default=None,
+                   help="which stored layer to export (extract --layer a,b,c; default: first)")
+    p.add_argument("--split", default=None,
+                   help="export only this split (train, validation, test; default: all rows)")
+    p.add_argument("--log-every", type=float, default=30.0,
+                   help="seconds between progress lines when not on a terminal")
     return p
 
 
@@ -413,11 +437,13 @@ def predict_main(argv: Sequence[str] | None = None) -> int:
     export = options.pop("export")
 
     def command() -> int:
+        from pipeline.predict import PredictConfig, predictions_out, run_predict
+
         if args.images:
-            check_output("--out", args.out)
+            check_output("--out", predictions_out(args.out, args.embeddings))
+            check_output("--embeddings", args.embeddings)
         check_output("--export", export)
         from pipeline.export import export_model
-        from pipeline.predict import PredictConfig, run_predict
 
         if export is not None:
             path = export_model(args.model, export)
@@ -430,6 +456,21 @@ def predict_main(argv: Sequence[str] | None = None) -> int:
         return 0
 
     return _run("predict", command)
+
+
+def export_features_main(argv: Sequence[str] | None = None) -> int:
+    """``export_features.py``: cache -> .parquet | .npy | .h5 of its rows."""
+    args = export_features_parser().parse_args(argv)
+
+    def command() -> int:
+        check_output("OUT", args.out)
+        from pipeline.embeddings import ExportConfig, export_features
+
+        result = export_features(ExportConfig(**vars(args)))
+        print(result.summary(), flush=True)
+        return 0
+
+    return _run("export-features", command)
 
 
 def finetune_main(argv: Sequence[str] | None = None) -> int:

@@ -1,4 +1,4 @@
-"""A trained model on new images -> one CSV of predictions.
+"""A trained model on new images -> one CSV of predictions, and/or the images' features.
 
 The model (a fit_head folder, a finetune folder or an exported ``X.keras``) is found and
 loaded by :mod:`pipeline.predictor` with the configuration recorded with it, so decoding,
@@ -20,6 +20,14 @@ that does not exist (reason: ``listed in LIST line N but not found``), as extrac
 a manifest's. A run that can read
 no image at all is an error and writes nothing; a file named as an image that is plainly
 something else (an HDF5 cache, a ``.keras`` zip, a text file) is said to be so.
+
+``--embeddings OUT.h5|.npy|.parquet`` also writes the features the head reads (the frozen
+base rebuilt from the model's recorded cache attributes: same layer, pooling, size and
+dtype as the cache it was trained on), row i for the i-th image read, in the formats of
+:mod:`pipeline.embeddings`; one forward pass serves both outputs. Given without ``--out``,
+only the embeddings are written (no predictions CSV), and unreadable files are listed in
+``<embeddings stem>.skipped.csv``. End-to-end models (finetune folders, exported
+``.keras``) have no separate features and are refused.
 """
 
 from __future__ import annotations
@@ -29,16 +37,19 @@ import logging
 import os
 import time
 from collections.abc import Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 # export_model and check_exportable lived here before export.py: re-exported for old callers.
+from pipeline.embeddings import EmbeddingRows, EmbeddingsWriter, check_embeddings_path, rows_path
 from pipeline.export import check_exportable, export_model
 from pipeline.images import IMAGE_EXTENSIONS, image_files, is_list_file, read_path_list
 from pipeline.interrupts import deferred
-from pipeline.predictor import END_TO_END, Predictor, load_predictor, locate_model
+from pipeline.predictor import END_TO_END, ModelFiles, Predictor, load_predictor, locate_model
 from pipeline.progress import Progress, format_duration
 
 __all__ = [
@@ -50,6 +61,7 @@ __all__ = [
     "export_model",
     "list_images",
     "load_predictor",
+    "predictions_out",
     "run_predict",
     "skipped_path",
 ]
@@ -64,23 +76,25 @@ class PredictConfig:
 
     model: str
     images: list[str] = field(default_factory=list)
-    out: str = "predictions.csv"
+    out: str | None = None  # None: predictions.csv, or no CSV when only embeddings are asked
     top_k: int | None = None
     batch_size: int = 32
     workers: int = 0
     log_every: float = 30.0
+    embeddings: str | None = None
 
 
 @dataclass
 class PredictResult:
     """What one predict run did."""
 
-    out: Path
+    out: Path | None  # None: no predictions CSV (embeddings only)
     n_predicted: int
     skipped: list[tuple[str, str]]
     skipped_out: Path | None
     kind: str
     seconds: float
+    embeddings: Path | None = None
 
     def summary(self) -> str:
         """The one-line summary printed last."""
@@ -90,10 +104,15 @@ class PredictResult:
             if self.skipped
             else "none skipped"
         )
+        written = [f"predictions in {self.out}"] if self.out is not None else []
+        if self.embeddings is not None:
+            beside = (f" (+ rows in {rows_path(self.embeddings)})"
+                      if self.embeddings.suffix.lower() == ".npy" else "")
+            written.append(f"embeddings in {self.embeddings}{beside}")
         return (
             f"predict: done. {self.n_predicted} images with the {self.kind} model in "
             f"{format_duration(self.seconds)} ({rate:.1f} img/s), {skipped}; "
-            f"predictions in {self.out}"
+            + "; ".join(written)
         )
 
 
@@ -215,6 +234,14 @@ def skipped_path(out: str | os.PathLike) -> Path:
     return out.with_name(f"{out.stem}.skipped.csv")
 
 
+def predictions_out(out: str | None, embeddings: str | None) -> str | None:
+    """The predictions CSV to write: ``out``; by default predictions.csv, none when only
+    ``--embeddings`` is asked for."""
+    if out is not None:
+        return out
+    return None if embeddings is not None else "predictions.csv"
+
+
 def _validate(config: PredictConfig) -> None:
     if not isinstance(config.batch_size, int) or config.batch_size < 1:
         raise ValueError(f"`batch_size` must be >= 1. Received: batch_size={config.batch_size}")
@@ -224,6 +251,34 @@ def _validate(config: PredictConfig) -> None:
         raise ValueError(f"`workers` must be >= 0 (0: auto). Received: workers={config.workers}")
     if config.log_every <= 0:
         raise ValueError(f"`log_every` must be > 0. Received: log_every={config.log_every}")
+    if config.embeddings is not None:
+        check_embeddings_path(config.embeddings)
+        out = predictions_out(config.out, config.embeddings)
+        taken = {Path(config.embeddings).resolve(), rows_path(config.embeddings).resolve()}
+        if out is not None and Path(out).resolve() in taken:
+            raise ValueError(
+                f"`--out` and `--embeddings` must name different files. "
+                f"Received: --out={out!r}, --embeddings={config.embeddings!r}"
+            )
+
+
+def _check_embeddings(located: ModelFiles, embeddings: str | None, model: str) -> None:
+    """Refuse ``--embeddings`` for an end-to-end model, before it is loaded.
+
+    Raises:
+        ValueError: the model is a finetune folder or an exported ``.keras``: its head
+            reads no stored features (a fine-tuned base computes other ones).
+    """
+    if embeddings is None or located.meta.get("kind") != END_TO_END:
+        return
+    source = located.meta.get("source")
+    hint = f" (this one was made from {source})" if source else ""
+    raise ValueError(
+        "`--embeddings` needs a fit_head model folder, whose frozen base is rebuilt from "
+        "the recorded cache attributes; an end-to-end model (finetune folder, exported "
+        f".keras) has no separate features. Use the fit_head folder it came from{hint}. "
+        f"Received: model={model!r}"
+    )
 
 
 def _header(predictor: Predictor, top_k: int) -> list[str]:
@@ -259,11 +314,13 @@ def run_predict(config: PredictConfig) -> PredictResult:
        a fit_head folder the frozen feature model is rebuilt from the recorded cache
        attributes.
     5. ``_check_top_k``: ``top_k`` against the model's classes.
-    6. ``_write_predictions``: decode images in threads with
+    6. ``_write_outputs``: decode images in threads with
        :func:`pipeline.images.batches.decoded_batches` at the recorded size and
-       interpolation, score each batch, stream rows into a temporary CSV that replaces
-       ``out`` only when complete.
-    7. ``_write_skipped``: list unreadable files in ``<out stem>.skipped.csv``.
+       interpolation, run each batch through the base (and the head when predictions are
+       written), stream rows into a temporary CSV and/or embeddings file that replace
+       ``out`` and ``embeddings`` only when complete.
+    7. ``_write_skipped``: list unreadable files in ``<out stem>.skipped.csv`` (the
+       embeddings' stem when no CSV is written).
 
     Args:
         config: the model, the images and the output options.
@@ -274,29 +331,35 @@ def run_predict(config: PredictConfig) -> PredictResult:
     Raises:
         ValueError: a bad argument, model or image list (Keras-style message): files
             named that are plainly no images (HDF5, zip, text) only, or no image that
-            could be read (then nothing is written).
+            could be read (then nothing is written); ``--embeddings`` with an unknown
+            extension or an end-to-end model.
         FileNotFoundError: a model folder's head files are incomplete.
     """
     _validate(config)
     located = locate_model(config.model)
+    _check_embeddings(located, config.embeddings, config.model)
     paths, rejected = _images(inputs=config.images)
     with deferred():  # Ctrl-C while the model is built stops right after it
         predictor = load_predictor(located)
     top_k = _check_top_k(top_k=config.top_k, n_classes=len(predictor.class_names))
-    out = Path(config.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    csv_name = predictions_out(config.out, config.embeddings)
+    out = None if csv_name is None else Path(csv_name)
+    embeddings = None if config.embeddings is None else Path(config.embeddings)
+    for target in (out, embeddings):
+        if target is not None:
+            target.parent.mkdir(parents=True, exist_ok=True)
     log.info("predict: %d images, %s model %s (%d classes), input %dx%d %s -> %s",
              len(paths), predictor.kind, config.model, len(predictor.class_names),
-             *predictor.input_size, predictor.interpolation, out)
+             *predictor.input_size, predictor.interpolation,
+             ", ".join(str(t) for t in (out, embeddings) if t is not None))
     start = time.monotonic()
     skipped = [(str(p), reason) for p, reason in rejected.items()]
-    n_predicted = _write_predictions(
-        out=out, paths=paths, predictor=predictor, top_k=top_k, config=config, skipped=skipped
-    )
-    skipped_out = _write_skipped(out, skipped)
-    return PredictResult(
-        out, n_predicted, skipped, skipped_out, predictor.kind, time.monotonic() - start
-    )
+    n_predicted = _write_outputs(out=out, embeddings=embeddings, paths=paths,
+                                 predictor=predictor, top_k=top_k, config=config,
+                                 skipped=skipped)
+    skipped_out = _write_skipped(out or embeddings, skipped)
+    return PredictResult(out, n_predicted, skipped, skipped_out, predictor.kind,
+                         time.monotonic() - start, embeddings)
 
 
 def _images(*, inputs: Sequence[str | os.PathLike]) -> tuple[list[Path], dict[Path, str]]:
@@ -338,32 +401,34 @@ def _check_top_k(*, top_k: int | None, n_classes: int) -> int:
     return top_k
 
 
-def _write_predictions(
+def _write_outputs(
     *,
-    out: Path,
+    out: Path | None,
+    embeddings: Path | None,
     paths: Sequence[Path],
     predictor: Predictor,
     top_k: int,
     config: PredictConfig,
     skipped: list[tuple[str, str]],
 ) -> int:
-    """Decode ``paths`` ahead, score each batch and write its rows to the CSV ``out``.
+    """Decode ``paths`` ahead and write each batch's predictions to the CSV ``out`` and/or
+    its features to ``embeddings`` (either may be None, not both).
 
-    ``out`` is written whole or not at all; unreadable files are appended to ``skipped``;
-    progress is logged.
+    Each output is written whole or not at all; unreadable files are appended to
+    ``skipped``; progress is logged.
 
     Returns:
-        The number of rows (images predicted).
+        The number of rows (images read).
 
     Raises:
-        ValueError: no image could be read; ``out`` is left as it was.
+        ValueError: no image could be read; the outputs are left as they were.
     """
     from pipeline.images.batches import decoded_batches
     from pipeline.util.files import replace_atomically
 
     n_predicted = 0
 
-    def write(tmp: Path) -> None:
+    def write(tmp: Path | None) -> None:
         nonlocal n_predicted
         progress = Progress(len(paths), "predict", log_every=config.log_every)
         batches = decoded_batches(
@@ -374,32 +439,62 @@ def _write_predictions(
             workers=config.workers,
         )
         try:
-            with open(tmp, "w", newline="", encoding="utf-8") as f:
-                writer = csv.writer(f)
-                writer.writerow(_header(predictor, top_k))
+            with ExitStack() as outputs:
+                writer = None
+                if tmp is not None:
+                    writer = csv.writer(outputs.enter_context(
+                        open(tmp, "w", newline="", encoding="utf-8")))
+                    writer.writerow(_header(predictor, top_k))
+                features_out = None if embeddings is None else outputs.enter_context(
+                    EmbeddingsWriter(embeddings, attrs=predictor.feature_attrs or {},
+                                     source=config.model))
                 for batch in batches:
                     skipped.extend((str(paths[i]), reason) for i, reason in batch.skipped)
                     if batch.indices:
-                        predicted, values = predictor.predict_batch(batch.images)
                         done = [str(paths[i]) for i in batch.indices]
-                        writer.writerows(
-                            _rows(done, predicted, values, predictor.class_names, top_k)
-                        )
+                        _score(batch.images, done, predictor=predictor, writer=writer,
+                               features_out=features_out, top_k=top_k)
                         n_predicted += len(batch.indices)
                     progress.update(len(batch.indices) + len(batch.skipped))
+                if not n_predicted:  # raised inside: no header-only or empty file is left
+                    path, reason = skipped[0]
+                    targets = [str(t) for t in (out, embeddings) if t is not None]
+                    raise ValueError(
+                        f"No image could be read, so nothing was predicted and "
+                        f"{' and '.join(targets)} {'was' if len(targets) == 1 else 'were'} "
+                        f"not written. First of {len(skipped)} unreadable: {path}: {reason}. "
+                        f"Received: images={_shown(config.images)}"
+                    )
         finally:
             batches.close()
             progress.close()
-        if not n_predicted:  # raised before the rename: no header-only CSV is left
-            path, reason = skipped[0]
-            raise ValueError(
-                f"No image could be read, so nothing was predicted and {out} was not "
-                f"written. First of {len(skipped)} unreadable: {path}: {reason}. "
-                f"Received: images={_shown(config.images)}"
-            )
 
-    replace_atomically(out, write)
+    if out is None:
+        write(None)
+    else:
+        replace_atomically(out, write)
     return n_predicted
+
+
+def _score(
+    images: np.ndarray,
+    done: list[str],
+    *,
+    predictor: Predictor,
+    writer: Any,
+    features_out: EmbeddingsWriter | None,
+    top_k: int,
+) -> None:
+    """One decoded batch: its features to ``features_out`` and/or its rows to ``writer``."""
+    if features_out is not None:
+        features = predictor.embed_batch(images)
+        features_out.append(EmbeddingRows(done, features))
+        if writer is None:
+            return  # embeddings only: the head is not run
+        predicted, values = predictor.score_features(features)
+    else:
+        predicted, values = predictor.predict_batch(images)
+    writer.writerows(_rows(done, predicted, values, predictor.class_names, top_k))
 
 
 def _write_skipped(out: Path, skipped: list[tuple[str, str]], limit: int = 20) -> Path | None:

@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.cache.schema import layer_attrs
 from pipeline.util.files import read_json
 
 __all__ = [
@@ -52,6 +53,12 @@ class Predictor:
     ``predict_batch(images)`` takes ``(n, H, W, 3)`` float32 RGB in 0..255 (it may
     preprocess them in place) and returns ``(predicted, values)``: column indices of the
     predicted classes ``(n,)`` and one value per class ``(n, n_classes)``.
+
+    A bottleneck model also splits that in two, so the features can be kept (predict
+    ``--embeddings``): ``embed_batch(images)`` gives the features the head reads, in the
+    cache's dtype, and ``score_features(features)`` what ``predict_batch`` gives.
+    ``feature_attrs`` are the cache attributes that define those features. End-to-end
+    models have none of the three (None).
     """
 
     kind: str  # a HEADS name or END_TO_END
@@ -60,6 +67,9 @@ class Predictor:
     interpolation: str
     value_prefix: str  # "p" (probabilities) or "score" (decision function)
     predict_batch: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
+    embed_batch: Callable[[np.ndarray], np.ndarray] | None = None
+    score_features: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]] | None = None
+    feature_attrs: dict[str, Any] | None = None
 
 
 @dataclass
@@ -196,9 +206,12 @@ def _bottleneck_predictor(located: ModelFiles) -> Predictor:
     dtype = attrs.get("dtype", "float32")
     has_proba = hasattr(head, "predict_proba")
 
-    def predict_batch(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        # Round through the cache dtype, as fit_head saw the features (float16 caches).
-        X = feature_model.features(images).astype(dtype).astype(np.float32)
+    def embed_batch(images: np.ndarray) -> np.ndarray:
+        # In the cache dtype: the features exactly as fit_head saw them (float16 caches).
+        return feature_model.features(images).astype(dtype)
+
+    def score_features(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        X = features.astype(np.float32)
         if isinstance(head, DenseHead):
             values = head.predict_proba(X)
             return np.argmax(values, axis=1), values
@@ -213,7 +226,11 @@ def _bottleneck_predictor(located: ModelFiles) -> Predictor:
         input_size=feature_model.input_size,
         interpolation=recorded("interpolation", attrs),
         value_prefix="p" if has_proba else "score",
-        predict_batch=predict_batch,
+        predict_batch=lambda images: score_features(embed_batch(images)),
+        embed_batch=embed_batch,
+        score_features=score_features,
+        # The features are the first recorded layer's, whatever else the cache held.
+        feature_attrs=layer_attrs(attrs),
     )
 
 

@@ -33,6 +33,7 @@ from pipeline.cache.schema import (
     decode_attrs,
     feature_dataset,
     identity_differences,
+    layer_attrs,
     partial_path,
 )
 from pipeline.cache.writer import CacheWriter
@@ -53,6 +54,7 @@ __all__ = [
     "decode_attrs",
     "feature_dataset",
     "identity_differences",
+    "layer_attrs",
     "merge_parts",
     "open_cache",
     "partial_path",

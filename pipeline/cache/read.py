@@ -20,6 +20,7 @@ from pipeline.cache.schema import (
     CacheError,
     decode_attrs,
     feature_dataset,
+    layer_attrs,
     open_file,
     partial_path,
 )
@@ -183,7 +184,7 @@ def read_cache(
         name = feature_dataset(attrs, layer)
         augmented_name = feature_dataset(attrs, layer, augmented=True)
         if layer is not None:
-            attrs = {**attrs, "layer": layer, "layers": [layer]}
+            attrs = layer_attrs(attrs, layer)
         try:
             cache = Cache(
                 features=f[name][: n if features else 0],

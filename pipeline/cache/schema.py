@@ -60,6 +60,7 @@ __all__ = [
     "extra_datasets",
     "feature_dataset",
     "identity_differences",
+    "layer_attrs",
     "open_file",
     "partial_path",
 ]
@@ -216,6 +217,13 @@ def feature_dataset(attrs: dict[str, Any], layer: str | None, *, augmented: bool
             f"Received: layer={layer!r}"
         )
     return f"{prefix}layers/{layer}"
+
+
+def layer_attrs(attrs: dict[str, Any], layer: str | None = None) -> dict[str, Any]:
+    """``attrs`` describing one stored layer alone (``layer``, ``layers``; None: the first),
+    so whatever records them names the base that computes exactly those features."""
+    name = layer if layer is not None else list(attrs.get("layers") or [attrs.get("layer")])[0]
+    return {**attrs, "layer": name, "layers": [name]}
 
 
 def extra_datasets(attrs: dict[str, Any], augmented: bool = False) -> list[str]:

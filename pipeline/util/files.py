@@ -17,7 +17,15 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["file_sha256", "json_default", "read_json", "replace_atomically", "write_json_atomic"]
+__all__ = [
+    "file_sha256",
+    "json_default",
+    "move_into_place",
+    "read_json",
+    "replace_atomically",
+    "temp_beside",
+    "write_json_atomic",
+]
 
 
 def replace_atomically(path: Path, write: Callable[[Path], None]) -> Path:
@@ -32,20 +40,39 @@ def replace_atomically(path: Path, write: Callable[[Path], None]) -> Path:
     Returns:
         ``path``.
     """
-    # Same folder (os.replace is atomic only within a filesystem); same suffix, because
-    # Keras refuses to save a model to a name not ending in ".keras".
-    tmp = path.with_name(f".{path.stem}.{uuid.uuid4().hex[:8]}.tmp{path.suffix}")
+    tmp = temp_beside(path)
     try:
         write(tmp)
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
+        move_into_place(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    return path
+
+
+def temp_beside(path: Path) -> Path:
+    """A new temporary name for writing ``path``: hidden, in its folder, with its suffix.
+
+    For writers that stream into a file over a long loop and move it into place with
+    :func:`move_into_place` only when it is complete (:func:`replace_atomically` does both).
+    """
+    # Same folder (os.replace is atomic only within a filesystem); same suffix, because
+    # Keras refuses to save a model to a name not ending in ".keras".
+    return path.with_name(f".{path.stem}.{uuid.uuid4().hex[:8]}.tmp{path.suffix}")
+
+
+def move_into_place(tmp: Path, path: Path) -> Path:
+    """Flush the complete file ``tmp`` to disk, then rename it over ``path`` (atomic).
+
+    Returns:
+        ``path``.
+    """
+    fd = os.open(tmp, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
     return path
 
 
