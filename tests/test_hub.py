@@ -163,3 +163,30 @@ def test_random_weights_from_a_preset_config(presets):
     x = np.random.default_rng(0).uniform(0, 255, (2, 32, 32, 3)).astype(np.float32)
     again = build_feature_model(str(presets["vit"]), weights="none", pooling="cls", seed=4)
     np.testing.assert_array_equal(fm.features(x), again.features(x))  # seeded
+
+
+def test_a_head_on_a_hub_cache_predicts_new_images_as_on_its_cached_rows(tmp_path, presets,
+                                                                         data):
+    """fit_head and predict work on these caches unchanged: predict rebuilds the preset
+    (converter inside the model, token pooling) and gives the head's cached-row answers."""
+    import csv
+
+    from pipeline.fit import FitConfig, run_fit
+    from pipeline.heads import load_head
+    from pipeline.predict import PredictConfig, run_predict
+
+    cache_path = tmp_path / "c.h5"
+    run_extract(ExtractConfig(str(data), str(presets["dino"]), pooling="cls+mean",
+                              batch_size=4, out=str(cache_path)))
+    model_dir, _ = run_fit(FitConfig(str(cache_path), head="logreg", out=str(tmp_path / "m")))
+    cache = read_cache(cache_path)
+    expected = load_head(model_dir).predict_proba(np.asarray(cache.features, np.float32))
+    run_predict(PredictConfig(str(model_dir), [str(data)], str(tmp_path / "p.csv"),
+                              batch_size=4))
+    with open(tmp_path / "p.csv", newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == len(cache.paths)
+    for row in rows:
+        i = cache.paths.index(Path(row["path"]).relative_to(data).as_posix())
+        got = [float(row[f"p_{c}"]) for c in cache.class_names]
+        np.testing.assert_allclose(got, expected[i], rtol=1e-4, atol=1e-5)
