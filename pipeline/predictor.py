@@ -247,6 +247,9 @@ def _end_to_end_predictor(located: ModelFiles) -> Predictor:
     names = _column_names(classes, meta.get("class_names") or attrs.get("class_names"))
     if located.keras_file is None or not located.keras_file.is_file():
         raise ValueError(f"{located.folder} has no model.keras. Received: model={located.folder}")
+    from pipeline.bases.pooling import register_custom_layers
+
+    register_custom_layers(located.keras_file)
     model = keras.models.load_model(located.keras_file, compile=False, safe_mode=True)
     fixed = tuple(model.input_shape[1:3])
     if None not in fixed and fixed != size:

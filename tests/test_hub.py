@@ -190,3 +190,30 @@ def test_a_head_on_a_hub_cache_predicts_new_images_as_on_its_cached_rows(tmp_pat
         i = cache.paths.index(Path(row["path"]).relative_to(data).as_posix())
         got = [float(row[f"p_{c}"]) for c in cache.class_names]
         np.testing.assert_allclose(got, expected[i], rtol=1e-4, atol=1e-5)
+
+
+def test_an_exported_hub_base_and_head_predicts_as_the_model_folder(tmp_path, presets, data):
+    """fit_head --export writes converter + backbone + token pooling + head as one .keras
+    file; predict loads it (keras-hub and TokenPooling registered) with the same answers."""
+    import csv
+
+    from pipeline.cli import fit_head_main, predict_main
+
+    cache = tmp_path / "c.h5"
+    run_extract(ExtractConfig(str(data), str(presets["dino"]), pooling="cls+mean",
+                              out=str(cache)))
+    exported = tmp_path / "e2e.keras"
+    assert fit_head_main([str(cache), "--head", "dense", "--epochs", "2", "--out",
+                          str(tmp_path / "m"), "--export", str(exported)]) == 0
+    tables = []
+    for model in (tmp_path / "m", exported):
+        out = tmp_path / f"{model.stem}.csv"
+        assert predict_main([str(model), str(data), "--out", str(out)]) == 0
+        with open(out, newline="", encoding="utf-8") as f:
+            tables.append(list(csv.DictReader(f)))
+    folder, single = tables
+    assert [r["path"] for r in folder] == [r["path"] for r in single]
+    for a, b in zip(folder, single, strict=True):
+        assert a["predicted"] == b["predicted"]
+        np.testing.assert_allclose([float(a["p_a"]), float(a["p_b"])],
+                                   [float(b["p_a"]), float(b["p_b"])], rtol=1e-4, atol=1e-5)

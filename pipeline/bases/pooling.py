@@ -3,11 +3,13 @@ transformer tokens (class token, mean of the patch tokens, both)."""
 
 from __future__ import annotations
 
+import os
+import zipfile
 from typing import Any
 
 import keras
 
-__all__ = ["TokenPooling", "pooled"]
+__all__ = ["TokenPooling", "pooled", "register_custom_layers"]
 
 
 @keras.saving.register_keras_serializable(package="bottleneck")
@@ -71,3 +73,26 @@ def pooled(x: Any, pooling: str, layer: str, index: int) -> Any:
     if pooling == "flatten" and rank > 2:
         return keras.layers.Flatten(name=f"bottleneck_flatten{suffix}")(x)
     return x
+
+
+def register_custom_layers(keras_file: str | os.PathLike) -> None:
+    """Make the classes a saved ``.keras`` model may hold loadable: ``TokenPooling`` (this
+    module, registered on import) and keras-hub's layers when the file uses them.
+
+    Why: an exported keras-hub base + head is one ``.keras`` file; ``load_model`` finds a
+    class only once its module has run. keras-hub is imported (seconds) only when the
+    file's config names it.
+    """
+    try:
+        with zipfile.ZipFile(keras_file) as archive:
+            uses_hub = b"keras_hub" in archive.read("config.json")
+    except (OSError, KeyError, zipfile.BadZipFile):
+        return  # load_model words what is wrong with the file
+    if uses_hub:
+        try:
+            import keras_hub  # noqa: F401 - registers its layers
+        except ImportError as exc:
+            raise ValueError(
+                f"{keras_file} holds a keras-hub backbone: pip install "
+                "'bottleneck-pipeline[hub]' to load it."
+            ) from exc

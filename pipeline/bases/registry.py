@@ -229,6 +229,9 @@ def build_application(spec: BaseSpec, weights: str, size: tuple[int, int], seed:
 def load_saved_base(path: Path, size: tuple[int, int] | None) -> tuple[Any, tuple[int, int]]:
     import keras
 
+    from pipeline.bases.pooling import register_custom_layers
+
+    register_custom_layers(path)
     # safe_mode refuses Lambda layers and arbitrary code in an untrusted file.
     model = keras.models.load_model(path, compile=False, safe_mode=True)
     shape = model.input_shape
