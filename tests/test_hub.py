@@ -29,7 +29,8 @@ def save_preset(backbone, folder: Path, size: int) -> Path:
 
 @pytest.fixture(scope="module")
 def presets(tmp_path_factory) -> dict[str, Path]:
-    """A DINOv2 with register tokens (a 2-block token model), a ViT and a ResNet."""
+    """A DINOv2 with register tokens (a 2-block token model), a ViT, a SigLIP vision tower
+    saved alone (no class token; a pooled head) and a ResNet."""
     import keras
 
     root = tmp_path_factory.mktemp("presets")
@@ -43,7 +44,11 @@ def presets(tmp_path_factory) -> dict[str, Path]:
         input_conv_filters=[64], input_conv_kernel_sizes=[3], stackwise_num_filters=[64, 16],
         stackwise_num_blocks=[1, 1], stackwise_num_strides=[1, 2], block_type="basic_block",
         use_pre_activation=False, image_shape=(32, 32, 3))
-    return {"dino": save_preset(dino, root / "dino", 28),
+    siglip = keras_hub.models.SigLIPVisionEncoder(
+        patch_size=8, hidden_dim=16, num_layers=2, num_heads=2, intermediate_dim=32,
+        image_shape=(32, 32, 3))
+    return {"siglip": save_preset(siglip, root / "siglip", 32),
+            "dino": save_preset(dino, root / "dino", 28),
             "vit": save_preset(vit, root / "vit", 32),
             "resnet": save_preset(resnet, root / "resnet", 32)}
 
@@ -217,3 +222,28 @@ def test_an_exported_hub_base_and_head_predicts_as_the_model_folder(tmp_path, pr
         assert a["predicted"] == b["predicted"]
         np.testing.assert_allclose([float(a["p_a"]), float(a["p_b"])],
                                    [float(b["p_a"]), float(b["p_b"])], rtol=1e-4, atol=1e-5)
+
+
+def test_a_siglip_vision_tower_pooled_head_and_its_blocks(tmp_path, presets, data):
+    """A tower saved alone loads (its converter read from image_converter.json); its pooled
+    head output is stored as is, its blocks' tokens are mean-pooled (no class token)."""
+    import keras
+
+    block = "sig_lip_vision_encoder_encoder_block_1"
+    out = tmp_path / "s.h5"
+    run_extract(ExtractConfig(str(data), str(presets["siglip"]), pooling="none",
+                              out=str(out)))
+    head = read_cache(out)
+    np.testing.assert_allclose(head.features,
+                               reference(presets["siglip"], data, head.paths, 32),
+                               rtol=1e-5, atol=1e-5)
+    out = tmp_path / "b.h5"
+    run_extract(ExtractConfig(str(data), str(presets["siglip"]), pooling="mean", layer=block,
+                              out=str(out)))
+    cache = read_cache(out)
+    tower = keras_hub.models.Backbone.from_preset(str(presets["siglip"]))
+    x = (np.stack([load_image(data / p, (32, 32)) for p in cache.paths])
+         * np.float32(SCALE) + np.float32(OFFSET))
+    tokens = keras.Model(tower.input, tower.get_layer(block).output).predict(
+        {"images": x} if isinstance(tower.input, dict) else x, verbose=0)
+    np.testing.assert_allclose(cache.features, tokens.mean(1), rtol=1e-5, atol=1e-5)

@@ -128,7 +128,7 @@ def load_hub_base(base: str, *, weights: str | None, input_size: tuple[int, int]
     try:
         backbone = keras_hub.models.Backbone.from_preset(
             handle, load_weights=weights != "none", **overrides)
-        converter = keras_hub.layers.ImageConverter.from_preset(handle)
+        converter = _converter_config(handle)
     except FileNotFoundError as exc:
         raise ValueError(
             f"The keras-hub preset {handle} lacks a file ({exc}). A preset folder needs "
@@ -154,7 +154,7 @@ def load_hub_base(base: str, *, weights: str | None, input_size: tuple[int, int]
     model = vision if vision is not None else backbone
     shape = model.input_shape
     shape = shape["images"] if isinstance(shape, dict) else shape
-    size = input_size or converter.image_size or shape[1:3]
+    size = input_size or converter.get("image_size") or shape[1:3]
     if size is None or None in tuple(size):
         raise ValueError(f"{handle} accepts any input size: pass --input-size. "
                          "Received: input_size=None")
@@ -167,11 +167,27 @@ def load_hub_base(base: str, *, weights: str | None, input_size: tuple[int, int]
         base_path=handle if Path(handle).is_dir() else "",
         weights_path="",
         hub_class=type(model).__name__,
-        hub_scale=_per_channel(converter.scale, 1.0),
-        hub_offset=_per_channel(converter.offset, 0.0),
+        hub_scale=_per_channel(converter.get("scale"), 1.0),
+        hub_offset=_per_channel(converter.get("offset"), 0.0),
     )
     return HubBase(model, (int(size[0]), int(size[1])), attrs["hub_scale"],
                    attrs["hub_offset"], attrs)
+
+
+def _converter_config(handle: str) -> dict[str, Any]:
+    """The preset's image converter settings (image_size, scale, offset), read from its
+    image_converter.json.
+
+    Why not ``ImageConverter.from_preset``: it resolves the converter class from the
+    backbone's, and a vision tower saved alone (SigLIP's, CLIP's) has none registered;
+    the settings are all this pipeline uses.
+    """
+    import json
+
+    from keras_hub.src.utils.preset_utils import get_file
+
+    with open(get_file(handle, "image_converter.json"), encoding="utf-8") as f:
+        return dict(json.load(f).get("config", {}))
 
 
 def _downloaded(keras_hub: Any, handle: str) -> Path:
