@@ -247,3 +247,31 @@ def test_a_siglip_vision_tower_pooled_head_and_its_blocks(tmp_path, presets, dat
     tokens = keras.Model(tower.input, tower.get_layer(block).output).predict(
         {"images": x} if isinstance(tower.input, dict) else x, verbose=0)
     np.testing.assert_allclose(cache.features, tokens.mean(1), rtol=1e-5, atol=1e-5)
+
+
+def test_finetune_unfreezes_the_whole_hub_backbone(tmp_path, presets, data):
+    """--unfreeze-from hub_backbone trains every backbone weight (its transformer blocks
+    inside one encoder layer cannot be unfrozen one by one yet) and saves a model predict
+    loads."""
+    import json
+
+    from pipeline.cli import finetune_main, predict_main
+
+    cache = tmp_path / "c.h5"
+    run_extract(ExtractConfig(str(data), str(presets["dino"]), pooling="cls", out=str(cache)))
+    head_dir = tmp_path / "m"
+    assert fit_head_main_ok(cache, head_dir)
+    out = tmp_path / "ft"
+    assert finetune_main([str(head_dir), "--unfreeze-from", "hub_backbone", "--epochs", "1",
+                          "--out", str(out)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["first_unfrozen_layer"] == "hub_backbone" and metrics["unfrozen_layers"] == 1
+    assert metrics["trainable_params"] > 0
+    assert predict_main([str(out), str(data), "--out", str(tmp_path / "p.csv")]) == 0
+
+
+def fit_head_main_ok(cache: Path, out: Path) -> bool:
+    from pipeline.cli import fit_head_main
+
+    return fit_head_main([str(cache), "--head", "dense", "--epochs", "2", "--out",
+                          str(out)]) == 0

@@ -259,7 +259,7 @@ def hub_feature_extractor(loaded: HubBase, layers: list[str], pooling: str) -> A
 
     model = loaded.backbone
     outputs = _outputs(model)
-    inner = keras.Model(model.input, [outputs[name] for name in layers])
+    inner = keras.Model(model.input, [outputs[name] for name in layers], name="hub_backbone")
     pixels = keras.Input((*loaded.size, 3), name="pixels")
     x = keras.layers.Rescaling(loaded.scale, loaded.offset, name="hub_image_converter")(pixels)
     found = inner({"images": x} if isinstance(model.input, dict) else x)

@@ -220,9 +220,11 @@ def _hub_feature_model(base: str, *, weights: str | None, input_size: tuple[int,
         )
     hub = load_hub_base(base, weights=weights, input_size=input_size, precision=precision,
                         seed=seed)
-    hub.backbone.trainable = False
     layers = hub_layers(layer, hub.backbone)
     feature = hub_feature_extractor(hub, layers, pooling)
+    # Frozen as a whole, so finetune's set_trainable can unfreeze "hub_backbone" again
+    # (freezing the backbone first would leave the extractor's copy of it frozen for good).
+    feature.trainable = False
     if jit != "auto":
         feature.jit_compile = jit == "on"
     loaded = _Base(hub.backbone, hub.size, "none", hub.attrs)

@@ -60,9 +60,12 @@ def unfreeze_start(model: Any, n_blocks: int | str) -> str:
     owners = block_owners([lyr.name for lyr in layers])
     blocks = list(dict.fromkeys(o for o in owners if o))
     if not blocks:
+        # A keras-hub backbone's transformer blocks sit inside one encoder layer.
+        hub = (" (a keras-hub base: --unfreeze-from hub_backbone trains all of it)"
+               if "hub_backbone" in [lyr.name for lyr in layers] else "")
         raise ValueError(
             f"Cannot tell the blocks of {getattr(model, 'name', 'the model')} from its layer "
-            "names: pass --unfreeze-from LAYER instead. Received: unfreeze_top_blocks="
+            f"names: pass --unfreeze-from LAYER instead{hub}. Received: unfreeze_top_blocks="
             f"{n_blocks}"
         )
     if n_blocks == "all":
