@@ -249,25 +249,36 @@ def test_a_siglip_vision_tower_pooled_head_and_its_blocks(tmp_path, presets, dat
     np.testing.assert_allclose(cache.features, tokens.mean(1), rtol=1e-5, atol=1e-5)
 
 
-def test_finetune_unfreezes_the_whole_hub_backbone(tmp_path, presets, data):
-    """--unfreeze-from hub_backbone trains every backbone weight (its transformer blocks
-    inside one encoder layer cannot be unfrozen one by one yet) and saves a model predict
-    loads."""
+def test_finetune_unfreezes_the_top_transformer_blocks(tmp_path, presets, data):
+    """--unfreeze-top-blocks N trains the top N blocks of the backbone's encoder (and the
+    norm after it), --unfreeze-from hub_backbone all of it; the model predict loads."""
     import json
 
+    from pipeline.bases import build_feature_model
     from pipeline.cli import finetune_main, predict_main
+    from pipeline.finetune import set_trainable, unfreeze_start
 
+    vit = build_feature_model(str(presets["vit"]), pooling="cls").model
+    assert unfreeze_start(vit, "all") == "hub_backbone/transformer_block_1"
     cache = tmp_path / "c.h5"
     run_extract(ExtractConfig(str(data), str(presets["dino"]), pooling="cls", out=str(cache)))
     head_dir = tmp_path / "m"
     assert fit_head_main_ok(cache, head_dir)
-    out = tmp_path / "ft"
-    assert finetune_main([str(head_dir), "--unfreeze-from", "hub_backbone", "--epochs", "1",
-                          "--out", str(out)]) == 0
-    metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["first_unfrozen_layer"] == "hub_backbone" and metrics["unfrozen_layers"] == 1
-    assert metrics["trainable_params"] > 0
+    params = {}
+    for flag, value in (("--unfreeze-top-blocks", "1"), ("--unfreeze-from", "hub_backbone")):
+        out = tmp_path / value
+        assert finetune_main([str(head_dir), flag, value, "--epochs", "1",
+                              "--out", str(out)]) == 0
+        metrics = json.loads((out / "metrics.json").read_text())
+        params[value] = metrics["trainable_params"]
+    assert metrics["first_unfrozen_layer"] == "hub_backbone"
+    assert 0 < params["1"] < params["hub_backbone"]
     assert predict_main([str(out), str(data), "--out", str(tmp_path / "p.csv")]) == 0
+    dino = build_feature_model(str(presets["dino"]), pooling="cls").model
+    assert set_trainable(dino, unfreeze_start(dino, 1)) == [
+        "hub_backbone/layers_1", "hub_backbone/dinov2_backbone_layernorm"]
+    with pytest.raises(ValueError, match=r"must be 1\.\.2 .*Received: unfreeze_top_blocks=3"):
+        unfreeze_start(dino, 3)
 
 
 def fit_head_main_ok(cache: Path, out: Path) -> bool:

@@ -56,36 +56,112 @@ def unfreeze_start(model: Any, n_blocks: int | str) -> str:
     Raises:
         ValueError: no blocks recognised, or ``n_blocks`` not in 1..number of blocks.
     """
+    hub = _hub_blocks(model)
+    if hub is not None:
+        blocks = hub[1]
+        count = _block_count(n_blocks, len(blocks), blocks[0].name, blocks[-1].name)
+        return f"{HUB_BACKBONE}/{blocks[-count].name}"
     layers = list(model.layers)
     owners = block_owners([lyr.name for lyr in layers])
     blocks = list(dict.fromkeys(o for o in owners if o))
     if not blocks:
-        # A keras-hub backbone's transformer blocks sit inside one encoder layer.
-        hub = (" (a keras-hub base: --unfreeze-from hub_backbone trains all of it)"
-               if "hub_backbone" in [lyr.name for lyr in layers] else "")
         raise ValueError(
             f"Cannot tell the blocks of {getattr(model, 'name', 'the model')} from its layer "
-            f"names: pass --unfreeze-from LAYER instead{hub}. Received: unfreeze_top_blocks="
+            "names: pass --unfreeze-from LAYER instead. Received: unfreeze_top_blocks="
             f"{n_blocks}"
         )
-    if n_blocks == "all":
-        n_blocks = len(blocks)
-    if (
-        isinstance(n_blocks, bool)
-        or not isinstance(n_blocks, (int, np.integer))
-        or not (1 <= n_blocks <= len(blocks))
-    ):
-        raise ValueError(
-            f"`unfreeze_top_blocks` must be 1..{len(blocks)} (or 'all'): the base has "
-            f"{len(blocks)} blocks, {blocks[0]} .. {blocks[-1]}. "
-            f"Received: unfreeze_top_blocks={n_blocks!r}"
-        )
-    top = set(blocks[-int(n_blocks) :])
+    n_blocks = _block_count(n_blocks, len(blocks), blocks[0], blocks[-1])
+    top = set(blocks[-n_blocks:])
     first = next(i for i, owner in enumerate(owners) if owner in top)
     for layer in layers[first:]:
         if _learnable(layer):
             return layer.name
     raise ValueError(f"No layer with weights from {layers[first].name!r} to the top.")
+
+
+def _block_count(n_blocks: int | str, n: int, first: str, last: str) -> int:
+    """``--unfreeze-top-blocks`` as a number of blocks out of ``n``.
+
+    Raises:
+        ValueError: not 1..n or ``all``.
+    """
+    if n_blocks == "all":
+        return n
+    if (isinstance(n_blocks, bool) or not isinstance(n_blocks, (int, np.integer))
+            or not 1 <= n_blocks <= n):
+        raise ValueError(
+            f"`unfreeze_top_blocks` must be 1..{n} (or 'all'): the base has {n} blocks, "
+            f"{first} .. {last}. Received: unfreeze_top_blocks={n_blocks!r}"
+        )
+    return int(n_blocks)
+
+
+HUB_BACKBONE = "hub_backbone"  # the keras-hub backbone inside a feature model (bases.hub)
+
+
+def _hub_blocks(model: Any) -> tuple[Any, list[Any]] | None:
+    """(the encoder layer, its transformer blocks in order) of a keras-hub feature model;
+    None for other models.
+
+    The blocks of a keras-hub backbone sit inside one encoder layer (DINOv2's
+    ``DINOV2Encoder``, ViT's ``ViTEncoder``): the encoder is the backbone's layer holding
+    the most transformer blocks (:func:`_is_block`).
+    """
+    inner = next((layer for layer in model.layers if layer.name == HUB_BACKBONE), None)
+    if inner is None:
+        return None
+    best: tuple[Any, list[Any]] | None = None
+    for layer in inner.layers:
+        blocks = [child for child in getattr(layer, "_layers", []) if _is_block(child)]
+        if blocks and (best is None or len(blocks) > len(best[1])):
+            best = (layer, blocks)
+    return best
+
+
+def _is_block(layer: Any) -> bool:
+    """A keras-hub transformer block, by its class: ``DINOV2Layer``, ``ViTEncoderBlock``,
+    ``TransformerEncoder`` ... (keras-hub's own classes, not Keras' Dense or LayerNorm)."""
+    kind = type(layer)
+    return (kind.__module__.startswith("keras_hub")
+            and kind.__name__.endswith(("Layer", "Block", "TransformerEncoder")))
+
+
+def _set_hub_trainable(model: Any, start: str) -> list[str]:
+    """Unfreeze the keras-hub backbone from block ``start`` (``hub_backbone/<block>``) up:
+    those blocks and every backbone layer after their encoder (the final norm, a head).
+
+    Raises:
+        ValueError: no such block.
+    """
+    found = _hub_blocks(model)
+    name = start.split("/", 1)[1]
+    names = [block.name for block in found[1]] if found else []
+    if name not in names:
+        raise ValueError(
+            f"`unfreeze_from` must name a block of the keras-hub backbone "
+            f"({', '.join(f'{HUB_BACKBONE}/{n}' for n in names)}). Received: "
+            f"unfreeze_from={start!r}"
+        )
+    encoder, blocks = found
+    model.trainable = True  # then everything below the start is frozen again
+    inner = model.get_layer(HUB_BACKBONE)
+    after_encoder = False
+    trained: list[str] = []
+    for layer in inner.layers:
+        if layer is encoder:
+            after_encoder = True
+            continue
+        layer.trainable = after_encoder
+        if after_encoder and layer.weights:
+            trained.append(f"{HUB_BACKBONE}/{layer.name}")
+    first = names.index(name)
+    for i, block in enumerate(blocks):
+        block.trainable = i >= first
+    trained[:0] = [f"{HUB_BACKBONE}/{block.name}" for block in blocks[first:]]
+    for layer in _sublayers(model):
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.trainable = False
+    return trained
 
 
 def _sublayers(layer: Any) -> list[Any]:
@@ -114,6 +190,8 @@ def set_trainable(model: Any, start: str) -> list[str]:
     Raises:
         ValueError: ``start`` is not a layer of ``model``.
     """
+    if start.startswith(f"{HUB_BACKBONE}/"):
+        return _set_hub_trainable(model, start)
     index = layer_index(model, start, "unfreeze_from")
     model.trainable = True  # the containers must be trainable for their layers to count
     for i, layer in enumerate(model.layers):
