@@ -71,6 +71,7 @@ def jax_runs(tmp_path_factory: pytest.TempPathFactory, probe_model: Path) -> Jax
                                           include_top=False, weights=None)
     base.save(root / "mobilenetv2.keras")
     make_images(root / "photos", 10)
+    hub = _dinov2_preset(root / "dinov2")
     run_under_jax([
         ("extract_main", [str(data), "--base", str(probe_model), "--pooling", "avg",
                           "--batch-size", "7", "--out", str(root / "probe.h5")]),
@@ -83,8 +84,45 @@ def jax_runs(tmp_path_factory: pytest.TempPathFactory, probe_model: Path) -> Jax
         ("extract_main", [str(root / "photos"), "--base", str(root / "mobilenetv2.keras"),
                           "--pooling", "avg", "--preprocess", "tf", "--batch-size", "4",
                           "--out", str(root / "photos-jax.h5")]),
+        *([("extract_main", [str(root / "photos"), "--base", str(hub), "--pooling",
+                             "cls+mean", "--batch-size", "4",
+                             "--out", str(root / "dinov2-jax.h5")])] if hub else []),
     ])
     return JaxRuns(root, expected, sorted(bad))
+
+
+def _dinov2_preset(folder: Path) -> Path | None:
+    """A tiny random DINOv2 keras-hub preset (None without keras-hub)."""
+    try:
+        import keras_hub
+    except ImportError:
+        return None
+    import keras
+
+    keras.utils.set_random_seed(0)
+    keras_hub.models.DINOV2Backbone(
+        patch_size=14, num_layers=2, hidden_dim=16, num_heads=2, intermediate_dim=32,
+        num_register_tokens=2, image_shape=(28, 28, 3), position_embedding_shape=(28, 28, 3),
+    ).save_to_preset(str(folder))
+    keras_hub.layers.ImageConverter(image_size=(28, 28), scale=1 / 127.5,
+                                    offset=-1.0).save_to_preset(str(folder))
+    return folder
+
+
+def test_jax_keras_hub_features_equal_tensorflow_features(jax_runs: JaxRuns,
+                                                          tmp_path: Path) -> None:
+    """A keras-hub base (converter inside the model, token pooling) under both backends."""
+    jax_out = jax_runs.root / "dinov2-jax.h5"
+    if not jax_out.exists():
+        pytest.skip("keras-hub is not installed")
+    tf_out = tmp_path / "tf.h5"
+    run_extract(ExtractConfig(data_dir=str(jax_runs.root / "photos"), out=str(tf_out),
+                              base=str(jax_runs.root / "dinov2"), pooling="cls+mean",
+                              batch_size=4))
+    a, b = read_cache(tf_out), read_cache(jax_out)
+    assert (a.attrs["backend"], b.attrs["backend"]) == ("tensorflow", "jax")
+    assert a.paths == b.paths
+    np.testing.assert_allclose(b.features, a.features, rtol=1e-4, atol=1e-4)
 
 
 def test_jax_backend_keeps_every_row_in_place_and_heads_agree(jax_runs: JaxRuns) -> None:
