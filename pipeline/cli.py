@@ -405,6 +405,9 @@ def fit_head_main(argv: Sequence[str] | None = None) -> int:
     def command() -> int:
         check_output("--out", args.out, folder=True)
         check_output("--export", export)
+        from pipeline.cache import check_cache_exists
+
+        check_cache_exists(args.cache)  # in a fraction of a second, before TensorFlow loads
         from pipeline.fit import FitConfig, format_report, run_fit
 
         if export is not None:
@@ -506,12 +509,12 @@ def compare_main(argv: Sequence[str] | None = None) -> int:
         parser.error("give at least one CACHE.h5 (or --history to list past runs)")
 
     def command() -> int:
-        from pipeline.compare import CompareConfig, run_compare
-        from pipeline.compare.history import format_history, read_history
+        if show_history:  # no Keras needed: the table prints in a fraction of a second
+            from pipeline.compare.history import format_history, read_history
 
-        if show_history:
             print(format_history(read_history(args.history_file)), flush=True)
             return 0
+        from pipeline.compare import CompareConfig, run_compare
         check_output("--out", args.out, folder=True)
         check_output("--history-file", args.history_file)
         result = run_compare(CompareConfig(**options))

@@ -133,3 +133,24 @@ def test_check_output_leaves_nothing_behind(tmp_path):
     check_output("--out", str(tmp_path / "models" / "m"), folder=True)
     check_output("--out", None)
     assert list(tmp_path.iterdir()) == []
+
+
+_WITHOUT_KERAS = """
+import sys
+from pipeline import cli
+rc = getattr(cli, sys.argv[1])(sys.argv[2:])
+heavy = sorted(m for m in ("keras", "tensorflow", "sklearn") if m in sys.modules)
+print(rc, ",".join(heavy))
+"""
+
+
+@pytest.mark.parametrize("main, argv, rc", [
+    ("fit_head_main", ["nope.h5"], 2),
+    ("compare_main", ["--history", "--history-file", "none.jsonl"], 0),
+])
+def test_quick_answers_load_neither_keras_nor_tensorflow(tmp_path, main, argv, rc):
+    """A missing cache and the compare history are answered before TensorFlow loads (it
+    takes ~8 s on 2 cores), so a typo fails at once."""
+    proc = subprocess.run([PYTHON, "-c", _WITHOUT_KERAS, main, *argv], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.stdout.split("\n")[-2] == f"{rc} ", proc.stdout + proc.stderr[-2000:]

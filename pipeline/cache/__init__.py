@@ -18,6 +18,7 @@ from pipeline.cache.merge import copy_rows, merge_parts
 from pipeline.cache.read import (
     Cache,
     RowState,
+    check_cache_exists,
     check_finite,
     open_cache,
     read_attrs,
@@ -48,6 +49,7 @@ __all__ = [
     "CacheWriteError",
     "CacheWriter",
     "RowState",
+    "check_cache_exists",
     "check_finite",
     "chunk_rows",
     "copy_rows",

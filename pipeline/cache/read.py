@@ -28,6 +28,7 @@ from pipeline.cache.schema import (
 __all__ = [
     "Cache",
     "RowState",
+    "check_cache_exists",
     "check_finite",
     "done_paths_of",
     "open_cache",
@@ -136,6 +137,25 @@ class Cache:
     augmented_pass: np.ndarray | None = None
 
 
+def check_cache_exists(path: str | os.PathLike) -> Path:
+    """The cache's path, if there is a file there (cheap: the CLIs call it before loading
+    TensorFlow, so a typo fails in a fraction of a second).
+
+    Raises:
+        CacheError: no file; names an unfinished extraction of it when there is one.
+    """
+    path = Path(path)
+    if not path.exists():
+        hint = ""
+        if partial_path(path).exists():
+            hint = (
+                f" An unfinished extraction exists at {partial_path(path)}: run the same "
+                "extract command again to resume it."
+            )
+        raise CacheError(f"Cache file not found: {path}.{hint}")
+    return path
+
+
 def read_cache(
     path: str | os.PathLike,
     *,
@@ -159,15 +179,7 @@ def read_cache(
     Raises:
         CacheError: the file is missing, unreadable, incomplete or not of this schema.
     """
-    path = Path(path)
-    if not path.exists():
-        hint = ""
-        if partial_path(path).exists():
-            hint = (
-                f" An unfinished extraction exists at {partial_path(path)}: run the same "
-                "extract command again to resume it."
-            )
-        raise CacheError(f"Cache file not found: {path}.{hint}")
+    path = check_cache_exists(path)
     with open_file(path, "r") as f:
         attrs = decode_attrs(f.attrs)
         if attrs.get("schema_version") != SCHEMA_VERSION:
