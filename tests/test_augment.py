@@ -67,6 +67,9 @@ def test_seeded_identical_and_extending_k_extracts_only_new_passes(tmp_path, tex
     result = run_extract(mobilenet(textured, twice, augment=3))
     assert result.status == "extracted" and result.n_new_rows == 0
     extended = augmented(twice)
+    # The summary says what was added: passes 1 and 2 of every image, not "0 new images".
+    assert result.n_new_augmented == len(extended["pass"]) - len(first["pass"]) > 0
+    assert f"0 new images and {result.n_new_augmented} augmented copies" in result.summary()
     # The pass already stored was kept as it was; only passes 1 and 2 were added.
     for name in first:
         np.testing.assert_array_equal(extended[name][: len(first[name])], first[name])

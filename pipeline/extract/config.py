@@ -87,6 +87,7 @@ class ExtractResult:
     dtype: str = "float32"
     seconds: float = 0.0
     changes: dict[str, int] = field(default_factory=dict)
+    n_new_augmented: int = 0  # augmented copies (--augment) this run added
 
     def summary(self) -> str:
         """The one-line summary printed last."""
@@ -96,11 +97,17 @@ class ExtractResult:
                 f"{self.n_rows} images ({self.n_skipped} skipped)."
             )
         size_mb = self.path.stat().st_size / 1e6
-        rate = self.n_new_rows / self.seconds if self.seconds > 0 else 0.0
+        # Augmented copies are forward passes too: an --augment run on an existing cache
+        # adds only those, and "0 new images" alone would hide them.
+        done = self.n_new_rows + self.n_new_augmented
+        rate = done / self.seconds if self.seconds > 0 else 0.0
+        copies = (f" and {self.n_new_augmented} augmented copies" if self.n_new_augmented
+                  else "")
         return (
-            f"extract: done. {self.n_new_rows} new images in {format_duration(self.seconds)} "
-            f"({rate:.1f} img/s); cache {self.path}: {self.n_rows} rows, features "
-            f"{self.feature_shape} {self.dtype}, {size_mb:.1f} MB, {self.n_skipped} skipped"
+            f"extract: done. {self.n_new_rows} new images{copies} in "
+            f"{format_duration(self.seconds)} ({rate:.1f} img/s); cache {self.path}: "
+            f"{self.n_rows} rows, features {self.feature_shape} {self.dtype}, "
+            f"{size_mb:.1f} MB, {self.n_skipped} skipped"
             + "".join(f", {v} {k.replace('_', ' ')}" for k, v in self.changes.items() if v)
             + "."
         )

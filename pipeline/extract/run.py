@@ -266,7 +266,8 @@ def _extract_into(
                 augment_loop(config, index, feature_model, writer, passes)
             seconds = time.monotonic() - start
             n_rows, n_skipped = writer.n_rows, writer.n_skipped
-            wrote = n_rows != first_row or any(changes.values()) or writer.n_augmented != augmented
+            new_augmented = writer.n_augmented - augmented
+            wrote = n_rows != first_row or any(changes.values()) or new_augmented != 0
             leaks = find_leaks(writer.row_state())
             writer.set_attrs(leaks=len(leaks))
             path = writer.finish()
@@ -276,7 +277,7 @@ def _extract_into(
     _report_leaks(leaks)
     return ExtractResult(path, "extracted" if wrote else "up-to-date", n_rows, n_rows - first_row,
                          n_skipped, new_skipped, feature_model.feature_shape, config.dtype, seconds,
-                         changes=changes)
+                         changes=changes, n_new_augmented=new_augmented)
 
 
 def _check_space(feature_model: FeatureModel, n_images: int, config: ExtractConfig,
