@@ -405,6 +405,8 @@ def format_report(metrics: dict[str, Any]) -> str:
         if m is None:
             continue
         lines.append(f"{part}: accuracy={m['accuracy']:.4f}  macro-F1={m['macro_f1']:.4f}")
-        f1s = "  ".join(f"{name} {v['f1-score']:.3f}" for name, v in m["per_class"].items())
+        # A class with no rows in this split has no F1: say so rather than print 0.000.
+        f1s = "  ".join(f"{name} {v['f1-score']:.3f}" if v.get("support") else
+                        f"{name} - (no {part} rows)" for name, v in m["per_class"].items())
         lines.append(f"  per-class F1: {f1s}")
     return "\n".join(lines)

@@ -387,3 +387,13 @@ def test_decode_workers_that_cannot_start_get_a_clear_error(tmp_path):
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("RuntimeError: A decode worker process died")
     assert "if __name__ == '__main__':" in last
+
+
+def test_a_class_without_validation_images_is_warned_about(tmp_path, probe_model, caplog):
+    data = tmp_path / "data"
+    write_index_images(data, 12, splits=("train", "validation"))
+    for image in (data / "validation" / "c").iterdir():
+        image.unlink()
+    with caplog.at_level("WARNING"):
+        run_extract(probe_config(data, probe_model, tmp_path / "c.h5", batch_size=4))
+    assert "no validation images of c: fit_head can give no score for it" in caplog.text

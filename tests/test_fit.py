@@ -208,3 +208,13 @@ def test_nan_features_are_counted_and_first_path_named(tmp_path):
     X[9, 0] = np.inf
     with pytest.raises(ValueError, match=r"2 of 40 rows .*NaN or infinite.*first: \w+/img_0005"):
         _fit(tmp_path, X, y, "logreg")
+
+
+def test_a_class_without_validation_rows_is_said_so_not_scored_zero():
+    metrics = {"head": "logreg", "n_train": 9, "n_val": 3, "n_test": 0,
+               "n_train_augmented": 0, "fit_seconds": 0.1, "accuracy": 1.0, "macro_f1": 1.0,
+               "per_class": {"cat": {"f1-score": 1.0, "support": 3},
+                             "dog": {"f1-score": 0.0, "support": 0}}}
+    report = format_report(metrics)
+    assert "cat 1.000" in report and "dog - (no validation rows)" in report
+    assert "dog 0.000" not in report

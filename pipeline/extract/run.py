@@ -79,6 +79,7 @@ def run_extract(config: ExtractConfig) -> ExtractResult:
             index.records, index.first = index.records[part], part.start
         stats = file_stats(index)
         _report_ignored(index.ignored)
+        _report_empty_classes(index)
         out = Path(config.out) if config.out else None
         # Before building the base, where its input size is known without it: a keras-hub
         # preset's size is in its files.
@@ -319,6 +320,18 @@ def _report_list(header: str, lines: list[str], *, limit: int = 10, more: str = 
 
 def _report_ignored(ignored: list[str]) -> None:
     _report_list(f"ignored {len(ignored)} entries of the data folder:", ignored)
+
+
+def _report_empty_classes(index: ImageIndex) -> None:
+    """Warn about classes with no validation images: fit_head can score nothing for them."""
+    if not any(r.split == "validation" for r in index.records):
+        return
+    seen = {r.label for r in index.records if r.split == "validation"}
+    missing = [name for i, name in enumerate(index.class_names) if i not in seen]
+    if missing:
+        log.warning("extract: warning: no validation images of %s: fit_head can give no "
+                    "score for %s", ", ".join(missing),
+                    "it" if len(missing) == 1 else f"these {len(missing)} classes")
 
 
 def _report_leaks(leaks: list[tuple[str, str]]) -> None:
