@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -20,6 +21,8 @@ from pipeline.heads.stream import STREAM_HEADS
 from pipeline.util.files import write_json_atomic
 
 __all__ = ["FitConfig", "evaluate", "format_report", "run_fit", "split_rows"]
+
+log = logging.getLogger(__name__)
 
 _SPLITS = ("train", "validation", "test")
 
@@ -258,6 +261,11 @@ def _read_rows(config: FitConfig, cache_path: Path) -> tuple[Any, np.ndarray]:
     streaming (the streamed heads check each batch as they read it)."""
     cache = read_cache(cache_path, augmented=config.use_augmented, features=not config.stream,
                        layer=config.layer)
+    layers = list(cache.attrs.get("layers") or [])
+    if config.layer is None and len(layers) > 1:
+        log.warning("fit_head: %s holds %d layers; training on the first, %s. Choose "
+                    "another with --layer (%s).", cache_path, len(layers), layers[0],
+                    ", ".join(layers[1:]))
     class_names, labels = cache.class_names, cache.labels
     if len(labels) == 0:
         raise ValueError(f"{cache_path} holds no rows: nothing to train on.")
@@ -396,8 +404,10 @@ def _with_augmented(
 
 def format_report(metrics: dict[str, Any]) -> str:
     """The metrics a fit_head run prints: sizes, then accuracy and per-class F1 per split."""
+    layer = (metrics.get("cache_attrs") or {}).get("layer")
     lines = [
-        f"head={metrics['head']}  n_train={metrics['n_train']}  n_val={metrics['n_val']}  "
+        (f"layer={layer}  " if layer else "")
+        + f"head={metrics['head']}  n_train={metrics['n_train']}  n_val={metrics['n_val']}  "
         f"n_test={metrics['n_test']}  augmented={metrics['n_train_augmented']}  "
         f"fit {metrics['fit_seconds']:.2f} s"
     ]

@@ -12,7 +12,7 @@ from conftest import save_png
 
 from pipeline.cache import CacheError, read_cache
 from pipeline.extract import ExtractConfig, run_extract
-from pipeline.fit import FitConfig, run_fit
+from pipeline.fit import FitConfig, format_report, run_fit
 
 LAYERS = ["block_1_expand_relu", "block_3_expand", "out_relu"]
 
@@ -52,7 +52,7 @@ def test_each_stored_layer_equals_its_own_extraction(tmp_path, images):
         read_cache(out, layer="block_9_add")
 
 
-def test_all_blocks_and_fit_predict_on_a_chosen_layer(tmp_path, images):
+def test_all_blocks_and_fit_predict_on_a_chosen_layer(tmp_path, images, caplog):
     from pipeline.predict import PredictConfig, run_predict
 
     out = tmp_path / "blocks.h5"
@@ -64,6 +64,11 @@ def test_all_blocks_and_fit_predict_on_a_chosen_layer(tmp_path, images):
     _, metrics = run_fit(FitConfig(str(out), head="logreg", out=str(head_dir), layer=layers[1],
                                    val_split=0.3))
     assert metrics["cache_attrs"]["layer"] == layers[1]
+    assert format_report(metrics).startswith(f"layer={layers[1]}  head=logreg")
+    with caplog.at_level("WARNING"):  # no --layer: the first one, said out loud
+        run_fit(FitConfig(str(out), head="logreg", out=str(tmp_path / "first"),
+                          val_split=0.3))
+    assert f"training on the first, {layers[0]}. Choose another with --layer" in caplog.text
     _, streamed = run_fit(FitConfig(str(out), head="logreg", out=str(tmp_path / "s"),
                                     layer=layers[1], val_split=0.3, stream=True))
     assert streamed["n_train"] == metrics["n_train"]
