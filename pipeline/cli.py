@@ -120,6 +120,12 @@ def fit_head_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=1e-3, help="dense head")
     p.add_argument("--batch-size", type=int, default=32, help="dense head")
     p.add_argument("--patience", type=int, default=10, help="dense head early stopping")
+    p.add_argument("--hidden", type=int, default=256, help="dense head: hidden units")
+    p.add_argument("--dropout", type=float, default=0.5, help="dense head: dropout rate")
+    p.add_argument("--k", type=int, default=5, help="knn head: neighbours")
+    p.add_argument("--max-iter", type=int, default=None,
+                   help="logreg (default 2000) and linear-svm (default 1000): iterations; "
+                   "raise it when the solver says it did not converge")
     p.add_argument("--C", type=float, default=1.0, help="inverse regularisation (sklearn heads)")
     p.add_argument("--class-weight", default=None, help="balanced (default: none)")
     p.add_argument("--use-augmented", action="store_true",

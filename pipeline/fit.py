@@ -45,6 +45,10 @@ class FitConfig:
     use_augmented: bool = False
     stream: bool = False
     layer: str | None = None
+    hidden: int = 256  # dense head
+    dropout: float = 0.5  # dense head
+    k: int = 5  # knn head
+    max_iter: int | None = None  # logreg (default 2000), linear-svm (default 1000)
 
 
 def _check_val_split(val_split: float) -> None:
@@ -226,6 +230,10 @@ def run_fit(config: FitConfig) -> tuple[Path, dict[str, Any]]:
         batch_size=config.batch_size,
         patience=config.patience,
         random_state=config.seed,
+        hidden=config.hidden,
+        dropout=config.dropout,
+        k=config.k,
+        max_iter=config.max_iter,
     )
     _check_stream(config)
     cache_path = Path(config.cache)

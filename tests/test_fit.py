@@ -218,3 +218,17 @@ def test_a_class_without_validation_rows_is_said_so_not_scored_zero():
     report = format_report(metrics)
     assert "cat 1.000" in report and "dog - (no validation rows)" in report
     assert "dog 0.000" not in report
+
+
+def test_head_options_reach_the_heads_and_bad_values_are_named():
+    from pipeline.heads import make_head
+
+    dense = make_head("dense", hidden=8, dropout=0.1)
+    assert (dense.hidden, dense.dropout) == (8, 0.1)
+    assert make_head("knn", k=3).get_params()["clf__n_neighbors"] == 3
+    assert make_head("logreg", max_iter=50).get_params()["clf__max_iter"] == 50
+    assert make_head("linear-svm", max_iter=70).get_params()["clf__max_iter"] == 70
+    for bad, match in ((dict(k=0), "Received: k=0"), (dict(dropout=1.0), "dropout=1.0"),
+                       (dict(hidden=0), "hidden=0"), (dict(max_iter=0), "max_iter=0")):
+        with pytest.raises(ValueError, match=match):
+            make_head("logreg", **bad)

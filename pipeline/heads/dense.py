@@ -47,6 +47,10 @@ def check_head_args(
     lr: float,
     batch_size: int,
     patience: int,
+    hidden: int = 256,
+    dropout: float = 0.5,
+    k: int = 5,
+    max_iter: int | None = None,
 ) -> None:
     """Raise a Keras-style ValueError for the first invalid head argument."""
     if not C > 0:  # also rejects NaN
@@ -65,6 +69,14 @@ def check_head_args(
         )
     if not isinstance(patience, (int, np.integer)) or patience < 0:
         raise ValueError(f"`patience` must be an integer >= 0. Received: patience={patience!r}")
+    if not isinstance(hidden, (int, np.integer)) or hidden < 1:
+        raise ValueError(f"`hidden` must be an integer >= 1. Received: hidden={hidden!r}")
+    if not 0 <= dropout < 1:  # also rejects NaN
+        raise ValueError(f"`dropout` must be in [0, 1). Received: dropout={dropout!r}")
+    if not isinstance(k, (int, np.integer)) or k < 1:
+        raise ValueError(f"`k` must be an integer >= 1. Received: k={k!r}")
+    if max_iter is not None and (not isinstance(max_iter, (int, np.integer)) or max_iter < 1):
+        raise ValueError(f"`max_iter` must be an integer >= 1. Received: max_iter={max_iter!r}")
 
 
 @dataclass(frozen=True)

@@ -68,6 +68,10 @@ def make_head(
     batch_size: int = 32,
     patience: int = 10,
     random_state: int = 0,
+    hidden: int = 256,
+    dropout: float = 0.5,
+    k: int = 5,
+    max_iter: int | None = None,
 ) -> BaseEstimator:
     """Build an unfitted classifier head by name.
 
@@ -84,6 +88,10 @@ def make_head(
         batch_size: minibatch size of the dense head.
         patience: epochs without validation-loss improvement before the dense head stops.
         random_state: seed for the head's randomness.
+        hidden: units of the dense head's hidden layer.
+        dropout: the dense head's dropout rate, in [0, 1).
+        k: neighbours of the knn head.
+        max_iter: iterations of logreg (default 2000) and linear-svm (default 1000).
 
     Returns:
         An unfitted estimator with ``fit``/``predict``.
@@ -100,9 +108,15 @@ def make_head(
         lr=lr,
         batch_size=batch_size,
         patience=patience,
+        hidden=hidden,
+        dropout=dropout,
+        k=k,
+        max_iter=max_iter,
     )
     if name == "dense":
         return DenseHead(
+            hidden=hidden,
+            dropout=dropout,
             epochs=epochs,
             lr=lr,
             batch_size=batch_size,
@@ -112,12 +126,14 @@ def make_head(
         )
     if name == "logreg":
         clf = LogisticRegression(
-            C=C, max_iter=2000, class_weight=class_weight, random_state=random_state
+            C=C, max_iter=max_iter or 2000, class_weight=class_weight,
+            random_state=random_state,
         )
     elif name == "linear-svm":
-        clf = LinearSVC(C=C, class_weight=class_weight, random_state=random_state)
+        clf = LinearSVC(C=C, class_weight=class_weight, random_state=random_state,
+                        max_iter=max_iter or 1000)
     elif name == "knn":
-        clf = KNeighborsClassifier(n_neighbors=5)
+        clf = KNeighborsClassifier(n_neighbors=k)
     else:
         clf = SVC(
             kernel="rbf", C=C, gamma="scale", class_weight=class_weight, random_state=random_state
