@@ -217,3 +217,20 @@ def test_an_image_gets_the_same_bytes_in_any_company():
     assert resumed.tobytes() == whole[5:].tobytes()
     assert fm.features(others)[1].tobytes() == whole[1].tobytes()
     assert scattered.tobytes() == whole[[1, 6, 9]].tobytes()
+
+
+def test_a_classifier_output_points_to_its_last_feature_maps(tmp_path):
+    """A .keras base saved with its classifier: the message names --layer and the layers
+    holding feature maps, not --pooling flatten on class scores."""
+    import keras
+
+    inputs = keras.Input((8, 8, 3))
+    x = keras.layers.Conv2D(4, 3, name="conv_a")(inputs)
+    x = keras.layers.Conv2D(4, 3, name="conv_b")(x)
+    x = keras.layers.GlobalAveragePooling2D(name="gap")(x)
+    outputs = keras.layers.Dense(3, activation="softmax", name="scores")(x)
+    path = tmp_path / "classifier.keras"
+    keras.Model(inputs, outputs).save(path)
+    with pytest.raises(ValueError, match=r"'scores' outputs vectors .*--layer; its last ones "
+                                         r"are .*conv_a, conv_b\..*Received: pooling='avg'"):
+        build_feature_model(str(path), pooling="avg")

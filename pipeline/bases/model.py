@@ -132,12 +132,27 @@ def _any_batch_graph(model: Any) -> Any:
     return forward
 
 
+def _no_map_message(model: Any, layer: str, pooling: str) -> str:
+    """Why ``pooling`` cannot apply to ``layer`` (a vector, often a classifier's output),
+    naming the last layers that do hold feature maps: cutting there is the usual fix."""
+    maps = [lyr.name for lyr in model.layers
+            if not isinstance(lyr.output, (list, tuple)) and len(lyr.output.shape) == 4]
+    where = (f" Cut the base at a feature map with --layer; its last ones are "
+             f"{', '.join(maps[-3:])}." if maps else "")
+    return (f"Layer {layer!r} outputs vectors {tuple(model.get_layer(layer).output.shape)} "
+            f"(a classifier's output?), not a feature map to pool.{where} Or keep the "
+            f"vectors with --pooling none. Received: pooling={pooling!r}")
+
+
 def _feature_extractor(model: Any, layers: list[str], pooling: str) -> Any:
     """One model, one forward pass, one pooled output per requested layer."""
     import keras
 
     from pipeline.bases.pooling import pooled
 
+    for name in layers:
+        if pooling in ("avg", "max") and len(model.get_layer(name).output.shape) == 2:
+            raise ValueError(_no_map_message(model, name, pooling))
     outputs = [pooled(model.get_layer(name).output, pooling, name, i)
                for i, name in enumerate(layers)]
     return keras.Model(model.inputs, outputs if len(outputs) > 1 else outputs[0],
