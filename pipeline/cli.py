@@ -138,6 +138,9 @@ def fit_head_parser() -> argparse.ArgumentParser:
     p.add_argument("--export", default=None, metavar="FILE.keras",
                    help="dense head: also save base + head as one end-to-end model "
                    "(FILE.keras + FILE.json)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a model in --out trained with other settings (without it, "
+                   "such a run stops before training; the same settings again replace it)")
     return p
 
 

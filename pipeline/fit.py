@@ -49,6 +49,7 @@ class FitConfig:
     dropout: float = 0.5  # dense head
     k: int = 5  # knn head
     max_iter: int | None = None  # logreg (default 2000), linear-svm (default 1000)
+    overwrite: bool = False  # replace a model in ``out`` trained with other settings
 
 
 def _check_val_split(val_split: float) -> None:
@@ -240,6 +241,7 @@ def run_fit(config: FitConfig) -> tuple[Path, dict[str, Any]]:
     out_dir = (
         Path(config.out) if config.out else Path("models") / f"{cache_path.stem}-{config.head}"
     )
+    _check_overwrite(config, out_dir)
     cache, X = _read_rows(config, cache_path)
     train, val, test = _split(config, cache, cache_path)
     estimator, n_augmented, fit_seconds = _fit(config, estimator, cache=cache, X=X,
@@ -250,6 +252,35 @@ def run_fit(config: FitConfig) -> tuple[Path, dict[str, Any]]:
     write_json_atomic(out_dir / "metrics.json", metrics)
     write_json_atomic(out_dir / "config.json", dataclasses.asdict(config))
     return out_dir, metrics
+
+
+def _check_overwrite(config: FitConfig, out_dir: Path) -> None:
+    """Refuse to replace a model trained with other settings, unless asked to.
+
+    Why: ``--head logreg`` then ``--head logreg --C 0.01`` both default to
+    ``models/<cache>-logreg/``; the second run silently replaced the first. The same
+    settings again (a re-run) replace it as before.
+
+    Raises:
+        ValueError: ``out_dir`` holds a model whose config.json differs.
+    """
+    import json
+
+    if config.overwrite or not (out_dir / "config.json").is_file():
+        return
+    try:
+        before = json.loads((out_dir / "config.json").read_text())
+    except (OSError, ValueError):
+        return  # not a model this command wrote: save_head judges the folder
+    now = dataclasses.asdict(config)
+    differs = [f"--{key.replace('_', '-')} {before.get(key)!r} -> {now[key]!r}"
+               for key in now if key not in ("out", "overwrite") and before.get(key) != now[key]]
+    if differs:
+        raise ValueError(
+            f"{out_dir} already holds a model trained with other settings "
+            f"({'; '.join(differs)}). Pass --out to keep both, or --overwrite to replace it. "
+            f"Received: out={str(out_dir)!r}"
+        )
 
 
 def _check_stream(config: FitConfig) -> None:

@@ -232,3 +232,19 @@ def test_head_options_reach_the_heads_and_bad_values_are_named():
                        (dict(hidden=0), "hidden=0"), (dict(max_iter=0), "max_iter=0")):
         with pytest.raises(ValueError, match=match):
             make_head("logreg", **bad)
+
+
+def test_a_model_trained_otherwise_is_never_replaced_silently(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the default out: models/<cache>-<head>/
+    X, y = blobs(40, 2, seed=21)
+    cache = make_cache(tmp_path / "feats.h5", X, y)
+    first, _ = run_fit(FitConfig(cache=str(cache)))
+    before = (first / "model.joblib").read_bytes()
+    again, _ = run_fit(FitConfig(cache=str(cache)))  # the same settings: a re-run
+    assert again == first
+    with pytest.raises(ValueError, match=r"other settings \(--C 1\.0 -> 0\.01\).*--overwrite"
+                                         r".*Received: out="):
+        run_fit(FitConfig(cache=str(cache), C=0.01))
+    assert (first / "model.joblib").read_bytes() == before  # refused before training
+    replaced, _ = run_fit(FitConfig(cache=str(cache), C=0.01, overwrite=True))
+    assert json.loads((replaced / "config.json").read_text())["C"] == 0.01

@@ -273,7 +273,8 @@ def _fit_heads(cache: Path, models: Path, *, sched: DemoSchedule,
         row: dict[str, Any] = {"head": head}
         for suffix, extra in (("", []), ("-augmented", ["--use-augmented"])):
             out = models / f"demo-digits59-{head}{suffix}"
-            argv = [str(cache), "--head", head, "--out", str(out), *extra]
+            # The demo owns these folders and rebuilds them (a --quick run, then a full one).
+            argv = [str(cache), "--head", head, "--out", str(out), "--overwrite", *extra]
             if head == "dense" and sched.dense_head_epochs is not None:
                 argv += ["--epochs", str(sched.dense_head_epochs)]
             _run_step(f"fit_head --head {head}{suffix}", fit_head, "scripts/fit_head.py", argv)
