@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 __all__ = [
+    "HUB_BACKBONE",
     "HUB_PREFIX",
-    "TOKEN_POOLINGS",
     "HubBase",
     "hub_feature_extractor",
     "hub_layers",
@@ -36,7 +36,7 @@ __all__ = [
 HUB_PREFIX = "hub:"  # how a cache records a keras-hub base: hub:<handle or folder>
 
 
-TOKEN_POOLINGS = ("cls", "mean", "cls+mean")
+HUB_BACKBONE = "hub_backbone"  # the backbone's layer in a feature model (finetune unfreezes it)
 
 
 _REMOTE = ("hf://", "kaggle://", "modelscope://")
@@ -159,7 +159,7 @@ def load_hub_base(base: str, *, weights: str | None, input_size: tuple[int, int]
         raise ValueError(f"{handle} accepts any input size: pass --input-size. "
                          "Received: input_size=None")
     weights_file = (Path(handle) / "model.weights.h5" if Path(handle).is_dir()
-                    else _downloaded(keras_hub, handle))
+                    else _downloaded(handle))
     attrs = dict(
         base=HUB_PREFIX + handle,
         base_sha256=file_sha256(weights_file) if weights != "none" else "",
@@ -190,7 +190,7 @@ def _converter_config(handle: str) -> dict[str, Any]:
         return dict(json.load(f).get("config", {}))
 
 
-def _downloaded(keras_hub: Any, handle: str) -> Path:
+def _downloaded(handle: str) -> Path:
     """The local copy of a downloaded preset's weights (keras-hub's cache)."""
     from keras_hub.src.utils.preset_utils import get_file
 
@@ -259,7 +259,7 @@ def hub_feature_extractor(loaded: HubBase, layers: list[str], pooling: str) -> A
 
     model = loaded.backbone
     outputs = _outputs(model)
-    inner = keras.Model(model.input, [outputs[name] for name in layers], name="hub_backbone")
+    inner = keras.Model(model.input, [outputs[name] for name in layers], name=HUB_BACKBONE)
     pixels = keras.Input((*loaded.size, 3), name="pixels")
     x = keras.layers.Rescaling(loaded.scale, loaded.offset, name="hub_image_converter")(pixels)
     found = inner({"images": x} if isinstance(model.input, dict) else x)

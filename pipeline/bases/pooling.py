@@ -9,7 +9,9 @@ from typing import Any
 
 import keras
 
-__all__ = ["TokenPooling", "pooled", "register_custom_layers"]
+__all__ = ["TOKEN_POOLINGS", "TokenPooling", "pooled", "register_custom_layers"]
+
+TOKEN_POOLINGS = ("cls", "mean", "cls+mean")  # only for transformer tokens
 
 
 @keras.saving.register_keras_serializable(package="bottleneck")
@@ -57,7 +59,7 @@ def pooled(x: Any, pooling: str, layer: str, index: int) -> Any:
             pooling of one.
     """
     rank = len(x.shape)
-    tokens = pooling in ("cls", "mean", "cls+mean")
+    tokens = pooling in TOKEN_POOLINGS
     if tokens or (pooling in ("avg", "max") and rank != 4):
         needs = "transformer tokens" if tokens else "a 4-D feature map"
         fits = "avg, max, flatten or none" if rank == 4 else "flatten or none"

@@ -18,6 +18,7 @@ import numpy as np
 from pipeline.augment import AugmentSpec, augmentation_layers
 from pipeline.bases import FeatureModel, block_owners, layer_index
 from pipeline.bases.combine import preprocessing_layers
+from pipeline.bases.hub import HUB_BACKBONE
 
 __all__ = [
     "MOMENTUM",
@@ -94,9 +95,6 @@ def _block_count(n_blocks: int | str, n: int, first: str, last: str) -> int:
             f"{first} .. {last}. Received: unfreeze_top_blocks={n_blocks!r}"
         )
     return int(n_blocks)
-
-
-HUB_BACKBONE = "hub_backbone"  # the keras-hub backbone inside a feature model (bases.hub)
 
 
 def _hub_blocks(model: Any) -> tuple[Any, list[Any]] | None:

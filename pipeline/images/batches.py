@@ -93,20 +93,21 @@ def decoded_batches(
     # One core is left to the parent, whose forward pass needs it: on 2 cores a second
     # decode thread made extraction 6 % slower (docs/performance.md). Threads stop gaining
     # at about 8 (the GIL between the decoders' calls).
-    workers = workers or (max(1, cores - 1) if processes else min(8, max(1, cores - 1)))
+    threads = workers or min(8, max(1, cores - 1))
     group = (np.arange(len(paths)) if positions is None
              else np.asarray(positions, np.int64)) // batch_size
     batches = _Batches.of(group)
     if processes:
+        workers = workers or max(1, cores - 1)
         ring = _SharedRing.fitting(batches, size=size, workers=workers,
                                    fallback=decode == "auto")
         if ring is not None:
             yield from _decoded_in_processes(paths, batches, ring, size=size,
                                              interpolation=interpolation, workers=workers)
             return
-        workers = min(8, max(1, cores - 1))
+    # Threads, chosen or fallen back to: an explicit worker count holds for them too.
     yield from _decoded_in_threads(paths, batches, size=size, interpolation=interpolation,
-                                   workers=workers)
+                                   workers=threads)
 
 
 @dataclass(frozen=True)
