@@ -391,7 +391,7 @@ def read_image(
 
     The pixels are written to ``out`` when given (a C-contiguous float32 (H, W, 3) slot of
     a batch, saving a copy). Without it they may be a read-only view of TensorFlow's
-    buffer: the batch assembler copies them into its batch anyway.
+    buffer: callers copy them into their batch (the Ray workers do).
 
     Raises:
         ImageReadError: see :func:`decode_bytes`.
