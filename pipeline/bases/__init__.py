@@ -7,70 +7,42 @@ pooling, input size, preprocessing. ``registry``: bases by name, preprocessing, 
 ``combine``: preprocessing + base + head as one Keras model.
 """
 
-from pipeline.bases.blocks import (
-    ALL_BLOCKS,
-    MAX_BLOCK_LAYERS,
-    block_ends,
-    block_of,
-    block_owners,
-    blocks_of,
-    layer_index,
-    parse_layers,
-)
-from pipeline.bases.combine import (
-    end_to_end_model,
-    preprocessing_layers,
-)
-from pipeline.bases.model import (
-    FeatureModel,
-    build_feature_model,
-    feature_model_from_attrs,
-)
-from pipeline.bases.registry import (
-    JIT_MODES,
-    MODULE_PREPROCESS,
-    POOLINGS,
-    PRECISIONS,
-    PREPROCESS_MODES,
-    BaseSpec,
-    WeightsUnavailableError,
-    build_application,
-    check_pooling,
-    check_preprocess,
-    default_input_size,
-    is_application,
-    load_saved_base,
-    preprocess,
-    resolve_base,
-)
+from __future__ import annotations
 
-__all__ = [
-    "ALL_BLOCKS",
-    "JIT_MODES",
-    "MAX_BLOCK_LAYERS",
-    "MODULE_PREPROCESS",
-    "POOLINGS",
-    "PRECISIONS",
-    "PREPROCESS_MODES",
-    "BaseSpec",
-    "FeatureModel",
-    "WeightsUnavailableError",
-    "block_ends",
-    "block_of",
-    "block_owners",
-    "blocks_of",
-    "build_application",
-    "build_feature_model",
-    "check_pooling",
-    "is_application",
-    "check_preprocess",
-    "default_input_size",
-    "end_to_end_model",
-    "feature_model_from_attrs",
-    "layer_index",
-    "load_saved_base",
-    "parse_layers",
-    "preprocess",
-    "preprocessing_layers",
-    "resolve_base",
-]
+from pipeline.util.lazy import lazy_exports
+
+# Where each public name lives, loaded on first use (pipeline/util/lazy.py): the CLI reads
+# constants such as the allowed values of a flag without importing Keras.
+_HOMES = {
+    "ALL_BLOCKS": "pipeline.bases.blocks",
+    "BaseSpec": "pipeline.bases.registry",
+    "block_ends": "pipeline.bases.blocks",
+    "block_of": "pipeline.bases.blocks",
+    "block_owners": "pipeline.bases.blocks",
+    "blocks_of": "pipeline.bases.blocks",
+    "build_application": "pipeline.bases.registry",
+    "build_feature_model": "pipeline.bases.model",
+    "check_pooling": "pipeline.bases.registry",
+    "check_preprocess": "pipeline.bases.registry",
+    "default_input_size": "pipeline.bases.registry",
+    "end_to_end_model": "pipeline.bases.combine",
+    "feature_model_from_attrs": "pipeline.bases.model",
+    "FeatureModel": "pipeline.bases.model",
+    "is_application": "pipeline.bases.registry",
+    "JIT_MODES": "pipeline.bases.registry",
+    "layer_index": "pipeline.bases.blocks",
+    "load_saved_base": "pipeline.bases.registry",
+    "MAX_BLOCK_LAYERS": "pipeline.bases.blocks",
+    "MODULE_PREPROCESS": "pipeline.bases.registry",
+    "parse_layers": "pipeline.bases.blocks",
+    "POOLINGS": "pipeline.bases.registry",
+    "PRECISIONS": "pipeline.bases.registry",
+    "preprocess": "pipeline.bases.registry",
+    "PREPROCESS_MODES": "pipeline.bases.registry",
+    "preprocessing_layers": "pipeline.bases.combine",
+    "resolve_base": "pipeline.bases.registry",
+    "WeightsUnavailableError": "pipeline.bases.registry",
+}
+
+__all__ = [name for name in _HOMES if not name.startswith("_")]
+__getattr__, __dir__ = lazy_exports(__name__, _HOMES)

@@ -12,29 +12,27 @@ The modules, in the order a run uses them:
 - ``run``: ``run_extract``, which ties them together.
 """
 
-from pipeline.extract.config import (
-    ExtractConfig,
-    ExtractResult,
-    default_out,
-    parse_shard,
-    shard_slice,
-)
-from pipeline.extract.engine import ExtractInterrupted, build_model, stopped, stored_features
-from pipeline.extract.run import run_extract
-from pipeline.images.batches import DecodedBatch, check_decode, decoded_batches
+from __future__ import annotations
 
-__all__ = [
-    "DecodedBatch",
-    "ExtractConfig",
-    "ExtractInterrupted",
-    "ExtractResult",
-    "build_model",
-    "check_decode",
-    "decoded_batches",
-    "default_out",
-    "parse_shard",
-    "run_extract",
-    "shard_slice",
-    "stopped",
-    "stored_features",
-]
+from pipeline.util.lazy import lazy_exports
+
+# Where each public name lives, loaded on first use (pipeline/util/lazy.py): the CLI reads
+# constants such as the allowed values of a flag without importing Keras.
+_HOMES = {
+    "build_model": "pipeline.extract.engine",
+    "check_decode": "pipeline.images.batches",
+    "decoded_batches": "pipeline.images.batches",
+    "DecodedBatch": "pipeline.images.batches",
+    "default_out": "pipeline.extract.config",
+    "ExtractConfig": "pipeline.extract.config",
+    "ExtractInterrupted": "pipeline.extract.engine",
+    "ExtractResult": "pipeline.extract.config",
+    "parse_shard": "pipeline.extract.config",
+    "run_extract": "pipeline.extract.run",
+    "shard_slice": "pipeline.extract.config",
+    "stopped": "pipeline.extract.engine",
+    "stored_features": "pipeline.extract.engine",
+}
+
+__all__ = [name for name in _HOMES if not name.startswith("_")]
+__getattr__, __dir__ = lazy_exports(__name__, _HOMES)

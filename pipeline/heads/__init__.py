@@ -13,32 +13,33 @@ Heads work on arrays: they never import images or bases. A fitted head is saved 
 folder with :func:`save_head` and read back with :func:`load_head`.
 """
 
-from pipeline.heads.dense import DenseHead, FeatureMoments, feature_moments, feature_scale
-from pipeline.heads.persist import load_head, save_head
-from pipeline.heads.registry import (  # noqa: F401 - _flatten: pickles name pipeline.heads._flatten
-    HEADS,
-    _flatten,
-    flatten_step,
-    head_name,
-    head_params,
-    make_head,
-)
+from __future__ import annotations
 
-# Re-exported for predict.py, which takes them from here; new code imports pipeline.util.files.
-from pipeline.util.files import replace_atomically, write_json_atomic
+from pipeline.util.lazy import lazy_exports
 
-__all__ = [
-    "HEADS",
-    "DenseHead",
-    "FeatureMoments",
-    "feature_moments",
-    "feature_scale",
-    "flatten_step",
-    "head_name",
-    "head_params",
-    "load_head",
-    "make_head",
-    "replace_atomically",
-    "save_head",
-    "write_json_atomic",
-]
+# Where each public name lives, loaded on first use (pipeline/util/lazy.py): the CLI reads
+# constants such as the allowed values of a flag without importing Keras.
+_HOMES = {
+    # model.joblib files pickled before heads became a package name pipeline.heads._flatten
+    "_flatten": "pipeline.heads.registry",
+    "DenseHead": "pipeline.heads.dense",
+    "feature_moments": "pipeline.heads.dense",
+    "feature_scale": "pipeline.heads.dense",
+    "FeatureMoments": "pipeline.heads.dense",
+    "flatten_step": "pipeline.heads.registry",
+    "head_name": "pipeline.heads.registry",
+    "head_params": "pipeline.heads.registry",
+    "load_head": "pipeline.heads.persist",
+    "make_head": "pipeline.heads.registry",
+    # predict.py takes these two from here; new code imports pipeline.util.files
+    "replace_atomically": "pipeline.util.files",
+    "save_head": "pipeline.heads.persist",
+    "write_json_atomic": "pipeline.util.files",
+}
+
+# The head names, here rather than in registry (which imports Keras and scikit-learn), so
+# that `fit_head.py --help` and its argument checks answer at once.
+HEADS = ("dense", "logreg", "linear-svm", "svm", "knn")
+
+__all__ = ["HEADS", *(name for name in _HOMES if not name.startswith("_"))]
+__getattr__, __dir__ = lazy_exports(__name__, _HOMES)

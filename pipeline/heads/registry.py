@@ -24,11 +24,10 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import FunctionTransformer, StandardScaler
 from sklearn.svm import SVC, LinearSVC
 
+from pipeline.heads import HEADS
 from pipeline.heads.dense import DenseHead, check_head_args
 
 __all__ = ["HEADS", "flatten_step", "head_name", "head_params", "make_head"]
-
-HEADS = ("dense", "logreg", "linear-svm", "svm", "knn")
 
 
 def _flatten(X: Any) -> np.ndarray:
