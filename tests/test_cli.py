@@ -21,12 +21,20 @@ def data(tmp_path):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--base", "vgg17"], "Received: base='vgg17'"),
-        (["--base", "vgg16", "--pooling", "median"], "Received: pooling='median'"),
-        (["--base", "vgg16", "--dtype", "int8"], "Received: dtype='int8'"),
-        (["--base", "vgg16", "--batch-size", "0"], "Received: batch_size=0"),
-        (["--base", "vgg16", "--input-size", "big"], "Received: input_size='big'"),
-        (["--base", "vgg16", "--interpolation", "cubic"], "Received: interpolation='cubic'"),
+        # from the library, its parameter named as the flag the user typed
+        (["--base", "vgg17"], "Received: --base='vgg17'"),
+        (["--base", "vgg16", "--batch-size", "0"], "`--batch-size` must be >= 1. "
+         "Received: --batch-size=0"),
+        (["--base", "vgg16", "--input-size", "big"], "Received: --input-size='big'"),
+        # from argparse, in the same form
+        (["--base", "vgg16", "--pooling", "median"], "`--pooling` must be one of flatten, avg, "
+         "max, none, cls, mean, cls+mean. Received: --pooling='median'"),
+        (["--base", "vgg16", "--dtype", "int8"], "Received: --dtype='int8'"),
+        (["--base", "vgg16", "--interpolation", "cubic"], "Received: --interpolation='cubic'"),
+        (["--base", "vgg16", "--batch-size", "x"], "`--batch-size` must be an integer. "
+         "Received: --batch-size='x'"),
+        (["--base", "vgg16", "--input_size", "32"], "unrecognized arguments: --input_size 32. "
+         "Did you mean --input-size?"),
     ],
 )
 def test_bad_arguments(data, capsys, args, message):
@@ -38,7 +46,7 @@ def test_bad_arguments(data, capsys, args, message):
 
 def test_missing_and_empty_folders(tmp_path, capsys):
     assert extract_main([str(tmp_path / "nope"), "--base", "vgg16"]) == 2
-    assert "Received: data_dir=" in capsys.readouterr().err
+    assert "Received: DATA_DIR=" in capsys.readouterr().err
     (tmp_path / "empty" / "cls").mkdir(parents=True)
     assert extract_main([str(tmp_path / "empty"), "--base", "vgg16"]) == 2
     assert "Found 0 images" in capsys.readouterr().err
@@ -50,7 +58,7 @@ def test_script_reports_one_line_without_traceback(data, tmp_path):
         capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines()[-1].startswith("error: `pooling` must be one of")
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: `--pooling` must be one of")
     assert "Traceback" not in proc.stderr
     help_proc = subprocess.run([PYTHON, str(SCRIPTS / "extract.py"), "--help"],
                                capture_output=True, text=True, timeout=60)
@@ -65,7 +73,7 @@ def test_fit_head_errors_are_one_line(tmp_path, capsys):
     X, y = blobs(n_per_class=10, n_classes=2, shape=(4,))
     cache = make_cache(tmp_path / "c.h5", X, y)
     assert fit_head_main([str(cache), "--head", "forest"]) == 2
-    assert "Received: head='forest'" in capsys.readouterr().err
+    assert "Received: --head='forest'" in capsys.readouterr().err
     assert fit_head_main([str(tmp_path / "missing.h5")]) == 2
     assert "Cache file not found" in capsys.readouterr().err
     out = tmp_path / "m"
@@ -154,3 +162,85 @@ def test_quick_answers_load_neither_keras_nor_tensorflow(tmp_path, main, argv, r
     proc = subprocess.run([PYTHON, "-c", _WITHOUT_KERAS, main, *argv], cwd=tmp_path,
                           capture_output=True, text=True, timeout=60)
     assert proc.stdout.split("\n")[-2] == f"{rc} ", proc.stdout + proc.stderr[-2000:]
+
+
+def test_library_names_become_flags_as_typed():
+    from pipeline.cli import _as_typed, fit_head_parser
+
+    parser = fit_head_parser()
+    said = _as_typed("`max_iter` must be >= 1, and `C` > 0. Received: max_iter=0, C=-1, "
+                     "cache='x.h5', other=3", parser)
+    assert said == ("`--max-iter` must be >= 1, and `--C` > 0. Received: --max-iter=0, --C=-1, "
+                    "CACHE='x.h5', other=3")
+    # words before "Received:" that are not in backticks stay as written
+    assert _as_typed("the head=logreg fit", parser) == "the head=logreg fit"
+
+
+def _run_cli(*argv: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([PYTHON, "-c", "import sys; from pipeline.cli import main; "
+                           "sys.exit(main(sys.argv[1:]))", *argv],
+                          capture_output=True, text=True, timeout=120, cwd=cwd)
+
+
+def test_one_entry_point_runs_every_command():
+    from pipeline import __version__
+    from pipeline.cli import COMMANDS
+
+    proc = _run_cli("--version")
+    assert proc.returncode == 0 and proc.stdout.startswith(f"bottleneck {__version__} (Keras ")
+    proc = _run_cli("--help")
+    assert proc.returncode == 0 and all(f"  {name} " in proc.stdout for name in COMMANDS)
+    proc = _run_cli()
+    assert proc.returncode == 2 and proc.stderr.strip().endswith("error: name a command.")
+    proc = _run_cli("fitt", "x.h5")
+    assert proc.returncode == 2
+    assert "Did you mean 'fit'?" in proc.stderr and "Received: 'fitt'" in proc.stderr
+    for name in COMMANDS:
+        proc = _run_cli(name, "--help")
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.startswith(f"usage: bottleneck {name} "), proc.stdout[:200]
+        assert f"examples:\n  bottleneck {name} " in proc.stdout
+    proc = _run_cli("fit-head", "--help")  # the script's name works too
+    assert proc.returncode == 0 and proc.stdout.startswith("usage: bottleneck fit ")
+
+
+def test_help_shows_choices_and_defaults():
+    from pipeline.cli import extract_parser, fit_head_parser
+
+    text = " ".join(extract_parser().format_help().split())
+    assert text.startswith("usage: extract.py DATA_DIR [options]")
+    assert "--decode {auto,threads,processes}" in text
+    assert "--seed SEED (default: 0)" in text
+    assert "--batch-size BATCH_SIZE (default: 32)" in text
+    assert "examples: extract.py data/digits/task --base mobilenetv2" in text
+    fit = " ".join(fit_head_parser("bottleneck fit").format_help().split())
+    assert "--head {dense,logreg,linear-svm,svm,knn}" in fit and "(default: logreg)" in fit
+    # a help that names its own default is not given a second one
+    assert fit.count("(default: models/<cache>-<head>)") == 1 and "(default: None)" not in fit
+
+
+def test_usage_names_the_command_that_was_run(data):
+    proc = subprocess.run([PYTHON, str(SCRIPTS / "fit_head.py"), "nope.h5", "--head", "tree"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    usage, error = proc.stderr.strip().splitlines()
+    assert usage == "usage: fit_head.py CACHE [options]   (fit_head.py --help: every option)"
+    assert error.startswith("error: `--head` must be one of dense, logreg")
+    proc = _run_cli("compare")
+    assert proc.returncode == 2 and proc.stderr.startswith("usage: bottleneck compare CACHE.h5")
+
+
+_HELP_WITHOUT_KERAS = """
+import sys
+from pipeline import cli
+for name in ("extract", "fit_head", "predict", "finetune", "compare", "export_features", "demo"):
+    getattr(cli, name + "_parser")().format_help()
+print(",".join(sorted(m for m in ("keras", "tensorflow", "sklearn") if m in sys.modules)))
+"""
+
+
+def test_help_and_choices_load_no_keras():
+    """The allowed values come from the library (one source), without importing Keras."""
+    proc = subprocess.run([PYTHON, "-c", _HELP_WITHOUT_KERAS], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0 and proc.stdout.strip() == "", proc.stdout + proc.stderr[-2000:]

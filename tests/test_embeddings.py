@@ -150,7 +150,7 @@ def test_nothing_to_export_fails_and_writes_nothing(setup, tmp_path, capsys):
                                  "Received: OUT='{tmp}/x.csv'"),
     (["{cache}", "{cache}"], "OUT would overwrite the cache being read"),
     (["{tmp}/missing.h5", "{tmp}/x.h5"], "Cache file not found"),
-    (["{cache}", "{tmp}/x.h5", "--layer", "nope"], "Received: layer='nope'"),
+    (["{cache}", "{tmp}/x.h5", "--layer", "nope"], "Received: --layer='nope'"),
 ])
 def test_export_errors_are_one_line(setup, tmp_path, capsys, argv, message):
     _, _, cache_path, _ = setup

@@ -158,12 +158,12 @@ def _truncated_jpeg(path: Path) -> Path:
                    "written. First of 1 unreadable: {path}: "),
     ("cache.h5", "{path} is an HDF5 file (a feature cache?), not an image: predict takes "
                  "image files, folders or lists of paths (.txt, .csv). "
-                 "Received: images=['{path}']"),
+                 "Received: IMAGES_OR_DIR_OR_LIST=['{path}']"),
     ("notes.md", "{path} is a text file, not an image: predict takes image files, folders "
-                 "or lists of paths (.txt, .csv). Received: images=['{path}']"),
+                 "or lists of paths (.txt, .csv). Received: IMAGES_OR_DIR_OR_LIST=['{path}']"),
     ("gone.txt", "None of the 2 listed files exists ({path.parent}/ant/gone.png: listed in "
                  "{path} line 1 but not found); a list's paths are relative to its folder, "
-                 "or absolute. Received: images=['{path}']"),
+                 "or absolute. Received: IMAGES_OR_DIR_OR_LIST=['{path}']"),
 ])
 def test_predicting_nothing_fails_and_writes_nothing(models, tmp_path, capsys, name, message):
     data, cache, heads = models["3-class"]
@@ -331,13 +331,13 @@ def test_fit_head_and_predict_export_from_the_command_line(models, tmp_path, cap
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["{missing}", "{data}"], "Received: model="),
+        (["{missing}", "{data}"], "Received: MODEL="),
         (["{model}"], "No images given"),
-        (["{model}", "{missing}"], "Received: images="),
+        (["{model}", "{missing}"], "Received: IMAGES_OR_DIR_OR_LIST="),
         (["{model}", "{empty}"], "Found 0 images"),
-        (["{model}", "{data}", "--top-k", "0"], "Received: top_k=0"),
-        (["{model}", "{data}", "--top-k", "4"], "Received: top_k=4"),
-        (["{model}", "{data}", "--batch-size", "0"], "Received: batch_size=0"),
+        (["{model}", "{data}", "--top-k", "0"], "Received: --top-k=0"),
+        (["{model}", "{data}", "--top-k", "4"], "Received: --top-k=4"),
+        (["{model}", "{data}", "--batch-size", "0"], "Received: --batch-size=0"),
     ],
 )
 def test_cli_errors_are_one_line(models, tmp_path, capsys, args, message):
@@ -357,7 +357,7 @@ def test_script_reports_one_line(tmp_path):
     proc = subprocess.run([PYTHON, str(SCRIPTS / "predict.py"), str(tmp_path / "nope"), "x.png"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines()[-1].startswith("error: `model` must be")
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: `MODEL` must be")
 
 
 @pytest.mark.parametrize("mode", PREPROCESS_MODES)

@@ -138,11 +138,11 @@ def test_resume_extracts_only_what_no_part_holds(cluster, probe_model, tmp_path,
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--engine", "spark"], "`engine` must be one of ('local', 'ray'). Received: engine="),
-        (["--address", "auto"], "apply to engine='ray'. Received: engine='local', address="),
-        (["--engine", "ray", "--address", "nowhere"], "Received: address='nowhere'"),
-        (["--engine", "ray", "--gpus-per-worker", "-1"], "Received: gpus_per_worker=-1"),
-        (["--engine", "ray", "--shard", "0/2"], "Received: shard='0/2', engine='ray'"),
+        (["--engine", "spark"], "`--engine` must be one of local, ray. Received: --engine="),
+        (["--address", "auto"], "apply to engine='ray'. Received: --engine='local', --address="),
+        (["--engine", "ray", "--address", "nowhere"], "Received: --address='nowhere'"),
+        (["--engine", "ray", "--gpus-per-worker", "-1"], "Received: --gpus-per-worker=-1"),
+        (["--engine", "ray", "--shard", "0/2"], "Received: --shard='0/2', --engine='ray'"),
         (["--engine", "ray", "--augment", "2"], "--engine local --augment K"),
     ],
 )
