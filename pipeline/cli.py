@@ -294,6 +294,10 @@ def fit_head_parser(prog: str = "fit_head.py") -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="output folder (default: models/<cache>-<head>)")
     p.add_argument("--val-split", type=float, default=0.2,
                    help="validation fraction when the cache records no split")
+    p.add_argument("--test-split", type=float, default=0.0,
+                   help="hold out this fraction of all rows as a test set, before the "
+                   "validation split (stratified, seeded; rows in test_rows.csv); refused when "
+                   "the cache records a test split, which is then the test set")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--epochs", type=int, default=100, help="dense head")
     p.add_argument("--lr", type=float, default=1e-3, help="dense head")
@@ -620,7 +624,7 @@ def fit_head_main(argv: Sequence[str] | None = None, prog: str | None = None) ->
 
         check_cache_exists(args.cache)  # in a fraction of a second, before TensorFlow loads
         _load_backend()
-        from pipeline.fit import FitConfig, format_report, run_fit
+        from pipeline.fit import FitConfig, format_done, format_report, run_fit
 
         if export is not None:
             from pipeline.export import check_exportable
@@ -628,12 +632,7 @@ def fit_head_main(argv: Sequence[str] | None = None, prog: str | None = None) ->
             check_exportable(args.head)  # before training, not after
         out_dir, metrics = run_fit(FitConfig(**options))
         print(format_report(metrics), flush=True)
-        print(
-            f"fit_head: done. {args.head}: validation accuracy {metrics['accuracy']:.4f}, "
-            f"macro-F1 {metrics['macro_f1']:.4f}, fit {metrics['fit_seconds']:.2f} s; "
-            f"model, metrics.json and config.json in {out_dir}/",
-            flush=True,
-        )
+        print(format_done(metrics, out_dir), flush=True)
         if export is not None:
             from pipeline.export import export_model
 

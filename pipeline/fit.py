@@ -18,13 +18,16 @@ from sklearn.model_selection import train_test_split
 from pipeline.cache import check_finite, read_cache
 from pipeline.heads import head_params, make_head, save_head
 from pipeline.heads.stream import STREAM_HEADS
-from pipeline.util.files import write_json_atomic
+from pipeline.util.files import replace_atomically, write_json_atomic
 
-__all__ = ["FitConfig", "evaluate", "format_report", "run_fit", "split_rows"]
+__all__ = ["FitConfig", "evaluate", "format_done", "format_report", "run_fit", "split_rows"]
 
 log = logging.getLogger(__name__)
 
 _SPLITS = ("train", "validation", "test")
+
+# The rows a --test-split held out, beside the model: row, path, label.
+TEST_ROWS = "test_rows.csv"
 
 
 @dataclass
@@ -35,6 +38,7 @@ class FitConfig:
     head: str = "logreg"
     out: str | None = None  # default: models/<cache file stem>-<head>
     val_split: float = 0.2
+    test_split: float = 0.0  # held-out test fraction of all rows, when the cache records none
     seed: int = 0
     epochs: int = 100
     lr: float = 1e-3
@@ -52,10 +56,19 @@ class FitConfig:
     overwrite: bool = False  # replace a model in ``out`` trained with other settings
 
 
-def _check_val_split(val_split: float) -> None:
+def _check_fractions(val_split: float, test_split: float = 0.0) -> None:
     if not 0 < val_split < 1:  # also rejects NaN
         raise ValueError(
             f"`val_split` must be between 0 and 1, exclusive. Received: val_split={val_split}"
+        )
+    if not 0 <= test_split < 1:
+        raise ValueError(
+            f"`--test-split` must be at least 0 and below 1. Received: --test-split={test_split}"
+        )
+    if val_split + test_split >= 1:
+        raise ValueError(
+            "`--val-split` + `--test-split` must be below 1, or no row is left to train on. "
+            f"Received: --val-split={val_split}, --test-split={test_split}"
         )
 
 
@@ -72,6 +85,7 @@ def split_rows(
     seed: int,
     *,
     class_names: Sequence[str] | None = None,
+    test_split: float = 0.0,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Choose the train, validation and test rows of a cache.
 
@@ -81,21 +95,30 @@ def split_rows(
     row records a split (all ""), a stratified, seeded ``val_split`` of all rows is the
     validation set and the test set is empty.
 
+    ``test_split > 0`` first holds out a stratified, seeded ``ceil(test_split * N)`` of the
+    ``N`` rows as the test set, taken from the rows that would otherwise train (all rows, or
+    the recorded "train" rows); the validation rows are then chosen among the rest as above,
+    ``ceil(val_split * N)`` of them when split here. A cache that records "test" rows keeps
+    them as its test set and refuses ``test_split``. With ``test_split=0`` the split is
+    exactly the one made without it.
+
     Args:
         split: per-row split names, shape ``(N,)``.
         labels: per-row integer labels, shape ``(N,)``.
         val_split: fraction of rows to validate on when splitting here, in (0, 1).
-        seed: random state of the stratified split.
+        seed: random state of the stratified splits.
         class_names: optional names for ``labels``, used in error messages.
+        test_split: fraction of all rows to hold out as the test set, in [0, 1).
 
     Returns:
         ``(train_idx, val_idx, test_idx)``, each sorted.
 
     Raises:
-        ValueError: ``val_split`` outside (0, 1), unknown or mixed split names, no training
-            rows, or a class too small to stratify.
+        ValueError: ``val_split`` outside (0, 1), ``test_split`` outside [0, 1) or with
+            ``val_split`` not below 1, a recorded test split with ``test_split``, unknown or
+            mixed split names, no training rows, or a class too small to stratify.
     """
-    _check_val_split(val_split)
+    _check_fractions(val_split, test_split)
     split = np.asarray(split).astype(str)
     labels = np.asarray(labels)
     if len(split) != len(labels):
@@ -121,20 +144,43 @@ def split_rows(
         if "train" not in names:
             raise ValueError(f"The cache records splits {sorted(names)} but no 'train' rows.")
         test_idx = np.flatnonzero(split == "test")
-        if "validation" in names:
-            return np.flatnonzero(split == "train"), np.flatnonzero(split == "validation"), test_idx
+        if test_split and test_idx.size:
+            raise ValueError(
+                f"The cache records a test split ({test_idx.size} rows, from the data folder's "
+                "test/ images or the manifest's split column): fit_head tests on those. "
+                "`--test-split` holds out a test set only from caches that record none; drop "
+                f"it. Received: --test-split={test_split}"
+            )
         pool = np.flatnonzero(split == "train")
-    train_idx, val_idx = _stratified_split(pool, labels[pool], val_split, seed, class_names)
+    # Held out first, so neither training nor early stopping ever sees a test row.
+    val_size: float | int = val_split
+    if test_split:
+        pool, test_idx = _stratified_split(
+            pool, labels[pool], int(np.ceil(test_split * len(split))), seed, class_names,
+            flag="--test-split", value=test_split,
+        )
+        # The validation rows stay ``val_split`` of all rows, chosen among the rest.
+        val_size = int(np.ceil(val_split * len(split)))
+    if "validation" in names:
+        return pool, np.flatnonzero(split == "validation"), test_idx
+    train_idx, val_idx = _stratified_split(pool, labels[pool], val_size, seed, class_names,
+                                           value=val_split)
     return train_idx, val_idx, test_idx
 
 
 def _stratified_split(
     rows: np.ndarray,
     labels: np.ndarray,
-    val_split: float,
+    size: float | int,
     seed: int,
     class_names: Sequence[str] | None,
+    *,
+    flag: str = "val_split",
+    value: float | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
+    """(rest, part) of ``rows``, sorted: ``part`` holds ``size`` of them (a fraction, or a
+    row count when an int), stratified by ``labels``; ``flag=value`` names the option in
+    errors (``value`` defaults to ``size``)."""
     values, counts = np.unique(labels, return_counts=True)
     if counts.size and counts.min() < 2:
         small = int(values[np.argmin(counts)])
@@ -144,17 +190,16 @@ def _stratified_split(
             "record a train/validation split in the data folder."
         )
     # Check what train_test_split would reject, so the message says what to change.
-    n_val = int(np.ceil(val_split * len(rows)))
-    if n_val < len(values) or len(rows) - n_val < len(values):
+    n_part = size if isinstance(size, int) else int(np.ceil(size * len(rows)))
+    if n_part < len(values) or len(rows) - n_part < len(values):
+        received = f"{flag}={size if value is None else value}"
         raise ValueError(
             f"Cannot split {len(rows)} rows of {len(values)} classes stratified with "
-            f"val_split={val_split}: both parts need at least one row per class. "
-            "Choose another val_split or add rows."
+            f"{received}: both parts need at least one row per class. "
+            f"Choose another {flag} or add rows."
         )
-    train_idx, val_idx = train_test_split(
-        rows, test_size=val_split, stratify=labels, random_state=seed
-    )
-    return np.sort(train_idx), np.sort(val_idx)
+    rest, part = train_test_split(rows, test_size=size, stratify=labels, random_state=seed)
+    return np.sort(rest), np.sort(part)
 
 
 def evaluate(
@@ -221,7 +266,7 @@ def run_fit(config: FitConfig) -> tuple[Path, dict[str, Any]]:
         ValueError: a bad argument, unusable features or labels.
         pipeline.cache.CacheError: the cache is missing, incomplete or damaged.
     """
-    _check_val_split(config.val_split)
+    _check_fractions(config.val_split, config.test_split)
     estimator = make_head(
         config.head,
         C=config.C,
@@ -236,6 +281,8 @@ def run_fit(config: FitConfig) -> tuple[Path, dict[str, Any]]:
         k=config.k,
         max_iter=config.max_iter,
     )
+    if config.head == "dense":
+        estimator.set_params(log_epochs=True)  # one line per epoch: training takes a while
     _check_stream(config)
     cache_path = Path(config.cache)
     out_dir = (
@@ -249,9 +296,35 @@ def run_fit(config: FitConfig) -> tuple[Path, dict[str, Any]]:
     metrics = _metrics(config, estimator, cache=cache, X=X, train=train, val=val, test=test,
                        n_augmented=n_augmented, fit_seconds=fit_seconds)
     save_head(estimator, out_dir)
+    _write_extras(config, estimator, metrics, cache=cache, test=test, out_dir=out_dir)
     write_json_atomic(out_dir / "metrics.json", metrics)
     write_json_atomic(out_dir / "config.json", dataclasses.asdict(config))
     return out_dir, metrics
+
+
+def _write_extras(
+    config: FitConfig, estimator: Any, metrics: dict[str, Any], *, cache: Any,
+    test: np.ndarray, out_dir: Path,
+) -> None:
+    """The dense head's training curve (PNG), and the rows a ``--test-split`` held out
+    (``test_rows.csv``: row, path, label); each named in ``metrics``."""
+    history = getattr(estimator, "history_", None)
+    if history and history.get("loss"):
+        from pipeline.heads.curve import TRAINING_CURVE, plot_training_curve
+
+        plot_training_curve(history, metrics.get("best_epoch"), out_dir / TRAINING_CURVE)
+        metrics["training_curve"] = TRAINING_CURVE
+    if metrics.get("test_source") == "held out":
+        import csv
+        import io
+
+        text = io.StringIO()
+        writer = csv.writer(text, lineterminator="\n")
+        writer.writerow(["row", "path", "label"])
+        writer.writerows([int(i), cache.paths[i], cache.class_names[cache.labels[i]]]
+                         for i in test)
+        replace_atomically(out_dir / TEST_ROWS, lambda tmp: tmp.write_text(text.getvalue()))
+        metrics["test_rows"] = TEST_ROWS
 
 
 def _check_overwrite(config: FitConfig, out_dir: Path) -> None:
@@ -273,8 +346,11 @@ def _check_overwrite(config: FitConfig, out_dir: Path) -> None:
     except (OSError, ValueError):
         return  # not a model this command wrote: save_head judges the folder
     now = dataclasses.asdict(config)
-    differs = [f"--{key.replace('_', '-')} {before.get(key)!r} -> {now[key]!r}"
-               for key in now if key not in ("out", "overwrite") and before.get(key) != now[key]]
+    # A setting added after that model was trained reads as its default there.
+    defaults = {f.name: f.default for f in dataclasses.fields(FitConfig)}
+    before = {key: before.get(key, defaults[key]) for key in now}
+    differs = [f"--{key.replace('_', '-')} {before[key]!r} -> {now[key]!r}"
+               for key in now if key not in ("out", "overwrite") and before[key] != now[key]]
     if differs:
         raise ValueError(
             f"{out_dir} already holds a model trained with other settings "
@@ -325,7 +401,8 @@ def _split(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(train, val, test) rows (:func:`split_rows`); refuses training rows of one class."""
     train, val, test = split_rows(
-        cache.split, cache.labels, config.val_split, config.seed, class_names=cache.class_names
+        cache.split, cache.labels, config.val_split, config.seed, class_names=cache.class_names,
+        test_split=config.test_split,
     )
     train_classes = np.unique(cache.labels[train])
     if train_classes.size < 2:
@@ -392,12 +469,19 @@ def _metrics(
         "n_train_augmented": n_augmented,
         "n_val": int(val.size),
         "n_test": int(test.size),
+        # "recorded": the cache's test split; "held out": --test-split here; None: no test.
+        "test_source": ("held out" if config.test_split else "recorded") if test.size else None,
+        "test_split": config.test_split,
+        "split_seed": config.seed,
         "fit_seconds": fit_seconds,
         "stream": config.stream,
         **_scores(config, estimator, cache, X, val),
     }
     if hasattr(estimator, "history_"):
         metrics["epochs_run"] = len(estimator.history_.get("loss", []))
+        metrics["history"] = estimator.history_
+        # The epoch whose weights the model keeps (early stopping restores the best).
+        metrics["best_epoch"] = getattr(estimator, "best_epoch_", None)
     if test.size:
         metrics["test"] = _scores(config, estimator, cache, X, test)
     return metrics
@@ -419,7 +503,7 @@ def _fit_streaming(config: FitConfig, cache: Any, train: np.ndarray, val: np.nda
         config.head, config.cache, labels=cache.labels, paths=cache.paths, train=train, val=val,
         feature_shape=feature_shape, epochs=epochs, lr=config.lr, batch_size=config.batch_size,
         patience=config.patience, C=config.C, class_weight=config.class_weight, seed=config.seed,
-        layer=config.layer,
+        layer=config.layer, hidden=config.hidden, dropout=config.dropout, log_epochs=True,
     )
 
 
@@ -441,6 +525,12 @@ def _with_augmented(
             int(keep.sum()))
 
 
+_TEST_NOTES = {
+    "held out": "  (held out by --test-split: never trained or early-stopped on)",
+    "recorded": "  (the cache's test split: never trained or early-stopped on)",
+}
+
+
 def format_report(metrics: dict[str, Any]) -> str:
     """The metrics a fit_head run prints: sizes, then accuracy and per-class F1 per split."""
     layer = (metrics.get("cache_attrs") or {}).get("layer")
@@ -453,9 +543,27 @@ def format_report(metrics: dict[str, Any]) -> str:
     for part, m in (("validation", metrics), ("test", metrics.get("test"))):
         if m is None:
             continue
-        lines.append(f"{part}: accuracy={m['accuracy']:.4f}  macro-F1={m['macro_f1']:.4f}")
+        lines.append(f"{part}: accuracy={m['accuracy']:.4f}  macro-F1={m['macro_f1']:.4f}"
+                     + (_TEST_NOTES.get(metrics.get("test_source"), "") if part == "test" else ""))
         # A class with no rows in this split has no F1: say so rather than print 0.000.
         f1s = "  ".join(f"{name} {v['f1-score']:.3f}" if v.get("support") else
                         f"{name} - (no {part} rows)" for name, v in m["per_class"].items())
         lines.append(f"  per-class F1: {f1s}")
     return "\n".join(lines)
+
+
+def format_done(metrics: dict[str, Any], out_dir: Path) -> str:
+    """fit_head's last line: validation (and test) scores, fit time, what was written where."""
+    scores = f"validation accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f}"
+    if metrics.get("test"):
+        scores += (f"; test accuracy {metrics['test']['accuracy']:.4f}, "
+                   f"macro-F1 {metrics['test']['macro_f1']:.4f}")
+    files = ["model", "metrics.json", "config.json"]
+    if metrics.get("training_curve"):
+        kept = (f", kept epoch {metrics['best_epoch']} of {metrics['epochs_run']}"
+                if metrics.get("best_epoch") else "")
+        files.append(f"{metrics['training_curve']} (training curve{kept})")
+    if metrics.get("test_rows"):
+        files.append(metrics["test_rows"])
+    return (f"fit_head: done. {metrics['head']}: {scores}, fit {metrics['fit_seconds']:.2f} s; "
+            f"{', '.join(files[:-1])} and {files[-1]} in {out_dir}/")

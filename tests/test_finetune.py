@@ -352,3 +352,20 @@ def test_cli_errors_are_one_line(trained, capsys):
     proc = subprocess.run([PYTHON, str(SCRIPTS / "finetune.py"), "--help"],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and "--unfreeze-top-blocks" in proc.stdout
+
+
+def test_a_heads_held_out_test_rows_stay_out_of_fine_tuning(trained, tmp_path):
+    from pipeline.finetune.data import split_images
+    from pipeline.finetune.source import resolve_source
+
+    _, cache, _ = trained
+    head_dir, metrics = run_fit(FitConfig(str(cache), head="dense", epochs=1, test_split=0.25,
+                                          out=str(tmp_path / "head")))
+    start = resolve_source(FinetuneConfig(str(head_dir), unfreeze_top_blocks=1))
+    assert start.test_split == 0.25
+    split = split_images(start.cache, val_split=start.val_split, seed=start.split_seed,
+                         data_dir=None, test_split=start.test_split)
+    held_out = np.loadtxt(head_dir / "test_rows.csv", delimiter=",", skiprows=1, usecols=0,
+                          dtype=int)
+    np.testing.assert_array_equal(split.test.rows, held_out)
+    assert split.train.rows.size == metrics["n_train"] and split.val.rows.size == metrics["n_val"]

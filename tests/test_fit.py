@@ -248,3 +248,126 @@ def test_a_model_trained_otherwise_is_never_replaced_silently(tmp_path, monkeypa
     assert (first / "model.joblib").read_bytes() == before  # refused before training
     replaced, _ = run_fit(FitConfig(cache=str(cache), C=0.01, overwrite=True))
     assert json.loads((replaced / "config.json").read_text())["C"] == 0.01
+
+
+def test_test_split_holds_out_a_stratified_seeded_test_set_first():
+    y = np.repeat([0, 1, 2], [50, 30, 20])
+    split = np.array([""] * len(y))
+    train, val, test = split_rows(split, y, 0.2, seed=3, test_split=0.3)
+    assert (len(train), len(val), len(test)) == (50, 20, 30)  # fractions of all 100 rows
+    assert np.bincount(y[test]).tolist() == [15, 9, 6]
+    assert sorted(np.concatenate([train, val, test]).tolist()) == list(range(len(y)))
+    again = split_rows(split, y, 0.2, seed=3, test_split=0.3)
+    for a, b in zip(again, (train, val, test), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(split_rows(split, y, 0.2, seed=4, test_split=0.3)[2], test)
+    # No --test-split: exactly the split made before the option existed.
+    for a, b in zip(split_rows(split, y, 0.2, 3, test_split=0.0), split_rows(split, y, 0.2, 3),
+                    strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_test_split_comes_from_the_recorded_train_rows():
+    y = np.repeat([0, 1], 50)
+    split = np.array((["train"] * 40 + ["validation"] * 10) * 2)
+    train, val, test = split_rows(split, y, 0.2, 0, test_split=0.1)
+    np.testing.assert_array_equal(val, np.flatnonzero(split == "validation"))
+    assert len(test) == 10 and np.bincount(y[test]).tolist() == [5, 5]
+    assert set(test) <= set(np.flatnonzero(split == "train"))
+    recorded_train = np.flatnonzero(split == "train").tolist()
+    assert sorted(np.concatenate([train, test]).tolist()) == recorded_train
+
+
+def test_test_split_is_refused_when_the_cache_records_a_test_split():
+    y = np.repeat([0, 1], 10)
+    split = np.array((["train"] * 6 + ["validation"] * 2 + ["test"] * 2) * 2)
+    with pytest.raises(ValueError, match=r"records a test split \(4 rows.*`--test-split`.*"
+                                         r"Received: --test-split=0.2"):
+        split_rows(split, y, 0.2, 0, test_split=0.2)
+
+
+@pytest.mark.parametrize(("val_split", "test_split", "match"), [
+    (0.2, -0.1, r"`--test-split` must be at least 0 and below 1\. Received: --test-split=-0.1"),
+    (0.2, 1.0, r"Received: --test-split=1.0"),
+    (0.2, float("nan"), r"Received: --test-split=nan"),
+    (0.5, 0.5, r"`--val-split` \+ `--test-split` must be below 1.*"
+               r"Received: --val-split=0.5, --test-split=0.5"),
+])
+def test_bad_test_split_is_named_before_the_cache_is_read(tmp_path, val_split, test_split, match):
+    with pytest.raises(ValueError, match=match):
+        run_fit(FitConfig(cache=str(tmp_path / "missing.h5"), val_split=val_split,
+                          test_split=test_split))
+
+
+def test_test_split_too_small_for_every_class_says_so():
+    y = np.repeat([0, 1, 2], 10)
+    with pytest.raises(ValueError, match=r"--test-split=0.05: both parts need at least one row"):
+        split_rows(np.array([""] * len(y)), y, 0.2, 0, test_split=0.05)
+
+
+@pytest.fixture(scope="module")
+def split_cache(tmp_path_factory):
+    X, y = blobs(40, 3, seed=41)
+    return make_cache(tmp_path_factory.mktemp("split") / "feats.h5", X, y), y
+
+
+@pytest.mark.parametrize(("head", "stream"), [*((h, False) for h in HEADS), ("logreg", True),
+                                              ("dense", True)])
+def test_held_out_test_rows_are_never_trained_or_early_stopped_on(tmp_path, monkeypatch,
+                                                                  split_cache, head, stream):
+    import pipeline.fit
+
+    cache, y = split_cache
+    seen: dict[str, np.ndarray] = {}
+    fit = pipeline.fit._fit
+
+    def spy(config, estimator, *, cache, X, train, val):
+        seen.update(train=train, val=val)
+        return fit(config, estimator, cache=cache, X=X, train=train, val=val)
+
+    monkeypatch.setattr(pipeline.fit, "_fit", spy)
+    out_dir, metrics = run_fit(FitConfig(cache=str(cache), head=head, out=str(tmp_path / "m"),
+                                         test_split=0.25, stream=stream, seed=2, **FAST))
+    rows = np.loadtxt(out_dir / "test_rows.csv", delimiter=",", skiprows=1, usecols=0, dtype=int)
+    np.testing.assert_array_equal(rows, split_rows(np.array([""] * len(y)), y, 0.2, 2,
+                                                   test_split=0.25)[2])
+    assert not set(rows) & (set(seen["train"]) | set(seen["val"]))
+    assert (metrics["n_train"], metrics["n_val"], metrics["n_test"]) == (66, 24, 30)
+    assert (metrics["test_source"], metrics["test_split"], metrics["test_rows"]) == (
+        "held out", 0.25, "test_rows.csv")
+    assert np.array(metrics["test"]["confusion_matrix"]).sum() == 30
+    assert metrics["test"]["accuracy"] >= 0.9
+    assert json.loads((out_dir / "config.json").read_text())["test_split"] == 0.25
+    report = format_report(metrics)
+    assert "test: accuracy=" in report and "held out by --test-split" in report
+
+
+def test_dense_head_saves_its_training_curve(tmp_path, split_cache):
+    from pipeline.fit import format_done
+
+    cache, _ = split_cache
+    out_dir, metrics = run_fit(FitConfig(cache=str(cache), head="dense", out=str(tmp_path / "m"),
+                                         patience=2, **FAST))
+    written = json.loads((out_dir / "metrics.json").read_text())
+    history = written["history"]
+    assert set(history) == {"loss", "val_loss", "accuracy", "val_accuracy"}
+    assert len(history["loss"]) == written["epochs_run"] <= 10
+    assert written["best_epoch"] == int(np.argmin(history["val_loss"])) + 1
+    assert written["training_curve"] == "training_curve.png"
+    assert (out_dir / "training_curve.png").read_bytes()[:4] == b"\x89PNG"
+    assert load_head(out_dir).best_epoch_ == written["best_epoch"]
+    done = format_done(metrics, out_dir)
+    assert f"training_curve.png (training curve, kept epoch {written['best_epoch']} of" in done
+    assert "test accuracy" not in done
+
+
+def test_a_model_from_before_a_new_setting_reruns_without_overwrite(tmp_path, split_cache):
+    cache, _ = split_cache
+    config = FitConfig(cache=str(cache), out=str(tmp_path / "m"))
+    out_dir, _ = run_fit(config)
+    old = json.loads((out_dir / "config.json").read_text())
+    del old["test_split"]  # as written before --test-split existed
+    (out_dir / "config.json").write_text(json.dumps(old))
+    run_fit(config)  # the same settings: not "trained with other settings"
+    with pytest.raises(ValueError, match=r"--test-split 0\.0 -> 0\.1"):
+        run_fit(dataclasses.replace(config, test_split=0.1))

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
+import re
 
 import numpy as np
 import pytest
@@ -88,6 +90,7 @@ def test_make_head_dense_passes_arguments():
         "class_weight": None,
         "random_state": 3,
         "verbose": 0,
+        "log_epochs": False,
     }
     assert head_name(head) == "dense"
 
@@ -334,3 +337,76 @@ def test_unpooled_feature_maps_fit_and_round_trip(tmp_path, name):
 def test_load_head_from_an_empty_folder_says_what_is_missing(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"head\.json is missing"):
         load_head(tmp_path)
+
+
+class _Lines(logging.Handler):
+    """Collects the messages of one logger, whatever the 'pipeline' logger propagates."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+@pytest.fixture
+def dense_log():
+    logger = logging.getLogger("pipeline.heads.dense")
+    handler, level = _Lines(), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    yield handler.lines
+    logger.removeHandler(handler)
+    logger.setLevel(level)
+
+
+@pytest.mark.parametrize("terminal", [True, False])
+def test_dense_head_logs_one_line_per_epoch_on_a_terminal_only(monkeypatch, capsys, dense_log,
+                                                               terminal):
+    monkeypatch.setattr("pipeline.heads.dense.stderr_is_terminal", lambda: terminal)
+    X, y = blobs(20, 3, seed=31)
+    head = DenseHead(epochs=4, lr=1e-2, patience=10, log_epochs=True)
+    head.fit(X, y, validation_data=(X[:15], y[:15]))
+    epochs = [line for line in dense_log if "epoch " in line and "/4:" in line]
+    # A log file gets a line at most every 30 s (none in this fast fit) and the last one.
+    assert [line.split(":")[1] for line in epochs] == (
+        [" epoch 1/4", " epoch 2/4", " epoch 3/4", " epoch 4/4"] if terminal else [" epoch 4/4"]
+    )
+    assert re.fullmatch(r"dense head: epoch 4/4: loss [\d.e-]+, val loss [\d.e-]+, "
+                        r"accuracy [\d.]+, val accuracy [\d.]+ \(\d+\.\d s\)", epochs[-1])
+    assert f"kept the weights of epoch {head.best_epoch_}" in dense_log[-1]
+    assert capsys.readouterr().out == ""  # no Keras progress bar
+
+
+def test_dense_head_is_quiet_unless_asked(dense_log):
+    X, y = blobs(10, 2, seed=32)
+    DenseHead(epochs=2).fit(X, y)
+    assert dense_log == []
+
+
+def test_early_stopping_records_the_epoch_whose_weights_it_keeps():
+    rng = np.random.default_rng(33)
+    # Labels that are noise: the validation loss rises soon, so early stopping ends it.
+    X, y = rng.normal(size=(80, 8)).astype(np.float32), np.repeat([0, 1], 40)
+    head = DenseHead(epochs=60, lr=5e-2, patience=2, dropout=0.0, random_state=0)
+    head.fit(X[:60], y[:60], validation_data=(X[60:], y[60:]))
+    val_loss = head.history_["val_loss"]
+    assert head.stopped_epoch_ == len(val_loss) < 60
+    assert head.best_epoch_ == int(np.argmin(val_loss)) + 1 == len(val_loss) - 2
+    assert set(head.history_) == {"loss", "val_loss", "accuracy", "val_accuracy"}
+    # The kept weights are the best epoch's: scoring the validation rows gives its loss.
+    kept = head.model_.evaluate(X[60:], y[60:].astype(np.float32), verbose=0, return_dict=True)
+    assert kept["loss"] == pytest.approx(val_loss[head.best_epoch_ - 1], rel=1e-4, abs=1e-6)
+
+
+def test_training_curve_png_marks_the_kept_epoch(tmp_path):
+    from pipeline.heads.curve import plot_training_curve
+
+    history = {"loss": [1.0, 0.5, 0.4], "val_loss": [0.9, 0.6, 0.7],
+               "accuracy": [0.5, 0.8, 0.9], "val_accuracy": [0.6, 0.7, 0.7]}
+    path = plot_training_curve(history, 2, tmp_path / "curve.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["curve.png"]  # no temp file left
+    with pytest.raises(ValueError, match="no epoch"):
+        plot_training_curve({"loss": []}, None, tmp_path / "empty.png")

@@ -38,7 +38,8 @@ class Split:
     test: Part
 
 
-def split_images(cache: Cache, *, val_split: float, seed: int, data_dir: str | None) -> Split:
+def split_images(cache: Cache, *, val_split: float, seed: int, data_dir: str | None,
+                 test_split: float = 0.0) -> Split:
     """The cache's rows split exactly as fit_head split them, with their image files.
 
     The split is :func:`pipeline.fit.split_rows`', so the validation images of the head's
@@ -49,6 +50,7 @@ def split_images(cache: Cache, *, val_split: float, seed: int, data_dir: str | N
         val_split: the validation fraction, when the cache records no split.
         seed: the split's random state.
         data_dir: where the images are now; default: the folder the cache recorded.
+        test_split: the test fraction fit_head held out (``--test-split``), if any.
 
     Returns:
         The three parts, each with its rows and files.
@@ -57,7 +59,8 @@ def split_images(cache: Cache, *, val_split: float, seed: int, data_dir: str | N
         ValueError: the split cannot be made, or the folder or an image is missing.
     """
     train, val, test = split_rows(
-        cache.split, cache.labels, val_split, seed, class_names=cache.class_names
+        cache.split, cache.labels, val_split, seed, class_names=cache.class_names,
+        test_split=test_split,
     )
     paths = _image_paths(cache, np.concatenate([train, val, test]), data_dir)
     n_train, n_fit = train.size, train.size + val.size

@@ -43,8 +43,8 @@ def run_finetune(config: FinetuneConfig) -> tuple[Path, dict[str, Any]]:
     Protocol:
         1. Validate the arguments (exactly one of ``unfreeze_from``/``unfreeze_top_blocks``).
         2. Resolve the source: a fit_head folder with a dense head (warm start; its
-           cache, ``val_split`` and ``seed`` are read from its config.json, and the cache
-           must still be the one it was trained on), or a cache.
+           cache, ``val_split``, ``test_split`` and ``seed`` are read from its config.json,
+           and the cache must still be the one it was trained on), or a cache.
         3. Split rows exactly as fit_head did (:func:`pipeline.fit.split_rows`), so the
            validation images are never trained on; check every image is still there.
         4. Rebuild the feature model from the cache attributes
@@ -84,7 +84,7 @@ def run_finetune(config: FinetuneConfig) -> tuple[Path, dict[str, Any]]:
     start = resolve_source(config)
     out_dir = _out_dir(config=config, start=start)
     split = split_images(start.cache, val_split=start.val_split, seed=start.split_seed,
-                         data_dir=config.data_dir)
+                         data_dir=config.data_dir, test_split=start.test_split)
     feature_model = feature_model_from_attrs(start.cache.attrs)
     first, unfrozen = _unfreeze(config=config, feature_model=feature_model)
     verbose = 1 if sys.stdout.isatty() else 2  # Keras' progress: a bar, or a line an epoch
@@ -287,7 +287,8 @@ def _metrics(
         "cache": str(start.cache_path),
         "cache_attrs": start.cache.attrs,
         "class_names": list(start.cache.class_names),
-        "split": {"val_split": start.val_split, "seed": start.split_seed},
+        "split": {"val_split": start.val_split, "test_split": start.test_split,
+                  "seed": start.split_seed},
         "n_train": int(split.train.rows.size),
         "n_val": int(split.val.rows.size),
         "n_test": int(split.test.rows.size),

@@ -29,6 +29,8 @@ class Start:
     val_split: float
     split_seed: int
     head: DenseHead | None
+    # The head's --test-split: its held-out test rows must stay out of fine-tuning too.
+    test_split: float = 0.0
 
 
 def _read_output(path: Path) -> dict[str, Any]:
@@ -87,7 +89,8 @@ def resolve_source(config: FinetuneConfig) -> Start:
                 + "\nPass the right one with --cache, or train the head again."
             )
         return Start(
-            "head", cache_path, cache, float(fit_config["val_split"]), int(fit_config["seed"]), head
+            "head", cache_path, cache, float(fit_config["val_split"]), int(fit_config["seed"]),
+            head, float(fit_config.get("test_split", 0.0)),
         )
     if source.suffix in (".h5", ".hdf5") or source.is_file():
         return Start("cache", source, read_cache(source), config.val_split, config.seed, None)

@@ -8,6 +8,7 @@ Modules:
     convnet    the demo's small convnet and compare's from-scratch baseline built from it
     persist    the model-folder format: ``save_head``/``load_head`` and ``head.json``
     stream     ``fit_head --stream``: heads trained from the cache in batches
+    curve      the dense head's training curve as a PNG (matplotlib, Agg)
 
 Heads work on arrays: they never import images or bases. A fitted head is saved to a
 folder with :func:`save_head` and read back with :func:`load_head`.

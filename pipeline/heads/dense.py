@@ -8,7 +8,9 @@ model (:func:`feature_moments`, :func:`feature_scale`), so it travels with the s
 
 from __future__ import annotations
 
+import logging
 import math
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -21,7 +23,12 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.utils.class_weight import compute_class_weight
 from sklearn.utils.validation import check_is_fitted
 
+from pipeline.interrupts import checkpoint
+from pipeline.util.log import stderr_is_terminal
+
 __all__ = ["DenseHead", "FeatureMoments", "check_head_args", "feature_moments", "feature_scale"]
+
+log = logging.getLogger(__name__)
 
 # Share of the training rows DenseHead holds out for early stopping when given no validation data.
 _INTERNAL_VAL_FRACTION = 0.1
@@ -38,6 +45,9 @@ _MOMENT_BYTES = 16 << 20
 # std ~1e19: features whose largest std lies outside 2**-10 .. 2**10 are first multiplied
 # by a power of two (exact in float32) that brings it near 1.
 _UNSCALED_STD_RANGE = (2.0**-10, 2.0**10)
+
+# Seconds between epoch lines when standard error is a log file, not a terminal.
+EPOCH_LOG_EVERY = 30.0
 
 def check_head_args(
     *,
@@ -176,6 +186,51 @@ def _stratified_holdout(
     return np.sort(fit_idx), np.sort(holdout_idx)
 
 
+def epoch_line(epoch: int, epochs: int, logs: dict[str, float], seconds: float) -> str:
+    """``epoch 3/100: loss 0.4123, val loss 0.39, accuracy 0.8750, val accuracy 0.9000
+    (0.4 s)``; metrics Keras did not log (no validation rows) are left out."""
+    # Losses in significant digits (they fall towards 1e-5), accuracies in fixed ones.
+    names = (("loss", "loss", ".4g"), ("val_loss", "val loss", ".4g"),
+             ("accuracy", "accuracy", ".4f"), ("val_accuracy", "val accuracy", ".4f"))
+    values = ", ".join(f"{label} {logs[key]:{fmt}}" for key, label, fmt in names if key in logs)
+    return f"epoch {epoch}/{epochs}: {values} ({seconds:.1f} s)"
+
+
+class _EpochLog(keras.callbacks.Callback):
+    """Logs one line per epoch on a terminal; in a log file one at most every
+    ``log_every`` seconds, and always the last epoch's, so a batch log stays short.
+
+    Keras' own progress (``verbose=1``) redraws a bar per batch; this is a readable line.
+    """
+
+    def __init__(self, epochs: int, prefix: str, log_every: float = EPOCH_LOG_EVERY) -> None:
+        super().__init__()
+        self._epochs = epochs
+        self._prefix = prefix
+        self._log_every = log_every
+        self._last: str | None = None  # the newest line not yet logged
+
+    def on_train_begin(self, logs: dict | None = None) -> None:
+        self._logged_at = time.monotonic()
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        self._epoch_start = time.monotonic()
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        now = time.monotonic()
+        self._last = self._prefix + epoch_line(epoch + 1, self._epochs, dict(logs or {}),
+                                               now - self._epoch_start)
+        if stderr_is_terminal() or now - self._logged_at >= self._log_every:
+            log.info(self._last)
+            self._last, self._logged_at = None, now
+        checkpoint()  # an epoch's end is a safe point to stop at on Ctrl-C
+
+    def on_train_end(self, logs: dict | None = None) -> None:
+        if self._last is not None:
+            log.info(self._last)
+            self._last = None
+
+
 class DenseHead(ClassifierMixin, BaseEstimator):
     """Keras bottleneck head: Flatten -> Dense(relu) -> Dropout -> softmax (sigmoid for 2 classes).
 
@@ -202,6 +257,16 @@ class DenseHead(ClassifierMixin, BaseEstimator):
         class_weight: None, or "balanced".
         random_state: seed passed to ``keras.utils.set_random_seed`` in ``fit``.
         verbose: Keras ``fit`` verbosity.
+        log_epochs: log one line per epoch (loss, accuracy, their validation values,
+            seconds) to this module's logger: every epoch on a terminal, at most every
+            ``EPOCH_LOG_EVERY`` seconds plus the last one in a log file.
+
+    Attributes:
+        history_: per-epoch ``loss``, ``accuracy`` (and ``val_loss``, ``val_accuracy``).
+        best_epoch_: the 1-based epoch whose weights the model keeps (lowest validation
+            loss, restored by early stopping); None without validation rows (the last).
+        stopped_epoch_: the 1-based epoch at which early stopping ended training, or None
+            when it ran all ``epochs``.
     """
 
     def __init__(
@@ -215,6 +280,7 @@ class DenseHead(ClassifierMixin, BaseEstimator):
         class_weight: str | None = None,
         random_state: int | None = 0,
         verbose: int = 0,
+        log_epochs: bool = False,
     ) -> None:
         self.hidden = hidden
         self.dropout = dropout
@@ -225,6 +291,7 @@ class DenseHead(ClassifierMixin, BaseEstimator):
         self.class_weight = class_weight
         self.random_state = random_state
         self.verbose = verbose
+        self.log_epochs = log_epochs
 
     # Whether fit standardises the trunk's output with the training rows' statistics. A
     # subclass whose trunk learns (the scratch convnet) turns it off.
@@ -347,29 +414,51 @@ class DenseHead(ClassifierMixin, BaseEstimator):
         if self.class_weight == "balanced":
             w = compute_class_weight("balanced", classes=np.arange(n_classes), y=y_fit)
             weights = {i: float(v) for i, v in enumerate(w)}
-        callbacks = []
         fit_val = None
         if X_val is not None:
             fit_val = (X_val, y_val.astype(np.float32) if n_classes == 2 else y_val)
-            callbacks.append(
-                keras.callbacks.EarlyStopping(
-                    monitor="val_loss", patience=self.patience, restore_best_weights=True
-                )
-            )
-        history = model.fit(
+        return self._train(
+            model,
             X_fit,
             y_fit.astype(np.float32) if n_classes == 2 else y_fit,
             validation_data=fit_val,
-            epochs=self.epochs,
             batch_size=self.batch_size,
             # Given explicitly, Keras makes one data iterator per epoch instead of two.
             steps_per_epoch=-(-len(X_fit) // self.batch_size),
             class_weight=weights,
-            callbacks=callbacks,
-            verbose=self.verbose,
         )
+
+    def _train(self, model: keras.Model, x: Any, y: Any = None, *, validation_data: Any,
+               **fit_kwargs: Any) -> DenseHead:
+        """``model.fit`` with early stopping on the validation loss (when there are
+        validation rows) and the epoch log; sets ``model_``, ``history_``,
+        ``best_epoch_`` and ``stopped_epoch_``."""
+        callbacks: list[keras.callbacks.Callback] = []
+        stopper = None
+        if validation_data is not None:
+            stopper = keras.callbacks.EarlyStopping(
+                monitor="val_loss", patience=self.patience, restore_best_weights=True
+            )
+            callbacks.append(stopper)
+        if self.log_epochs:
+            callbacks.append(_EpochLog(self.epochs, prefix="dense head: "))
+        history = model.fit(x, y, validation_data=validation_data, epochs=self.epochs,
+                            callbacks=callbacks, verbose=self.verbose, **fit_kwargs)
         self.model_ = model
         self.history_ = {k: [float(v) for v in vals] for k, vals in history.history.items()}
+        # EarlyStopping restores the best epoch's weights at the end of training, whether
+        # it stopped early or not (Keras 3); its epochs count from 0.
+        self.best_epoch_ = None if stopper is None else stopper.best_epoch + 1
+        stopped = stopper.stopped_epoch if stopper is not None else 0
+        self.stopped_epoch_ = stopped + 1 if stopped else None
+        if self.log_epochs and self.best_epoch_ is not None:
+            val_loss = self.history_["val_loss"][self.best_epoch_ - 1]
+            ran = len(self.history_.get("loss", []))
+            how = (f"stopped early after epoch {ran}/{self.epochs} (val loss did not improve "
+                   f"for {self.patience} epochs)" if self.stopped_epoch_ else
+                   f"ran all {ran} epochs")
+            log.info("dense head: %s; kept the weights of epoch %d (lowest val loss %.4g)",
+                     how, self.best_epoch_, val_loss)
         return self
 
     def fit_batches(
@@ -413,16 +502,8 @@ class DenseHead(ClassifierMixin, BaseEstimator):
             w = compute_class_weight("balanced", classes=np.arange(len(self.classes_)),
                                      y=y_for_weights)
             weights = {i: float(v) for i, v in enumerate(w)}
-        callbacks = []
-        if validation is not None:
-            callbacks.append(keras.callbacks.EarlyStopping(
-                monitor="val_loss", patience=self.patience, restore_best_weights=True))
-        history = model.fit(train, validation_data=validation, epochs=self.epochs,
-                            steps_per_epoch=len(train), class_weight=weights,
-                            callbacks=callbacks, verbose=self.verbose)
-        self.model_ = model
-        self.history_ = {k: [float(v) for v in vals] for k, vals in history.history.items()}
-        return self
+        return self._train(model, train, validation_data=validation,
+                           steps_per_epoch=len(train), class_weight=weights)
 
     def predict_proba(self, X: Any) -> np.ndarray:
         """Class probabilities, columns in ``classes_`` order.

@@ -125,6 +125,7 @@ def save_head(estimator: BaseEstimator, out_dir: str | os.PathLike) -> Path:
             "feature_shape": list(estimator.feature_shape_),
             "params": estimator.get_params(),
             "history": estimator.history_,
+            "best_epoch": getattr(estimator, "best_epoch_", None),
         }
     else:
         check_is_fitted(estimator)
@@ -176,4 +177,5 @@ def load_head(out_dir: str | os.PathLike) -> BaseEstimator:
     head.feature_shape_ = tuple(meta["feature_shape"])
     head.n_features_in_ = int(np.prod(head.feature_shape_))
     head.history_ = meta.get("history", {})
+    head.best_epoch_ = meta.get("best_epoch")
     return head

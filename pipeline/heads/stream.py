@@ -141,6 +141,9 @@ def fit_streaming(
     class_weight: str | None,
     seed: int,
     layer: str | None = None,
+    hidden: int = 256,
+    dropout: float = 0.5,
+    log_epochs: bool = False,
 ) -> Any:
     """Fit one head from the cache at ``path`` without loading its features.
 
@@ -156,6 +159,7 @@ def fit_streaming(
         class_weight: None or "balanced".
         seed: shuffling and initialisation seed.
         layer: which stored layer to train on (default the first).
+        hidden, dropout, log_epochs: dense head settings (see DenseHead).
 
     Returns:
         The fitted estimator (DenseHead, or a flatten -> scale -> SGD Pipeline).
@@ -172,15 +176,17 @@ def fit_streaming(
     if head == "dense":
         return _dense(path, labels, train, val, classes, feature_shape, epochs=epochs, lr=lr,
                       batch_size=batch_size, patience=patience, class_weight=class_weight,
-                      seed=seed, layer=layer)
+                      seed=seed, layer=layer, hidden=hidden, dropout=dropout,
+                      log_epochs=log_epochs)
     return _sgd(head, path, labels, paths, train, classes, epochs=epochs, batch_size=batch_size,
                 C=C, class_weight=class_weight, seed=seed, layer=layer)
 
 
 def _dense(path, labels, train, val, classes, feature_shape, *, epochs, lr, batch_size, patience,
-           class_weight, seed, layer) -> Any:
-    head = DenseHead(epochs=epochs, lr=lr, batch_size=batch_size, patience=patience,
-                     class_weight=class_weight, random_state=seed)
+           class_weight, seed, layer, hidden, dropout, log_epochs) -> Any:
+    head = DenseHead(hidden=hidden, dropout=dropout, epochs=epochs, lr=lr,
+                     batch_size=batch_size, patience=patience, class_weight=class_weight,
+                     random_state=seed, log_epochs=log_epochs)
     batches = _row_batches_class()
     binary = len(classes) == 2
 
