@@ -135,9 +135,9 @@ def fit_head_parser() -> argparse.ArgumentParser:
     p.add_argument("--stream", action="store_true",
                    help="out of core: read features from HDF5 in batches (dense, logreg and "
                    "linear-svm; the linear heads become SGD, at most 10 passes)")
-    p.add_argument("--export", default=None, metavar="FILE.keras",
-                   help="dense head: also save base + head as one end-to-end model "
-                   "(FILE.keras + FILE.json)")
+    p.add_argument("--export", default=None, metavar="FILE.keras|DIR",
+                   help="also save base + head to predict on another machine: FILE.keras "
+                   "(+ FILE.json), one end-to-end model (dense head), or DIR (any head)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace a model in --out trained with other settings (without it, "
                    "such a run stops before training; the same settings again replace it)")
@@ -149,8 +149,8 @@ def predict_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="predict.py",
         description="Predict the class of images with a fit_head or finetune model, using the "
-        "base, size and preprocessing recorded with it; or export a dense head and its base "
-        "as one .keras model.",
+        "base, size and preprocessing recorded with it; or export it with its base, to "
+        "predict on another machine.",
     )
     p.add_argument("model", help="fit_head/finetune output folder, or an exported FILE.keras")
     p.add_argument("images", nargs="*", metavar="IMAGES_OR_DIR_OR_LIST",
@@ -168,9 +168,13 @@ def predict_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=0, help="decode threads (0: auto)")
     p.add_argument("--log-every", type=float, default=30.0,
                    help="seconds between progress lines when not on a terminal")
-    p.add_argument("--export", default=None, metavar="FILE.keras",
-                   help="save the dense head + frozen base as one end-to-end model "
-                   "(FILE.keras + FILE.json); no images needed")
+    p.add_argument("--export", default=None, metavar="FILE.keras|DIR",
+                   help="save the model with its frozen base, to predict on another machine: "
+                   "FILE.keras (+ FILE.json), one end-to-end model (dense heads), or DIR, a "
+                   "folder predict.py loads (any head); no images needed")
+    p.add_argument("--base", default=None, metavar="PATH",
+                   help="where the model's base file (.keras base, weights file, keras-hub "
+                   "preset folder) is now, if it moved; must be the same file (sha256)")
     return p
 
 
@@ -413,7 +417,8 @@ def fit_head_main(argv: Sequence[str] | None = None) -> int:
 
     def command() -> int:
         check_output("--out", args.out, folder=True)
-        check_output("--export", export)
+        check_output("--export", export, folder=export is not None
+                     and not export.endswith(".keras"))
         from pipeline.cache import check_cache_exists
 
         check_cache_exists(args.cache)  # in a fraction of a second, before TensorFlow loads
@@ -422,7 +427,7 @@ def fit_head_main(argv: Sequence[str] | None = None) -> int:
         if export is not None:
             from pipeline.export import check_exportable
 
-            check_exportable(args.head)  # before training, not after
+            check_exportable(args.head, export)  # before training, not after
         out_dir, metrics = run_fit(FitConfig(**options))
         print(format_report(metrics), flush=True)
         print(
@@ -432,11 +437,10 @@ def fit_head_main(argv: Sequence[str] | None = None) -> int:
             flush=True,
         )
         if export is not None:
-            from pipeline.export import export_model
+            from pipeline.export import export_model, exported_files
 
             path = export_model(out_dir, export)
-            print(f"fit_head: exported base + head to {path} (+ {path.with_suffix('.json')})",
-                  flush=True)
+            print(f"fit_head: exported base + head to {exported_files(path)}", flush=True)
         return 0
 
     return _run("fit_head", command)
@@ -454,13 +458,13 @@ def predict_main(argv: Sequence[str] | None = None) -> int:
         if args.images:
             check_output("--out", predictions_out(args.out, args.embeddings))
             check_output("--embeddings", args.embeddings)
-        check_output("--export", export)
-        from pipeline.export import export_model
+        check_output("--export", export, folder=export is not None
+                     and not export.endswith(".keras"))
+        from pipeline.export import export_model, exported_files
 
         if export is not None:
-            path = export_model(args.model, export)
-            print(f"predict: exported base + head to {path} (+ {path.with_suffix('.json')})",
-                  flush=True)
+            path = export_model(args.model, export, base=args.base)
+            print(f"predict: exported base + head to {exported_files(path)}", flush=True)
             if not args.images:
                 return 0
         result = run_predict(PredictConfig(**options))

@@ -28,6 +28,10 @@ dtype as the cache it was trained on), row i for the i-th image read, in the for
 only the embeddings are written (no predictions CSV), and unreadable files are listed in
 ``<embeddings stem>.skipped.csv``. End-to-end models (finetune folders, exported
 ``.keras``) have no separate features and are refused.
+
+A fit_head folder finds its base file where it recorded it, relative to the folder or
+absolute (:mod:`pipeline.bases.files`); ``--base PATH`` says where it is now, and must be
+the same file (sha256).
 """
 
 from __future__ import annotations
@@ -82,6 +86,7 @@ class PredictConfig:
     workers: int = 0
     log_every: float = 30.0
     embeddings: str | None = None
+    base: str | None = None  # where the recorded base file is now (a moved model)
 
 
 @dataclass
@@ -332,7 +337,8 @@ def run_predict(config: PredictConfig) -> PredictResult:
         ValueError: a bad argument, model or image list (Keras-style message): files
             named that are plainly no images (HDF5, zip, text) only, or no image that
             could be read (then nothing is written); ``--embeddings`` with an unknown
-            extension or an end-to-end model.
+            extension or an end-to-end model; ``base`` not the recorded base file (or the
+            base file found nowhere).
         FileNotFoundError: a model folder's head files are incomplete.
     """
     _validate(config)
@@ -340,7 +346,7 @@ def run_predict(config: PredictConfig) -> PredictResult:
     _check_embeddings(located, config.embeddings, config.model)
     paths, rejected = _images(inputs=config.images)
     with deferred():  # Ctrl-C while the model is built stops right after it
-        predictor = load_predictor(located)
+        predictor = load_predictor(located, base=config.base)
     top_k = _check_top_k(top_k=config.top_k, n_classes=len(predictor.class_names))
     csv_name = predictions_out(config.out, config.embeddings)
     out = None if csv_name is None else Path(csv_name)

@@ -159,26 +159,33 @@ def _column_names(classes: Sequence[Any], class_names: Sequence[str] | None) -> 
     return [str(c) for c in classes]
 
 
-def load_bottleneck(located: ModelFiles) -> tuple[Any, dict[str, Any], Any]:
+def load_bottleneck(
+    located: ModelFiles, *, base: str | os.PathLike | None = None
+) -> tuple[Any, dict[str, Any], Any]:
     """``(head, metrics, feature model)`` of a fit_head folder, checked against each other.
+
+    The feature model is the export's own ``features.keras`` when the folder is an
+    export (:func:`pipeline.export.export_model`); otherwise it is rebuilt from the
+    recorded cache attributes, its base file found where the folder or ``base`` says
+    (:func:`pipeline.bases.files.locate_base_file`).
 
     Args:
         located: a fit_head folder's files (:func:`locate_model`).
+        base: ``--base PATH``: where the recorded base file is now.
 
     Returns:
-        The fitted head, what fit_head recorded (``cache_attrs``, ``class_names``) and the
-        frozen feature model rebuilt from the cache attributes.
+        The fitted head, what fit_head recorded (``cache_attrs``, ``class_names``; the
+        attributes with the base file's current path) and the frozen feature model.
 
     Raises:
-        ValueError: no cache attributes, a recorded base file gone or changed, or the
-            head was trained on features of another shape.
+        ValueError: no cache attributes, a recorded base file gone or changed, ``base``
+            not the recorded file, or the head was trained on features of another shape.
     """
-    from pipeline.bases import feature_model_from_attrs
     from pipeline.heads import DenseHead, load_head
 
     metrics = _metrics(located)
     head = load_head(located.folder)
-    feature_model = feature_model_from_attrs(metrics["cache_attrs"])
+    feature_model = _feature_model(located, metrics, base)
     got = feature_model.feature_shape
     if isinstance(head, DenseHead):
         matches, expected = tuple(head.feature_shape_) == got, tuple(head.feature_shape_)
@@ -193,15 +200,49 @@ def load_bottleneck(located: ModelFiles) -> tuple[Any, dict[str, Any], Any]:
     return head, metrics, feature_model
 
 
+def _feature_model(located: ModelFiles, metrics: dict[str, Any],
+                   base: str | os.PathLike | None) -> Any:
+    """The frozen feature model of a fit_head folder or of an export folder."""
+    from pipeline.bases import FeatureModel, feature_model_from_attrs
+    from pipeline.bases.files import locate_base_file
+
+    attrs = metrics["cache_attrs"]
+    packed = located.meta.get("feature_model")
+    if packed is None:
+        metrics["cache_attrs"] = locate_base_file(
+            attrs, model_dir=located.folder, record=metrics.get("base_file"), base=base)
+        return feature_model_from_attrs(metrics["cache_attrs"])
+    if base is not None:
+        raise ValueError(
+            f"{located.folder} is an export: it carries its base ({packed}), so `--base` "
+            f"has nothing to replace. Received: --base={str(base)!r}"
+        )
+    import keras
+
+    from pipeline.bases.pooling import register_custom_layers
+
+    path = located.folder / packed
+    if not path.is_file():
+        raise ValueError(f"The export {located.folder} lacks its base {packed}: copy the "
+                         f"whole folder. Received: model={str(located.folder)!r}")
+    register_custom_layers(path)
+    model = keras.models.load_model(path, compile=False, safe_mode=True)
+    # Preprocessing is inside the saved model; the fixed-shape batches of FeatureModel
+    # keep its rows independent of how images are grouped, as at extraction.
+    return FeatureModel(model=model, attrs=attrs,
+                        input_size=tuple(int(v) for v in attrs["input_size"]),
+                        preprocess="none", layers=[attrs.get("layer")])
+
+
 def recorded_class_names(metrics: dict[str, Any]) -> list[str] | None:
     """The class names fit_head recorded (indexed by class id), if any."""
     return metrics.get("class_names") or metrics["cache_attrs"].get("class_names")
 
 
-def _bottleneck_predictor(located: ModelFiles) -> Predictor:
+def _bottleneck_predictor(located: ModelFiles, base: str | os.PathLike | None) -> Predictor:
     from pipeline.heads import DenseHead
 
-    head, metrics, feature_model = load_bottleneck(located)
+    head, metrics, feature_model = load_bottleneck(located, base=base)
     attrs = metrics["cache_attrs"]
     dtype = attrs.get("dtype", "float32")
     has_proba = hasattr(head, "predict_proba")
@@ -272,21 +313,30 @@ def _end_to_end_predictor(located: ModelFiles) -> Predictor:
     return Predictor(END_TO_END, names, (size[0], size[1]), interpolation, "p", predict_batch)
 
 
-def load_predictor(model: str | os.PathLike | ModelFiles) -> Predictor:
+def load_predictor(
+    model: str | os.PathLike | ModelFiles, *, base: str | os.PathLike | None = None
+) -> Predictor:
     """Load a fit_head folder, a finetune folder or an exported ``.keras`` for prediction.
 
     Args:
         model: a model folder (head.json), its ``model.keras``, or an exported ``X.keras``
             with ``X.json`` beside it; or what :func:`locate_model` found there.
+        base: ``--base PATH``: where a fit_head folder's recorded base file is now.
 
     Returns:
         A :class:`Predictor` with the recorded input size and interpolation.
 
     Raises:
         ValueError: no model there, missing or inconsistent metadata, a recorded base
-            file that is gone or changed.
+            file that is gone or changed, ``base`` for a model that carries its base or
+            naming another file.
     """
     located = model if isinstance(model, ModelFiles) else locate_model(model)
     if located.meta.get("kind") == END_TO_END:
+        if base is not None:
+            raise ValueError(
+                f"{located.keras_file or located.folder} is an end-to-end model: its base is "
+                f"inside it, so `--base` has nothing to replace. Received: --base={str(base)!r}"
+            )
         return _end_to_end_predictor(located)
-    return _bottleneck_predictor(located)
+    return _bottleneck_predictor(located, base)

@@ -293,8 +293,10 @@ def test_export_refuses_other_heads_and_bad_names(models, tmp_path, capsys):
     _, cache, heads = models["3-class"]
     with pytest.raises(ValueError, match="Received: head='svm'"):
         export_model(heads["svm"], tmp_path / "svm.keras")
-    with pytest.raises(ValueError, match="Received: export="):
+    with pytest.raises(ValueError, match="Received: --export="):
         export_model(heads["dense"], tmp_path / "dense.h5")
+    with pytest.raises(ValueError, match="needs no export"):
+        export_model(export_model(heads["dense"], tmp_path / "e.keras"), tmp_path / "again")
     with pytest.raises(ValueError, match="would overwrite"):
         export_model(heads["dense"], heads["dense"] / "model.keras")
     # fit_head refuses before training: no model folder appears.
@@ -302,7 +304,8 @@ def test_export_refuses_other_heads_and_bad_names(models, tmp_path, capsys):
     code = fit_head_main([str(cache), "--head", "logreg", "--out", str(out),
                           "--export", str(tmp_path / "x.keras")])
     assert code == 2 and not out.exists()
-    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("error: export needs")
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith(
+        "error: `--export FILE.keras` needs a dense head")
 
 
 def test_export_is_still_importable_from_predict():
@@ -417,3 +420,4 @@ def test_named_base_with_random_weights(tmp_path):
         assert got["predicted"] == end_to_end["predicted"] == names[i]
         for row in (got, end_to_end):
             np.testing.assert_allclose([float(row["p_a"]), float(row["p_b"])], values[i], **TOL)
+
