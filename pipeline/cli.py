@@ -149,8 +149,8 @@ def predict_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="predict.py",
         description="Predict the class of images with a fit_head or finetune model, using the "
-        "base, size and preprocessing recorded with it; or export it with its base, to "
-        "predict on another machine.",
+        "base, size and preprocessing recorded with it; score it on labelled images "
+        "(--evaluate); or export it with its base, to predict on another machine.",
     )
     p.add_argument("model", help="fit_head/finetune output folder, or an exported FILE.keras")
     p.add_argument("images", nargs="*", metavar="IMAGES_OR_DIR_OR_LIST",
@@ -175,6 +175,10 @@ def predict_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", default=None, metavar="PATH",
                    help="where the model's base file (.keras base, weights file, keras-hub "
                    "preset folder) is now, if it moved; must be the same file (sha256)")
+    p.add_argument("--evaluate", action="store_true",
+                   help="IMAGES is one labelled folder (a folder per class) or a .csv "
+                   "manifest (path,label): print accuracy, macro-F1 and the confusion "
+                   "matrix; write <out stem>.misclassified.csv and <out stem>.metrics.json")
     return p
 
 
@@ -456,7 +460,7 @@ def predict_main(argv: Sequence[str] | None = None) -> int:
         from pipeline.predict import PredictConfig, predictions_out, run_predict
 
         if args.images:
-            check_output("--out", predictions_out(args.out, args.embeddings))
+            check_output("--out", predictions_out(args.out, args.embeddings, args.evaluate))
             check_output("--embeddings", args.embeddings)
         check_output("--export", export, folder=export is not None
                      and not export.endswith(".keras"))
@@ -468,6 +472,10 @@ def predict_main(argv: Sequence[str] | None = None) -> int:
             if not args.images:
                 return 0
         result = run_predict(PredictConfig(**options))
+        if result.evaluation is not None:
+            from pipeline.evaluation import format_evaluation
+
+            print(format_evaluation(result.evaluation), flush=True)
         print(result.summary(), flush=True)
         return 0
 
