@@ -106,11 +106,11 @@ def export_model(
             be rebuilt.
     """
     out = Path(out)
-    located = locate_model(model_dir)
+    located = locate_model(model_dir, base=base)
     check_exportable(located.meta.get("kind", "?"), out)
     if out.suffix == ".keras":
-        return _export_keras(located, out, base)
-    return _export_folder(located, out, base)
+        return _export_keras(located, out)
+    return _export_folder(located, out)
 
 
 def exported_files(path: Path) -> str:
@@ -118,7 +118,7 @@ def exported_files(path: Path) -> str:
     return f"{path} (+ {path.with_suffix('.json')})" if path.suffix == ".keras" else f"{path}/"
 
 
-def _export_keras(located: ModelFiles, out: Path, base: str | os.PathLike | None) -> Path:
+def _export_keras(located: ModelFiles, out: Path) -> Path:
     """Dense head + base -> ``out`` (.keras) and ``out``'s .json."""
     from pipeline.bases.combine import end_to_end_model
     from pipeline.heads.persist import END_TO_END, head_meta
@@ -132,7 +132,7 @@ def _export_keras(located: ModelFiles, out: Path, base: str | os.PathLike | None
                 f"Exporting to {out} would overwrite {target.name} of the model itself: "
                 f"choose another name. Received: --export={str(out)!r}"
             )
-    head, metrics, feature_model = load_bottleneck(located, base=base)
+    head, metrics, feature_model = load_bottleneck(located)
     attrs = metrics["cache_attrs"]
     dtype = attrs.get("dtype", "float32")
     model = end_to_end_model(feature_model, head.model_, feature_dtype=dtype)
@@ -154,13 +154,13 @@ def _export_keras(located: ModelFiles, out: Path, base: str | os.PathLike | None
     return out
 
 
-def _export_folder(located: ModelFiles, out: Path, base: str | os.PathLike | None) -> Path:
+def _export_folder(located: ModelFiles, out: Path) -> Path:
     """Any fit_head head + base -> the folder ``out`` (features.keras + the head's files)."""
     from pipeline.bases.combine import feature_extractor_model
     from pipeline.cache.schema import layer_attrs
 
     _check_export_folder(located, out)
-    _, metrics, feature_model = load_bottleneck(located, base=base)
+    _, metrics, feature_model = load_bottleneck(located)
     attrs = layer_attrs(metrics["cache_attrs"])  # the features.keras computes this layer
     extractor = feature_extractor_model(feature_model,
                                         feature_dtype=attrs.get("dtype", "float32"))

@@ -30,7 +30,7 @@ only the embeddings are written (no predictions CSV), and unreadable files are l
 ``.keras``) have no separate features and are refused.
 
 A fit_head folder finds its base file where it recorded it, relative to the folder or
-absolute (:mod:`pipeline.bases.files`); ``--base PATH`` says where it is now, and must be
+absolute (:mod:`pipeline.base_files`); ``--base PATH`` says where it is now, and must be
 the same file (sha256). ``--evaluate`` takes one labelled folder or manifest instead of
 unlabelled images and scores the predictions (:mod:`pipeline.evaluation`).
 """
@@ -356,7 +356,7 @@ def run_predict(config: PredictConfig) -> PredictResult:
         FileNotFoundError: a model folder's head files are incomplete.
     """
     _validate(config)
-    located = locate_model(config.model)
+    located = locate_model(config.model, base=config.base)  # a base file found, or why not
     _check_embeddings(located, config.embeddings, config.model)
     labelled = labelled_images(config.images) if config.evaluate else None
     if labelled is None:
@@ -364,7 +364,7 @@ def run_predict(config: PredictConfig) -> PredictResult:
     else:
         paths, rejected = labelled.paths, dict(labelled.missing)
     with deferred():  # Ctrl-C while the model is built stops right after it
-        predictor = load_predictor(located, base=config.base)
+        predictor = load_predictor(located)
     if labelled is not None:
         check_known_classes(labelled, predictor.class_names)
     top_k = _check_top_k(top_k=config.top_k, n_classes=len(predictor.class_names))

@@ -80,36 +80,63 @@ class ModelFiles:
     meta_path: Path
     folder: Path
     keras_file: Path | None  # the end-to-end model file
+    # A fit_head folder's cache attributes, its base file's path set to where it is now.
+    attrs: dict[str, Any] | None = None
 
 
-def locate_model(model: str | os.PathLike) -> ModelFiles:
-    """Find a model's metadata without loading anything heavy.
+def locate_model(model: str | os.PathLike, *, base: str | os.PathLike | None = None) -> ModelFiles:
+    """Find a model's metadata, and a fit_head folder's base file, without loading Keras.
 
     Args:
         model: a model folder (head.json), its ``model.keras``, or an exported ``X.keras``
             with ``X.json`` beside it.
+        base: ``--base PATH``: where a fit_head folder's recorded base file is now.
 
     Returns:
-        Where its files are, with the metadata read.
+        Where its files are, with the metadata read; for a fit_head folder also the cache
+        attributes with the base file found (:func:`pipeline.base_files.locate_base_file`:
+        relative to the folder, at its recorded path, in the folder, or ``base``).
 
     Raises:
-        ValueError: no model there.
+        ValueError: no model there; a base file found nowhere or ``base`` not the recorded
+            file; ``base`` for a model that carries its base (an export, an end-to-end
+            model).
     """
     path = Path(model)
     if path.is_file() and path.suffix == ".keras":
         sidecar = path.with_suffix(".json")
         if sidecar.is_file():
-            return ModelFiles(read_json(sidecar), sidecar, path.parent, path)
+            return _with_base(ModelFiles(read_json(sidecar), sidecar, path.parent, path), base)
         if path.name == "model.keras":  # the model file of a model folder: use the folder
             path = path.parent
     if path.is_dir() and (path / "head.json").is_file():
         meta = read_json(path / "head.json")
         keras_file = path / "model.keras" if meta.get("kind") == END_TO_END else None
-        return ModelFiles(meta, path / "head.json", path, keras_file)
+        return _with_base(ModelFiles(meta, path / "head.json", path, keras_file), base)
     raise ValueError(
         "`model` must be a fit_head or finetune output folder (with head.json), or an "
         f"exported .keras file with its .json beside it. Received: model={str(model)!r}"
     )
+
+
+def _with_base(located: ModelFiles, base: str | os.PathLike | None) -> ModelFiles:
+    """``located`` with a fit_head folder's base file found; ``base`` refused where the
+    model carries its base."""
+    from pipeline.base_files import locate_base_file
+
+    carried = (located.keras_file if located.meta.get("kind") == END_TO_END
+               else located.meta.get("feature_model"))
+    if carried is not None:
+        if base is not None:
+            raise ValueError(
+                f"{located.folder / carried} holds the model's base, so `--base` has nothing "
+                f"to replace. Received: --base={str(base)!r}"
+            )
+        return located
+    metrics = _metrics(located)
+    located.attrs = locate_base_file(metrics["cache_attrs"], model_dir=located.folder,
+                                     record=metrics.get("base_file"), base=base)
+    return located
 
 
 def _metrics(located: ModelFiles) -> dict[str, Any]:
@@ -159,33 +186,31 @@ def _column_names(classes: Sequence[Any], class_names: Sequence[str] | None) -> 
     return [str(c) for c in classes]
 
 
-def load_bottleneck(
-    located: ModelFiles, *, base: str | os.PathLike | None = None
-) -> tuple[Any, dict[str, Any], Any]:
+def load_bottleneck(located: ModelFiles) -> tuple[Any, dict[str, Any], Any]:
     """``(head, metrics, feature model)`` of a fit_head folder, checked against each other.
 
     The feature model is the export's own ``features.keras`` when the folder is an
     export (:func:`pipeline.export.export_model`); otherwise it is rebuilt from the
-    recorded cache attributes, its base file found where the folder or ``base`` says
-    (:func:`pipeline.bases.files.locate_base_file`).
+    recorded cache attributes, its base file where :func:`locate_model` found it.
 
     Args:
         located: a fit_head folder's files (:func:`locate_model`).
-        base: ``--base PATH``: where the recorded base file is now.
 
     Returns:
         The fitted head, what fit_head recorded (``cache_attrs``, ``class_names``; the
         attributes with the base file's current path) and the frozen feature model.
 
     Raises:
-        ValueError: no cache attributes, a recorded base file gone or changed, ``base``
-            not the recorded file, or the head was trained on features of another shape.
+        ValueError: no cache attributes, a recorded base file changed since it was
+            found, or the head was trained on features of another shape.
     """
     from pipeline.heads import DenseHead, load_head
 
     metrics = _metrics(located)
+    if located.attrs is not None:
+        metrics["cache_attrs"] = located.attrs
     head = load_head(located.folder)
-    feature_model = _feature_model(located, metrics, base)
+    feature_model = _feature_model(located, metrics)
     got = feature_model.feature_shape
     if isinstance(head, DenseHead):
         matches, expected = tuple(head.feature_shape_) == got, tuple(head.feature_shape_)
@@ -200,23 +225,14 @@ def load_bottleneck(
     return head, metrics, feature_model
 
 
-def _feature_model(located: ModelFiles, metrics: dict[str, Any],
-                   base: str | os.PathLike | None) -> Any:
+def _feature_model(located: ModelFiles, metrics: dict[str, Any]) -> Any:
     """The frozen feature model of a fit_head folder or of an export folder."""
     from pipeline.bases import FeatureModel, feature_model_from_attrs
-    from pipeline.bases.files import locate_base_file
 
     attrs = metrics["cache_attrs"]
     packed = located.meta.get("feature_model")
     if packed is None:
-        metrics["cache_attrs"] = locate_base_file(
-            attrs, model_dir=located.folder, record=metrics.get("base_file"), base=base)
-        return feature_model_from_attrs(metrics["cache_attrs"])
-    if base is not None:
-        raise ValueError(
-            f"{located.folder} is an export: it carries its base ({packed}), so `--base` "
-            f"has nothing to replace. Received: --base={str(base)!r}"
-        )
+        return feature_model_from_attrs(attrs)
     import keras
 
     from pipeline.bases.pooling import register_custom_layers
@@ -239,10 +255,10 @@ def recorded_class_names(metrics: dict[str, Any]) -> list[str] | None:
     return metrics.get("class_names") or metrics["cache_attrs"].get("class_names")
 
 
-def _bottleneck_predictor(located: ModelFiles, base: str | os.PathLike | None) -> Predictor:
+def _bottleneck_predictor(located: ModelFiles) -> Predictor:
     from pipeline.heads import DenseHead
 
-    head, metrics, feature_model = load_bottleneck(located, base=base)
+    head, metrics, feature_model = load_bottleneck(located)
     attrs = metrics["cache_attrs"]
     dtype = attrs.get("dtype", "float32")
     has_proba = hasattr(head, "predict_proba")
@@ -321,7 +337,8 @@ def load_predictor(
     Args:
         model: a model folder (head.json), its ``model.keras``, or an exported ``X.keras``
             with ``X.json`` beside it; or what :func:`locate_model` found there.
-        base: ``--base PATH``: where a fit_head folder's recorded base file is now.
+        base: ``--base PATH``: where a fit_head folder's recorded base file is now (when
+            ``model`` is not located yet).
 
     Returns:
         A :class:`Predictor` with the recorded input size and interpolation.
@@ -331,12 +348,7 @@ def load_predictor(
             file that is gone or changed, ``base`` for a model that carries its base or
             naming another file.
     """
-    located = model if isinstance(model, ModelFiles) else locate_model(model)
+    located = model if isinstance(model, ModelFiles) else locate_model(model, base=base)
     if located.meta.get("kind") == END_TO_END:
-        if base is not None:
-            raise ValueError(
-                f"{located.keras_file or located.folder} is an end-to-end model: its base is "
-                f"inside it, so `--base` has nothing to replace. Received: --base={str(base)!r}"
-            )
         return _end_to_end_predictor(located)
-    return _bottleneck_predictor(located, base)
+    return _bottleneck_predictor(located)

@@ -6,14 +6,15 @@ from __future__ import annotations
 import csv
 import json
 import shutil
+import subprocess
 from pathlib import Path
 
 import keras
 import numpy as np
 import pytest
-from conftest import write_index_images
+from conftest import PYTHON, write_index_images
 
-from pipeline.bases.files import base_file_record, locate_base_file
+from pipeline.base_files import base_file_record, locate_base_file
 from pipeline.cli import fit_head_main, predict_main
 from pipeline.export import export_model
 from pipeline.extract import ExtractConfig, run_extract
@@ -107,6 +108,13 @@ def test_a_model_folder_moved_with_its_base_still_predicts(tmp_path, images):
                          "--base", str(other)])
     assert code == 2 and not (tmp_path / "d.csv").exists()
 
+    # Said before Keras loads (the whole point of a quick error).
+    code = ("import sys; from pipeline.cli import predict_main; "
+            f"rc = predict_main([{str(alone)!r}, {str(images)!r}]); "
+            "print(rc, 'keras' in sys.modules)")
+    proc = subprocess.run([PYTHON, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.stdout.split() == ["2", "False"] and "--base PATH" in proc.stderr
+
     # A base copied into the model folder is found there.
     shutil.copy(moved_base, alone / "tiny.keras")
     assert_same(predictions(alone, images, tmp_path / "e.csv"), before)
@@ -143,6 +151,10 @@ def test_weights_files_and_preset_folders_are_found_as_base_files_are(tmp_path):
     found = locate_base_file(attrs, model_dir=tmp_path / "new" / "model", record=record)
     assert found["weights_path"] == str((tmp_path / "new" / "w.h5").resolve())
 
+    from pipeline import base_files
+    from pipeline.bases import hub
+
+    assert base_files.HUB_PREFIX == hub.HUB_PREFIX  # spelled twice to keep base_files light
     preset = tmp_path / "preset"
     preset.mkdir()
     (preset / "model.weights.h5").write_bytes(b"preset weights")
@@ -167,6 +179,9 @@ def test_an_exported_folder_predicts_with_nothing_else_left(tmp_path, images, he
     shutil.rmtree(tmp_path / "tree")
     shipped = shutil.move(exported, tmp_path / "elsewhere" / "model")
     assert_same(predictions(Path(shipped), images, tmp_path / "after.csv"), before)
+    with pytest.raises(ValueError, match=r"features.keras holds the model's base, so `--base` "
+                                         r"has nothing to replace"):
+        predictions(Path(shipped), images, tmp_path / "x.csv", base=str(tmp_path / "b.keras"))
     # An earlier export is replaced; a folder holding other things is not.
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "notes.txt").write_text("mine")

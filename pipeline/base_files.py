@@ -26,12 +26,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.bases.hub import HUB_PREFIX
 from pipeline.util.files import file_sha256
 
-__all__ = ["BaseFile", "base_file_record", "locate_base_file", "recorded_base_file"]
+__all__ = ["HUB_PREFIX", "BaseFile", "base_file_record", "locate_base_file", "recorded_base_file"]
 
 _HUB_WEIGHTS = "model.weights.h5"  # what a preset folder's recorded sha256 is of
+# pipeline.bases.hub.HUB_PREFIX, spelled here so that importing this module does not import
+# Keras (pipeline.bases does): a moved base is found, or refused, in a fraction of a second.
+HUB_PREFIX = "hub:"
 
 
 @dataclass(frozen=True)
