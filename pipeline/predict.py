@@ -55,7 +55,14 @@ from pipeline.evaluation import check_known_classes, evaluate_predictions, label
 from pipeline.export import check_exportable, export_model
 from pipeline.images import IMAGE_EXTENSIONS, image_files, is_list_file, read_path_list
 from pipeline.interrupts import deferred
-from pipeline.predictor import END_TO_END, ModelFiles, Predictor, load_predictor, locate_model
+from pipeline.predictor import (
+    END_TO_END,
+    ModelFiles,
+    Predictor,
+    load_predictor,
+    locate_model,
+    recorded_classes,
+)
 from pipeline.progress import Progress, format_duration
 
 __all__ = [
@@ -336,7 +343,8 @@ def run_predict(config: PredictConfig) -> PredictResult:
 
     With ``evaluate``, step 3 reads one labelled folder or manifest
     (:func:`pipeline.evaluation.labelled_images`), its classes are checked against the
-    model's after step 4, and last the CSV is scored
+    model's recorded class names before step 4 and its loaded classes after it, and last
+    the CSV is scored
     (:func:`pipeline.evaluation.evaluate_predictions`: ``<out stem>.misclassified.csv``
     and ``<out stem>.metrics.json``).
 
@@ -363,6 +371,9 @@ def run_predict(config: PredictConfig) -> PredictResult:
         paths, rejected = _images(inputs=config.images)
     else:
         paths, rejected = labelled.paths, dict(labelled.missing)
+        recorded = recorded_classes(located)
+        if recorded is not None:  # in a fraction of a second, before the model loads
+            check_known_classes(labelled, recorded)
     with deferred():  # Ctrl-C while the model is built stops right after it
         predictor = load_predictor(located)
     if labelled is not None:

@@ -39,6 +39,7 @@ __all__ = [
     "locate_model",
     "recorded",
     "recorded_class_names",
+    "recorded_classes",
 ]
 
 # The same kind as pipeline.heads.persist.END_TO_END, spelled here so that importing this
@@ -253,6 +254,21 @@ def _feature_model(located: ModelFiles, metrics: dict[str, Any]) -> Any:
 def recorded_class_names(metrics: dict[str, Any]) -> list[str] | None:
     """The class names fit_head recorded (indexed by class id), if any."""
     return metrics.get("class_names") or metrics["cache_attrs"].get("class_names")
+
+
+def recorded_classes(located: ModelFiles) -> list[str] | None:
+    """The class names a model records, read from its JSON alone (None: none recorded).
+
+    Every class the model can predict is among them (the head may lack a class that had
+    no training rows): a quick check before the model loads, not the exact list.
+    """
+    names = located.meta.get("class_names")
+    if not names:
+        try:
+            names = recorded_class_names(_metrics(located))
+        except ValueError:
+            return None
+    return [str(n) for n in names] if names else None
 
 
 def _bottleneck_predictor(located: ModelFiles) -> Predictor:

@@ -460,7 +460,7 @@ def test_evaluate_scores_a_labelled_folder(models, tmp_path, capsys):
     assert 0 < metrics["macro_f1"] < 1
 
 
-def test_evaluate_reads_a_manifest_and_refuses_unknown_classes(models, tmp_path):
+def test_evaluate_reads_a_manifest_and_refuses_unknown_classes(models, tmp_path, monkeypatch):
     data, _, heads = models["3-class"]
     labelled, moved = _misfiled(data, tmp_path)
     manifest = tmp_path / "labels.csv"
@@ -476,6 +476,12 @@ def test_evaluate_reads_a_manifest_and_refuses_unknown_classes(models, tmp_path)
     assert "gone.png,listed in labels.csv line" in (tmp_path / "p.skipped.csv").read_text()
 
     write_index_images(labelled, 4, classes=("dog", "eel", "ant", "bee"))
+    import pipeline.predict
+
+    def never(*args, **kwargs):
+        raise AssertionError("unknown classes are refused before the model loads")
+
+    monkeypatch.setattr(pipeline.predict, "load_predictor", never)
     with pytest.raises(ValueError, match=r"does not know: 'dog' \(1 images\), 'eel' \(1 images\)"
                                          r"\. The model's classes are 'ant', 'bee', 'cat'"):
         run_predict(PredictConfig(str(heads["svm"]), [str(labelled)], str(tmp_path / "q.csv"),
