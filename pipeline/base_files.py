@@ -28,12 +28,22 @@ from typing import Any
 
 from pipeline.util.files import file_sha256
 
-__all__ = ["HUB_PREFIX", "BaseFile", "base_file_record", "locate_base_file", "recorded_base_file"]
+__all__ = [
+    "HUB_PREFIX",
+    "MODEL_FOLDER_FILES",
+    "BaseFile",
+    "base_file_record",
+    "locate_base_file",
+    "recorded_base_file",
+]
 
 _HUB_WEIGHTS = "model.weights.h5"  # what a preset folder's recorded sha256 is of
 # pipeline.bases.hub.HUB_PREFIX, spelled here so that importing this module does not import
 # Keras (pipeline.bases does): a moved base is found, or refused, in a fraction of a second.
 HUB_PREFIX = "hub:"
+# A model folder's own files: a base file by one of these names is not looked for there
+# (and an export never overwrites them).
+MODEL_FOLDER_FILES = ("model.keras", "model.joblib", "head.json", "metrics.json", "config.json")
 
 
 @dataclass(frozen=True)
@@ -143,10 +153,12 @@ def locate_base_file(
             raise ValueError(f"`--base` {why}. Received: --base={str(base)!r}")
         return _with_path(attrs, recorded, Path(base))
     folder = Path(model_dir).resolve()
+    name = Path(recorded.path).name
     candidates = [((folder / record["relative"]).resolve(), "relative to the model folder")
                   if record and record.get("relative") else None,
                   (Path(recorded.path), "recorded path"),
-                  (folder / Path(recorded.path).name, "in the model folder")]
+                  # Not a base named like the folder's own files (a dense head's model.keras).
+                  None if name in MODEL_FOLDER_FILES else (folder / name, "in the model folder")]
     tried, changed = [], []
     for path, how in filter(None, candidates):
         found = _matches(path, recorded)
@@ -157,7 +169,7 @@ def locate_base_file(
             changed.append(str(path))
     problem = "is gone" if not changed else "is gone or changed (sha256 differs)"
     raise ValueError(
-        f"The {recorded.what} this model was trained on ({Path(recorded.path).name}) {problem}. "
+        f"The {recorded.what} this model was trained on ({name}) {problem}. "
         f"Tried: {'; '.join(tried)}. Pass where it is now: predict.py "
         f"{folder} IMAGES --base PATH."
     )

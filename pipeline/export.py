@@ -25,6 +25,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from pipeline.base_files import MODEL_FOLDER_FILES
 from pipeline.predictor import (
     ModelFiles,
     load_bottleneck,
@@ -36,8 +37,6 @@ from pipeline.util.files import read_json, write_json_atomic
 
 __all__ = ["FEATURE_MODEL_FILE", "check_exportable", "export_model", "exported_files"]
 
-# Files of a fit_head folder that an export must never overwrite.
-_MODEL_DIR_FILES = ("model.keras", "model.joblib", "head.json", "metrics.json", "config.json")
 # The preprocessing + frozen base of an export folder.
 FEATURE_MODEL_FILE = "features.keras"
 # Names that look like a file, where an export folder would surprise.
@@ -127,7 +126,7 @@ def _export_keras(located: ModelFiles, out: Path) -> Path:
     sidecar = out.with_suffix(".json")
     folder = located.folder.resolve()
     for target in (out, sidecar):
-        if target.resolve().parent == folder and target.name in _MODEL_DIR_FILES:
+        if target.resolve().parent == folder and target.name in MODEL_FOLDER_FILES:
             raise ValueError(
                 f"Exporting to {out} would overwrite {target.name} of the model itself: "
                 f"choose another name. Received: --export={str(out)!r}"
@@ -168,7 +167,7 @@ def _export_folder(located: ModelFiles, out: Path) -> Path:
     tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}.tmp")
     tmp.mkdir()
     try:
-        for name in _MODEL_DIR_FILES:
+        for name in MODEL_FOLDER_FILES:
             if name not in ("head.json", "metrics.json") and (located.folder / name).is_file():
                 shutil.copy2(located.folder / name, tmp / name)
         extractor.save(tmp / FEATURE_MODEL_FILE)

@@ -213,3 +213,19 @@ def test_export_from_the_command_line(tmp_path, images, capsys):
     assert predict_main([str(tmp_path / "svm-export"), str(images), "--out", str(out)]) == 0
     with open(out, newline="", encoding="utf-8") as f:
         assert list(csv.DictReader(f))[0].keys() >= {"score_ant", "score_bee", "score_cat"}
+
+
+def test_a_base_named_like_the_folders_own_files_is_not_looked_for_there(tmp_path):
+    """A base saved as model.keras is never confused with a dense head's model.keras."""
+    base = tmp_path / "bases" / "model.keras"
+    base.parent.mkdir()
+    base.write_bytes(b"the base")
+    attrs = {"base": "file:model.keras", "base_path": str(base),
+             "base_sha256": file_sha256(base), "weights": "saved", "weights_path": ""}
+    model_dir = tmp_path / "m"
+    model_dir.mkdir()
+    (model_dir / "model.keras").write_bytes(b"a dense head")
+    base.unlink()
+    with pytest.raises(ValueError, match=r"\(model.keras\) is gone\. Tried: [^;]+ \(recorded "
+                                         r"path\)\. Pass"):
+        locate_base_file(attrs, model_dir=model_dir)
