@@ -7,7 +7,10 @@ decoding, resizing and preprocessing are never re-specified by hand and cannot d
                  The frozen feature model is rebuilt from metrics.json["cache_attrs"]
                  (recorded files must still match their sha256); images are decoded as
                  extract.py does, features are rounded through the cache dtype, and the
-                 head is applied: predictions equal those on cached features.
+                 head is applied: predictions equal those on cached features. The base
+                 file is found where the folder moved with it, or given (``--base``;
+                 :mod:`pipeline.base_files`). An export folder is one whose head.json
+                 names its ``feature_model`` (``features.keras``): no base is rebuilt.
     end-to-end   a folder whose head.json says "kind": "end-to-end" (finetune output,
                  model.keras taking RGB 0..255), or an exported ``X.keras`` with its
                  metadata ``X.json`` beside it (:func:`pipeline.export.export_model`).
@@ -125,13 +128,14 @@ def _with_base(located: ModelFiles, base: str | os.PathLike | None) -> ModelFile
     model carries its base."""
     from pipeline.base_files import locate_base_file
 
+    packed = located.meta.get("feature_model")
     carried = (located.keras_file if located.meta.get("kind") == END_TO_END
-               else located.meta.get("feature_model"))
+               else None if packed is None else located.folder / packed)
     if carried is not None:
         if base is not None:
             raise ValueError(
-                f"{located.folder / carried} holds the model's base, so `--base` has nothing "
-                f"to replace. Received: --base={str(base)!r}"
+                f"{carried} holds the model's base, so `--base` has nothing to replace. "
+                f"Received: --base={str(base)!r}"
             )
         return located
     metrics = _metrics(located)

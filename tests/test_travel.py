@@ -168,15 +168,22 @@ def test_weights_files_and_preset_folders_are_found_as_base_files_are(tmp_path):
 
 
 @pytest.mark.parametrize("head", ["logreg", "dense"])
-def test_an_exported_folder_predicts_with_nothing_else_left(tmp_path, images, head):
+def test_an_exported_folder_predicts_with_nothing_else_left(tmp_path, images, head, monkeypatch):
     shutil.copytree(images, tmp_path / "tree" / "data")
     model = make_tree(tmp_path / "tree", head=head)
     before = predictions(model, images, tmp_path / "before.csv")
     exported = export_model(model, tmp_path / "export")
     assert {p.name for p in exported.iterdir()} >= {"features.keras", "head.json",
                                                    "metrics.json", "config.json"}
+    if head == "dense":  # the single-file form carries its base too
+        export_model(model, tmp_path / "single.keras")
     # Another machine: no cache, no base file, no model folder, no original paths.
     shutil.rmtree(tmp_path / "tree")
+    if head == "dense":
+        monkeypatch.chdir(tmp_path)
+        assert_same(predictions(Path("single.keras"), images, tmp_path / "s.csv"), before)
+        with pytest.raises(ValueError, match=r"^single.keras holds the model's base"):
+            predictions(Path("single.keras"), images, tmp_path / "s.csv", base="b.keras")
     shipped = shutil.move(exported, tmp_path / "elsewhere" / "model")
     assert_same(predictions(Path(shipped), images, tmp_path / "after.csv"), before)
     with pytest.raises(ValueError, match=r"features.keras holds the model's base, so `--base` "
