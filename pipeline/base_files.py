@@ -29,6 +29,7 @@ from typing import Any
 from pipeline.util.files import file_sha256
 
 __all__ = [
+    "FEATURE_MODEL_FILE",
     "HUB_PREFIX",
     "MODEL_FOLDER_FILES",
     "BaseFile",
@@ -44,6 +45,8 @@ HUB_PREFIX = "hub:"
 # A model folder's own files: a base file by one of these names is not looked for there
 # (and an export never overwrites them).
 MODEL_FOLDER_FILES = ("model.keras", "model.joblib", "head.json", "metrics.json", "config.json")
+# An export's base: preprocessing + frozen base as one Keras model (pipeline.export).
+FEATURE_MODEL_FILE = "features.keras"
 
 
 @dataclass(frozen=True)

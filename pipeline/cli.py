@@ -135,9 +135,10 @@ def fit_head_parser() -> argparse.ArgumentParser:
     p.add_argument("--stream", action="store_true",
                    help="out of core: read features from HDF5 in batches (dense, logreg and "
                    "linear-svm; the linear heads become SGD, at most 10 passes)")
-    p.add_argument("--export", default=None, metavar="FILE.keras|DIR",
+    p.add_argument("--export", default=None, metavar="FILE.keras|DIR|FILE.zip",
                    help="also save base + head to predict on another machine: FILE.keras "
-                   "(+ FILE.json), one end-to-end model (dense head), or DIR (any head)")
+                   "(+ FILE.json), one end-to-end model (dense head), or DIR or FILE.zip "
+                   "(any head)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace a model in --out trained with other settings (without it, "
                    "such a run stops before training; the same settings again replace it)")
@@ -152,7 +153,8 @@ def predict_parser() -> argparse.ArgumentParser:
         "base, size and preprocessing recorded with it; score it on labelled images "
         "(--evaluate); or export it with its base, to predict on another machine.",
     )
-    p.add_argument("model", help="fit_head/finetune output folder, or an exported FILE.keras")
+    p.add_argument("model", help="fit_head/finetune output folder, or an export: FILE.keras, "
+                   "DIR or FILE.zip")
     p.add_argument("images", nargs="*", metavar="IMAGES_OR_DIR_OR_LIST",
                    help="image files, folders (walked recursively, sorted) and/or lists of "
                    "paths: a .txt file (one per line) or a .csv file with a path column; "
@@ -168,10 +170,10 @@ def predict_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=0, help="decode threads (0: auto)")
     p.add_argument("--log-every", type=float, default=30.0,
                    help="seconds between progress lines when not on a terminal")
-    p.add_argument("--export", default=None, metavar="FILE.keras|DIR",
+    p.add_argument("--export", default=None, metavar="FILE.keras|DIR|FILE.zip",
                    help="save the model with its frozen base, to predict on another machine: "
-                   "FILE.keras (+ FILE.json), one end-to-end model (dense heads), or DIR, a "
-                   "folder predict.py loads (any head); no images needed")
+                   "FILE.keras (+ FILE.json), one end-to-end model (dense heads), or DIR or "
+                   "FILE.zip, which predict.py loads (any head); no images needed")
     p.add_argument("--base", default=None, metavar="PATH",
                    help="where the model's base file (.keras base, weights file, keras-hub "
                    "preset folder) is now, if it moved; must be the same file (sha256)")
@@ -421,8 +423,9 @@ def fit_head_main(argv: Sequence[str] | None = None) -> int:
 
     def command() -> int:
         check_output("--out", args.out, folder=True)
-        check_output("--export", export, folder=export is not None
-                     and not export.endswith(".keras"))
+        from pipeline.export import export_is_folder
+
+        check_output("--export", export, folder=export_is_folder(export))
         from pipeline.cache import check_cache_exists
 
         check_cache_exists(args.cache)  # in a fraction of a second, before TensorFlow loads
@@ -462,9 +465,9 @@ def predict_main(argv: Sequence[str] | None = None) -> int:
         if args.images:
             check_output("--out", predictions_out(args.out, args.embeddings, args.evaluate))
             check_output("--embeddings", args.embeddings)
-        check_output("--export", export, folder=export is not None
-                     and not export.endswith(".keras"))
-        from pipeline.export import export_model, exported_files
+        from pipeline.export import export_is_folder, export_model, exported_files
+
+        check_output("--export", export, folder=export_is_folder(export))
 
         if export is not None:
             path = export_model(args.model, export, base=args.base)

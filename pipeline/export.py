@@ -15,17 +15,22 @@ Two forms, chosen by the name given to ``--export``:
     no ImageNet download, and scores exactly as the source folder does. Copy or zip the
     folder whole. Like every scikit-learn model folder it holds a pickle: load exports
     only from people you trust.
+``X.zip`` (any head): the same files in one zip archive, to send as one file; predict
+    reads it as it reads the folder (:func:`pipeline.predictor.locate_model` unpacks it
+    into a temporary folder, refusing any member an export does not hold).
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 import uuid
+import zipfile
 from pathlib import Path
 from typing import Any
 
-from pipeline.base_files import MODEL_FOLDER_FILES
+from pipeline.base_files import FEATURE_MODEL_FILE, MODEL_FOLDER_FILES
 from pipeline.predictor import (
     ModelFiles,
     load_bottleneck,
@@ -33,14 +38,23 @@ from pipeline.predictor import (
     recorded,
     recorded_class_names,
 )
-from pipeline.util.files import read_json, write_json_atomic
+from pipeline.util.files import read_json, replace_atomically, write_json_atomic
 
-__all__ = ["FEATURE_MODEL_FILE", "check_exportable", "export_model", "exported_files"]
+__all__ = [
+    "FEATURE_MODEL_FILE",
+    "check_exportable",
+    "export_is_folder",
+    "export_model",
+    "exported_files",
+]
 
-# The preprocessing + frozen base of an export folder.
-FEATURE_MODEL_FILE = "features.keras"
 # Names that look like a file, where an export folder would surprise.
-_FILE_SUFFIXES = (".zip", ".tar", ".gz", ".tgz", ".h5", ".json", ".joblib", ".pkl", ".csv")
+_FILE_SUFFIXES = (".tar", ".gz", ".tgz", ".h5", ".json", ".joblib", ".pkl", ".csv")
+
+
+def export_is_folder(export: str | None) -> bool:
+    """Whether ``--export`` names a folder (not ``X.keras``, not ``X.zip``)."""
+    return export is not None and Path(export).suffix.lower() not in (".keras", ".zip")
 
 
 def check_exportable(head: str, export: str | os.PathLike | None = None) -> None:
@@ -48,11 +62,13 @@ def check_exportable(head: str, export: str | os.PathLike | None = None) -> None
 
     Args:
         head: the head kind (a ``HEADS`` name, or ``end-to-end``).
-        export: the ``--export`` value: ``X.keras`` or a folder (None: not checked).
+        export: the ``--export`` value: ``X.keras``, ``X.zip`` or a folder (None: not
+            checked).
 
     Raises:
         ValueError: an end-to-end model (it is its own export); ``X.keras`` for a head
-            other than ``dense``; a name with a file suffix other than ``.keras``.
+            other than ``dense``; a name with a file suffix other than ``.keras`` and
+            ``.zip``.
     """
     if head == "end-to-end":
         raise ValueError(
@@ -63,12 +79,13 @@ def check_exportable(head: str, export: str | os.PathLike | None = None) -> None
     if name.endswith(".keras") and head != "dense":
         raise ValueError(
             "`--export FILE.keras` needs a dense head (a scikit-learn head has no Keras model "
-            "to combine with the base): pass a folder instead, which holds the base as "
-            f"features.keras and the head as it is. Received: head={head!r}, --export={name!r}"
+            "to combine with the base): pass a folder or FILE.zip instead, which holds the "
+            f"base as features.keras and the head as it is. Received: head={head!r}, "
+            f"--export={name!r}"
         )
     if Path(name).suffix.lower() in _FILE_SUFFIXES:
         raise ValueError(
-            "`--export` must be FILE.keras (dense heads) or a folder (any head). "
+            "`--export` must be FILE.keras (dense heads), a folder or FILE.zip (any head). "
             f"Received: --export={name!r}"
         )
 
@@ -109,12 +126,16 @@ def export_model(
     check_exportable(located.meta.get("kind", "?"), out)
     if out.suffix == ".keras":
         return _export_keras(located, out)
+    if out.suffix.lower() == ".zip":
+        return _export_zip(located, out)
     return _export_folder(located, out)
 
 
 def exported_files(path: Path) -> str:
     """What an export wrote, for the line a command prints."""
-    return f"{path} (+ {path.with_suffix('.json')})" if path.suffix == ".keras" else f"{path}/"
+    if path.suffix == ".keras":
+        return f"{path} (+ {path.with_suffix('.json')})"
+    return str(path) if path.suffix.lower() == ".zip" else f"{path}/"
 
 
 def _export_keras(located: ModelFiles, out: Path) -> Path:
@@ -155,34 +176,56 @@ def _export_keras(located: ModelFiles, out: Path) -> Path:
 
 def _export_folder(located: ModelFiles, out: Path) -> Path:
     """Any fit_head head + base -> the folder ``out`` (features.keras + the head's files)."""
-    from pipeline.bases.combine import feature_extractor_model
-    from pipeline.cache.schema import layer_attrs
-
     _check_export_folder(located, out)
-    _, metrics, feature_model = load_bottleneck(located)
-    attrs = layer_attrs(metrics["cache_attrs"])  # the features.keras computes this layer
-    extractor = feature_extractor_model(feature_model,
-                                        feature_dtype=attrs.get("dtype", "float32"))
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}.tmp")
     tmp.mkdir()
     try:
-        for name in MODEL_FOLDER_FILES:
-            if name not in ("head.json", "metrics.json") and (located.folder / name).is_file():
-                shutil.copy2(located.folder / name, tmp / name)
-        extractor.save(tmp / FEATURE_MODEL_FILE)
-        write_json_atomic(tmp / "head.json", {**located.meta, "feature_model": FEATURE_MODEL_FILE,
-                                              "source": str(located.folder)})
-        # No base_file: the base is features.keras; the attributes keep their old paths
-        # as a record of where the features came from.
-        write_json_atomic(tmp / "metrics.json",
-                          {k: v for k, v in {**metrics, "cache_attrs": attrs}.items()
-                           if k != "base_file"})
+        _write_export(located, tmp)
         _move_folder(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _export_zip(located: ModelFiles, out: Path) -> Path:
+    """Any fit_head head + base -> the zip ``out``: the export folder's files, flat."""
+    if out.is_dir():
+        raise ValueError(f"`--export` FILE.zip names a folder. Received: --export={str(out)!r}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="bottleneck-export-") as folder:
+        _write_export(located, Path(folder))
+
+        def write(tmp: Path) -> None:
+            with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as archive:
+                for path in sorted(Path(folder).iterdir()):
+                    archive.write(path, path.name)
+
+        replace_atomically(out, write)
+    return out
+
+
+def _write_export(located: ModelFiles, folder: Path) -> None:
+    """Write an export's files into the empty ``folder``."""
+    from pipeline.bases.combine import feature_extractor_model
+    from pipeline.cache.schema import layer_attrs
+
+    _, metrics, feature_model = load_bottleneck(located)
+    attrs = layer_attrs(metrics["cache_attrs"])  # the features.keras computes this layer
+    extractor = feature_extractor_model(feature_model,
+                                        feature_dtype=attrs.get("dtype", "float32"))
+    for name in MODEL_FOLDER_FILES:
+        if name not in ("head.json", "metrics.json") and (located.folder / name).is_file():
+            shutil.copy2(located.folder / name, folder / name)
+    extractor.save(folder / FEATURE_MODEL_FILE)
+    write_json_atomic(folder / "head.json", {**located.meta, "feature_model": FEATURE_MODEL_FILE,
+                                             "source": str(located.archive or located.folder)})
+    # No base_file: the base is features.keras; the attributes keep their old paths as a
+    # record of where the features came from.
+    write_json_atomic(folder / "metrics.json",
+                      {k: v for k, v in {**metrics, "cache_attrs": attrs}.items()
+                       if k != "base_file"})
 
 
 def _check_export_folder(located: ModelFiles, out: Path) -> None:

@@ -86,14 +86,15 @@ class ModelFiles:
     keras_file: Path | None  # the end-to-end model file
     # A fit_head folder's cache attributes, its base file's path set to where it is now.
     attrs: dict[str, Any] | None = None
+    archive: Path | None = None  # the export zip ``folder`` was unpacked from
 
 
 def locate_model(model: str | os.PathLike, *, base: str | os.PathLike | None = None) -> ModelFiles:
     """Find a model's metadata, and a fit_head folder's base file, without loading Keras.
 
     Args:
-        model: a model folder (head.json), its ``model.keras``, or an exported ``X.keras``
-            with ``X.json`` beside it.
+        model: a model folder (head.json), its ``model.keras``, an exported ``X.keras``
+            with ``X.json`` beside it, or an export folder or ``X.zip``.
         base: ``--base PATH``: where a fit_head folder's recorded base file is now.
 
     Returns:
@@ -107,6 +108,10 @@ def locate_model(model: str | os.PathLike, *, base: str | os.PathLike | None = N
             model).
     """
     path = Path(model)
+    if path.is_file() and path.suffix.lower() == ".zip":
+        folder = _unpacked(path)
+        return _with_base(ModelFiles(read_json(folder / "head.json"), folder / "head.json",
+                                     folder, None, archive=path), base)
     if path.is_file() and path.suffix == ".keras":
         sidecar = path.with_suffix(".json")
         if sidecar.is_file():
@@ -118,9 +123,48 @@ def locate_model(model: str | os.PathLike, *, base: str | os.PathLike | None = N
         keras_file = path / "model.keras" if meta.get("kind") == END_TO_END else None
         return _with_base(ModelFiles(meta, path / "head.json", path, keras_file), base)
     raise ValueError(
-        "`model` must be a fit_head or finetune output folder (with head.json), or an "
-        f"exported .keras file with its .json beside it. Received: model={str(model)!r}"
+        "`model` must be a fit_head or finetune output folder (with head.json), an "
+        "exported .keras file with its .json beside it, or an export folder or .zip. "
+        f"Received: model={str(model)!r}"
     )
+
+
+def _unpacked(archive: Path) -> Path:
+    """Unpack an export ``X.zip`` into a temporary folder, removed when the process ends.
+
+    Only an export's own files are taken, by plain name (no folders, no absolute or
+    ``..`` paths): an archive holding anything else is refused before anything is written.
+
+    Raises:
+        ValueError: not a zip, or not an export's files.
+    """
+    import atexit
+    import shutil
+    import tempfile
+    import zipfile
+
+    from pipeline.base_files import FEATURE_MODEL_FILE, MODEL_FOLDER_FILES
+
+    allowed = {*MODEL_FOLDER_FILES, FEATURE_MODEL_FILE}
+    try:
+        with zipfile.ZipFile(archive) as zipped:
+            names = zipped.namelist()
+            strange = sorted(set(names) - allowed)
+            if strange or "head.json" not in names or FEATURE_MODEL_FILE not in names:
+                raise ValueError(
+                    f"{archive} is no export archive (predict.py --export FILE.zip writes "
+                    f"{FEATURE_MODEL_FILE}, head.json and the head's files, flat)"
+                    + (f"; it holds {', '.join(map(repr, strange[:5]))}" if strange else "")
+                    + f". Received: model={str(archive)!r}"
+                )
+            folder = Path(tempfile.mkdtemp(prefix="bottleneck-export-"))
+            atexit.register(shutil.rmtree, folder, True)
+            for name in names:
+                (folder / name).write_bytes(zipped.read(name))
+    except zipfile.BadZipFile as exc:
+        raise ValueError(f"{archive} is not a readable zip archive ({exc}). "
+                         f"Received: model={str(archive)!r}") from None
+    return folder
 
 
 def _with_base(located: ModelFiles, base: str | os.PathLike | None) -> ModelFiles:

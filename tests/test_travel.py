@@ -175,6 +175,7 @@ def test_an_exported_folder_predicts_with_nothing_else_left(tmp_path, images, he
     exported = export_model(model, tmp_path / "export")
     assert {p.name for p in exported.iterdir()} >= {"features.keras", "head.json",
                                                    "metrics.json", "config.json"}
+    archive = export_model(model, tmp_path / "export.zip")
     if head == "dense":  # the single-file form carries its base too
         export_model(model, tmp_path / "single.keras")
     # Another machine: no cache, no base file, no model folder, no original paths.
@@ -186,6 +187,7 @@ def test_an_exported_folder_predicts_with_nothing_else_left(tmp_path, images, he
             predictions(Path("single.keras"), images, tmp_path / "s.csv", base="b.keras")
     shipped = shutil.move(exported, tmp_path / "elsewhere" / "model")
     assert_same(predictions(Path(shipped), images, tmp_path / "after.csv"), before)
+    assert_same(predictions(archive, images, tmp_path / "zip.csv"), before)
     with pytest.raises(ValueError, match=r"features.keras holds the model's base, so `--base` "
                                          r"has nothing to replace"):
         predictions(Path(shipped), images, tmp_path / "x.csv", base=str(tmp_path / "b.keras"))
@@ -196,6 +198,21 @@ def test_an_exported_folder_predicts_with_nothing_else_left(tmp_path, images, he
         export_model(shipped, tmp_path / "busy")
     assert export_model(shipped, shipped.parent / "again") == shipped.parent / "again"
     assert export_model(shipped, shipped.parent / "again").is_dir()
+
+
+def test_an_archive_holding_anything_but_an_export_is_refused(tmp_path):
+    import zipfile
+
+    archive = tmp_path / "evil.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        z.writestr("head.json", "{}")
+        z.writestr("features.keras", "")
+        z.writestr("../escape.txt", "outside")
+    with pytest.raises(ValueError, match=r"is no export archive .*'\.\./escape\.txt'"):
+        run_predict(PredictConfig(str(archive), ["x.png"]))
+    (tmp_path / "not.zip").write_text("plain text")
+    with pytest.raises(ValueError, match="not a readable zip archive"):
+        run_predict(PredictConfig(str(tmp_path / "not.zip"), ["x.png"]))
 
 
 def test_export_from_the_command_line(tmp_path, images, capsys):
@@ -214,8 +231,12 @@ def test_export_from_the_command_line(tmp_path, images, capsys):
                           "--export", str(tmp_path / "svm-export")]) == 0
     assert capsys.readouterr().out.strip().splitlines()[-1].endswith(
         f"exported base + head to {tmp_path / 'svm-export'}/")
-    assert predict_main([str(tmp_path / "svm"), "--export", str(tmp_path / "x.zip")]) == 2
+    assert predict_main([str(tmp_path / "svm"), "--export", str(tmp_path / "x.tar")]) == 2
     assert "Received: --export=" in capsys.readouterr().err
+    assert predict_main([str(tmp_path / "svm"), str(images), "--export",
+                         str(tmp_path / "svm.zip"), "--out", str(tmp_path / "z.csv")]) == 0
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert printed[0] == f"predict: exported base + head to {tmp_path / 'svm.zip'}"
     out = tmp_path / "p.csv"
     assert predict_main([str(tmp_path / "svm-export"), str(images), "--out", str(out)]) == 0
     with open(out, newline="", encoding="utf-8") as f:
