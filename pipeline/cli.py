@@ -319,9 +319,10 @@ def fit_head_parser(prog: str = "fit_head.py") -> argparse.ArgumentParser:
     p.add_argument("--stream", action="store_true",
                    help="out of core: read features from HDF5 in batches (dense, logreg and "
                    "linear-svm; the linear heads become SGD, at most 10 passes)")
-    p.add_argument("--export", default=None, metavar="FILE.keras",
-                   help="dense head: also save base + head as one end-to-end model "
-                   "(FILE.keras + FILE.json)")
+    p.add_argument("--export", default=None, metavar="FILE.keras|DIR|FILE.zip",
+                   help="also save base + head to predict on another machine: FILE.keras "
+                   "(+ FILE.json), one end-to-end model (dense head), or DIR or FILE.zip "
+                   "(any head)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace a model in --out trained with other settings (without it, "
                    "such a run stops before training; the same settings again replace it)")
@@ -334,10 +335,11 @@ def predict_parser(prog: str = "predict.py") -> argparse.ArgumentParser:
         prog=prog,
         epilog=_examples(prog, _EXAMPLES["predict"]),
         description="Predict the class of images with a fit_head or finetune model, using the "
-        "base, size and preprocessing recorded with it; or export a dense head and its base "
-        "as one .keras model.",
+        "base, size and preprocessing recorded with it; score it on labelled images "
+        "(--evaluate); or export it with its base, to predict on another machine.",
     )
-    p.add_argument("model", help="fit_head/finetune output folder, or an exported FILE.keras")
+    p.add_argument("model", help="fit_head/finetune output folder, or an export: FILE.keras, "
+                   "DIR or FILE.zip")
     p.add_argument("images", nargs="*", metavar="IMAGES_OR_DIR_OR_LIST",
                    help="image files, folders (walked recursively, sorted) and/or lists of "
                    "paths: a .txt file (one per line) or a .csv file with a path column; "
@@ -353,9 +355,17 @@ def predict_parser(prog: str = "predict.py") -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=0, help="decode threads (0: auto)")
     p.add_argument("--log-every", type=float, default=30.0,
                    help="seconds between progress lines when not on a terminal")
-    p.add_argument("--export", default=None, metavar="FILE.keras",
-                   help="save the dense head + frozen base as one end-to-end model "
-                   "(FILE.keras + FILE.json); no images needed")
+    p.add_argument("--export", default=None, metavar="FILE.keras|DIR|FILE.zip",
+                   help="save the model with its frozen base, to predict on another machine: "
+                   "FILE.keras (+ FILE.json), one end-to-end model (dense heads), or DIR or "
+                   "FILE.zip, which predict.py loads (any head); no images needed")
+    p.add_argument("--base", default=None, metavar="PATH",
+                   help="where the model's base file (.keras base, weights file, keras-hub "
+                   "preset folder) is now, if it moved; must be the same file (sha256)")
+    p.add_argument("--evaluate", action="store_true",
+                   help="IMAGES is one labelled folder (a folder per class) or a .csv "
+                   "manifest (path,label): print accuracy, macro-F1 and the confusion "
+                   "matrix; write <out stem>.misclassified.csv and <out stem>.metrics.json")
     return p
 
 
@@ -619,7 +629,9 @@ def fit_head_main(argv: Sequence[str] | None = None, prog: str | None = None) ->
 
     def command() -> int:
         check_output("--out", args.out, folder=True)
-        check_output("--export", export)
+        from pipeline.export import export_is_folder
+
+        check_output("--export", export, folder=export_is_folder(export))
         from pipeline.cache import check_cache_exists
 
         check_cache_exists(args.cache)  # in a fraction of a second, before TensorFlow loads
@@ -629,16 +641,15 @@ def fit_head_main(argv: Sequence[str] | None = None, prog: str | None = None) ->
         if export is not None:
             from pipeline.export import check_exportable
 
-            check_exportable(args.head)  # before training, not after
+            check_exportable(args.head, export)  # before training, not after
         out_dir, metrics = run_fit(FitConfig(**options))
         print(format_report(metrics), flush=True)
         print(format_done(metrics, out_dir), flush=True)
         if export is not None:
-            from pipeline.export import export_model
+            from pipeline.export import export_model, exported_files
 
             path = export_model(out_dir, export)
-            print(f"fit_head: exported base + head to {path} (+ {path.with_suffix('.json')})",
-                  flush=True)
+            print(f"fit_head: exported base + head to {exported_files(path)}", flush=True)
         return 0
 
     return _run("fit_head", command, parser)
@@ -658,18 +669,22 @@ def predict_main(argv: Sequence[str] | None = None, prog: str | None = None) -> 
         from pipeline.predict import PredictConfig, predictions_out, run_predict
 
         if args.images:
-            check_output("--out", predictions_out(args.out, args.embeddings))
+            check_output("--out", predictions_out(args.out, args.embeddings, args.evaluate))
             check_output("--embeddings", args.embeddings)
-        check_output("--export", export)
-        from pipeline.export import export_model
+        from pipeline.export import export_is_folder, export_model, exported_files
+
+        check_output("--export", export, folder=export_is_folder(export))
 
         if export is not None:
-            path = export_model(args.model, export)
-            print(f"predict: exported base + head to {path} (+ {path.with_suffix('.json')})",
-                  flush=True)
+            path = export_model(args.model, export, base=args.base)
+            print(f"predict: exported base + head to {exported_files(path)}", flush=True)
             if not args.images:
                 return 0
         result = run_predict(PredictConfig(**options))
+        if result.evaluation is not None:
+            from pipeline.evaluation import format_evaluation
+
+            print(format_evaluation(result.evaluation), flush=True)
         print(result.summary(), flush=True)
         return 0
 

@@ -15,6 +15,7 @@ from sklearn.base import BaseEstimator
 from sklearn.metrics import accuracy_score, classification_report, confusion_matrix, f1_score
 from sklearn.model_selection import train_test_split
 
+from pipeline.base_files import base_file_record
 from pipeline.cache import check_finite, read_cache
 from pipeline.heads import head_params, make_head, save_head
 from pipeline.heads.stream import STREAM_HEADS
@@ -254,7 +255,8 @@ def run_fit(config: FitConfig) -> tuple[Path, dict[str, Any]]:
            time the fit.
         7. Evaluate on the validation rows, and on the test rows when there are any.
         8. Write to the out folder, each file atomically: the model (:func:`save_head`),
-           ``metrics.json`` and ``config.json``; print a short report.
+           ``metrics.json`` (with the base file's path relative to the folder, so the
+           folder can move with its base) and ``config.json``; print a short report.
 
     Args:
         config: what to train and where to write it.
@@ -295,6 +297,8 @@ def run_fit(config: FitConfig) -> tuple[Path, dict[str, Any]]:
                                                train=train, val=val)
     metrics = _metrics(config, estimator, cache=cache, X=X, train=train, val=val, test=test,
                        n_augmented=n_augmented, fit_seconds=fit_seconds)
+    # Relative to the model folder too, so a folder moved with its base still finds it.
+    metrics["base_file"] = base_file_record(cache.attrs, out_dir)
     save_head(estimator, out_dir)
     _write_extras(config, estimator, metrics, cache=cache, test=test, out_dir=out_dir)
     write_json_atomic(out_dir / "metrics.json", metrics)

@@ -28,6 +28,11 @@ dtype as the cache it was trained on), row i for the i-th image read, in the for
 only the embeddings are written (no predictions CSV), and unreadable files are listed in
 ``<embeddings stem>.skipped.csv``. End-to-end models (finetune folders, exported
 ``.keras``) have no separate features and are refused.
+
+A fit_head folder finds its base file where it recorded it, relative to the folder or
+absolute (:mod:`pipeline.base_files`); ``--base PATH`` says where it is now, and must be
+the same file (sha256). ``--evaluate`` takes one labelled folder or manifest instead of
+unlabelled images and scores the predictions (:mod:`pipeline.evaluation`).
 """
 
 from __future__ import annotations
@@ -46,10 +51,18 @@ import numpy as np
 
 # export_model and check_exportable lived here before export.py: re-exported for old callers.
 from pipeline.embeddings import EmbeddingRows, EmbeddingsWriter, check_embeddings_path, rows_path
+from pipeline.evaluation import check_known_classes, evaluate_predictions, labelled_images
 from pipeline.export import check_exportable, export_model
 from pipeline.images import IMAGE_EXTENSIONS, image_files, is_list_file, read_path_list
 from pipeline.interrupts import deferred
-from pipeline.predictor import END_TO_END, ModelFiles, Predictor, load_predictor, locate_model
+from pipeline.predictor import (
+    END_TO_END,
+    ModelFiles,
+    Predictor,
+    load_predictor,
+    locate_model,
+    recorded_classes,
+)
 from pipeline.progress import Progress, format_duration
 
 __all__ = [
@@ -82,6 +95,8 @@ class PredictConfig:
     workers: int = 0
     log_every: float = 30.0
     embeddings: str | None = None
+    base: str | None = None  # where the recorded base file is now (a moved model)
+    evaluate: bool = False  # images are one labelled folder or manifest: score them
 
 
 @dataclass
@@ -95,6 +110,7 @@ class PredictResult:
     kind: str
     seconds: float
     embeddings: Path | None = None
+    evaluation: dict[str, Any] | None = None  # --evaluate: the metrics written
 
     def summary(self) -> str:
         """The one-line summary printed last."""
@@ -109,6 +125,9 @@ class PredictResult:
             beside = (f" (+ rows in {rows_path(self.embeddings)})"
                       if self.embeddings.suffix.lower() == ".npy" else "")
             written.append(f"embeddings in {self.embeddings}{beside}")
+        if self.evaluation is not None:
+            written.append(f"misclassified files in {self.evaluation['misclassified_csv']}, "
+                           f"metrics in {self.evaluation['metrics_json']}")
         return (
             f"predict: done. {self.n_predicted} images with the {self.kind} model in "
             f"{format_duration(self.seconds)} ({rate:.1f} img/s), {skipped}; "
@@ -234,12 +253,12 @@ def skipped_path(out: str | os.PathLike) -> Path:
     return out.with_name(f"{out.stem}.skipped.csv")
 
 
-def predictions_out(out: str | None, embeddings: str | None) -> str | None:
+def predictions_out(out: str | None, embeddings: str | None, evaluate: bool = False) -> str | None:
     """The predictions CSV to write: ``out``; by default predictions.csv, none when only
-    ``--embeddings`` is asked for."""
+    ``--embeddings`` is asked for (``--evaluate`` always scores a CSV)."""
     if out is not None:
         return out
-    return None if embeddings is not None else "predictions.csv"
+    return None if embeddings is not None and not evaluate else "predictions.csv"
 
 
 def _validate(config: PredictConfig) -> None:
@@ -253,7 +272,7 @@ def _validate(config: PredictConfig) -> None:
         raise ValueError(f"`log_every` must be > 0. Received: log_every={config.log_every}")
     if config.embeddings is not None:
         check_embeddings_path(config.embeddings)
-        out = predictions_out(config.out, config.embeddings)
+        out = predictions_out(config.out, config.embeddings, config.evaluate)
         taken = {Path(config.embeddings).resolve(), rows_path(config.embeddings).resolve()}
         if out is not None and Path(out).resolve() in taken:
             raise ValueError(
@@ -322,6 +341,13 @@ def run_predict(config: PredictConfig) -> PredictResult:
     7. ``_write_skipped``: list unreadable files in ``<out stem>.skipped.csv`` (the
        embeddings' stem when no CSV is written).
 
+    With ``evaluate``, step 3 reads one labelled folder or manifest
+    (:func:`pipeline.evaluation.labelled_images`), its classes are checked against the
+    model's recorded class names before step 4 and its loaded classes after it, and last
+    the CSV is scored
+    (:func:`pipeline.evaluation.evaluate_predictions`: ``<out stem>.misclassified.csv``
+    and ``<out stem>.metrics.json``).
+
     Args:
         config: the model, the images and the output options.
 
@@ -332,17 +358,28 @@ def run_predict(config: PredictConfig) -> PredictResult:
         ValueError: a bad argument, model or image list (Keras-style message): files
             named that are plainly no images (HDF5, zip, text) only, or no image that
             could be read (then nothing is written); ``--embeddings`` with an unknown
-            extension or an end-to-end model.
+            extension or an end-to-end model; ``base`` not the recorded base file (or the
+            base file found nowhere); ``evaluate`` with other than one labelled folder or
+            manifest, or labels the model does not know.
         FileNotFoundError: a model folder's head files are incomplete.
     """
     _validate(config)
-    located = locate_model(config.model)
+    located = locate_model(config.model, base=config.base)  # a base file found, or why not
     _check_embeddings(located, config.embeddings, config.model)
-    paths, rejected = _images(inputs=config.images)
+    labelled = labelled_images(config.images) if config.evaluate else None
+    if labelled is None:
+        paths, rejected = _images(inputs=config.images)
+    else:
+        paths, rejected = labelled.paths, dict(labelled.missing)
+        recorded = recorded_classes(located)
+        if recorded is not None:  # in a fraction of a second, before the model loads
+            check_known_classes(labelled, recorded)
     with deferred():  # Ctrl-C while the model is built stops right after it
         predictor = load_predictor(located)
+    if labelled is not None:
+        check_known_classes(labelled, predictor.class_names)
     top_k = _check_top_k(top_k=config.top_k, n_classes=len(predictor.class_names))
-    csv_name = predictions_out(config.out, config.embeddings)
+    csv_name = predictions_out(config.out, config.embeddings, config.evaluate)
     out = None if csv_name is None else Path(csv_name)
     embeddings = None if config.embeddings is None else Path(config.embeddings)
     for target in (out, embeddings):
@@ -358,8 +395,11 @@ def run_predict(config: PredictConfig) -> PredictResult:
                                  predictor=predictor, top_k=top_k, config=config,
                                  skipped=skipped)
     skipped_out = _write_skipped(out or embeddings, skipped)
+    evaluation = None if labelled is None or out is None else evaluate_predictions(
+        out, labelled, predictor.class_names, value_prefix=predictor.value_prefix,
+        n_skipped=len(skipped), model=config.model)
     return PredictResult(out, n_predicted, skipped, skipped_out, predictor.kind,
-                         time.monotonic() - start, embeddings)
+                         time.monotonic() - start, embeddings, evaluation)
 
 
 def _images(*, inputs: Sequence[str | os.PathLike]) -> tuple[list[Path], dict[Path, str]]:

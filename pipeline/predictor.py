@@ -7,7 +7,10 @@ decoding, resizing and preprocessing are never re-specified by hand and cannot d
                  The frozen feature model is rebuilt from metrics.json["cache_attrs"]
                  (recorded files must still match their sha256); images are decoded as
                  extract.py does, features are rounded through the cache dtype, and the
-                 head is applied: predictions equal those on cached features.
+                 head is applied: predictions equal those on cached features. The base
+                 file is found where the folder moved with it, or given (``--base``;
+                 :mod:`pipeline.base_files`). An export folder is one whose head.json
+                 names its ``feature_model`` (``features.keras``): no base is rebuilt.
     end-to-end   a folder whose head.json says "kind": "end-to-end" (finetune output,
                  model.keras taking RGB 0..255), or an exported ``X.keras`` with its
                  metadata ``X.json`` beside it (:func:`pipeline.export.export_model`).
@@ -39,6 +42,7 @@ __all__ = [
     "locate_model",
     "recorded",
     "recorded_class_names",
+    "recorded_classes",
 ]
 
 # The same kind as pipeline.heads.persist.END_TO_END, spelled here so that importing this
@@ -80,36 +84,108 @@ class ModelFiles:
     meta_path: Path
     folder: Path
     keras_file: Path | None  # the end-to-end model file
+    # A fit_head folder's cache attributes, its base file's path set to where it is now.
+    attrs: dict[str, Any] | None = None
+    archive: Path | None = None  # the export zip ``folder`` was unpacked from
 
 
-def locate_model(model: str | os.PathLike) -> ModelFiles:
-    """Find a model's metadata without loading anything heavy.
+def locate_model(model: str | os.PathLike, *, base: str | os.PathLike | None = None) -> ModelFiles:
+    """Find a model's metadata, and a fit_head folder's base file, without loading Keras.
 
     Args:
-        model: a model folder (head.json), its ``model.keras``, or an exported ``X.keras``
-            with ``X.json`` beside it.
+        model: a model folder (head.json), its ``model.keras``, an exported ``X.keras``
+            with ``X.json`` beside it, or an export folder or ``X.zip``.
+        base: ``--base PATH``: where a fit_head folder's recorded base file is now.
 
     Returns:
-        Where its files are, with the metadata read.
+        Where its files are, with the metadata read; for a fit_head folder also the cache
+        attributes with the base file found (:func:`pipeline.base_files.locate_base_file`:
+        relative to the folder, at its recorded path, in the folder, or ``base``).
 
     Raises:
-        ValueError: no model there.
+        ValueError: no model there; a base file found nowhere or ``base`` not the recorded
+            file; ``base`` for a model that carries its base (an export, an end-to-end
+            model).
     """
     path = Path(model)
+    if path.is_file() and path.suffix.lower() == ".zip":
+        folder = _unpacked(path)
+        return _with_base(ModelFiles(read_json(folder / "head.json"), folder / "head.json",
+                                     folder, None, archive=path), base)
     if path.is_file() and path.suffix == ".keras":
         sidecar = path.with_suffix(".json")
         if sidecar.is_file():
-            return ModelFiles(read_json(sidecar), sidecar, path.parent, path)
+            return _with_base(ModelFiles(read_json(sidecar), sidecar, path.parent, path), base)
         if path.name == "model.keras":  # the model file of a model folder: use the folder
             path = path.parent
     if path.is_dir() and (path / "head.json").is_file():
         meta = read_json(path / "head.json")
         keras_file = path / "model.keras" if meta.get("kind") == END_TO_END else None
-        return ModelFiles(meta, path / "head.json", path, keras_file)
+        return _with_base(ModelFiles(meta, path / "head.json", path, keras_file), base)
     raise ValueError(
-        "`model` must be a fit_head or finetune output folder (with head.json), or an "
-        f"exported .keras file with its .json beside it. Received: model={str(model)!r}"
+        "`model` must be a fit_head or finetune output folder (with head.json), an "
+        "exported .keras file with its .json beside it, or an export folder or .zip. "
+        f"Received: model={str(model)!r}"
     )
+
+
+def _unpacked(archive: Path) -> Path:
+    """Unpack an export ``X.zip`` into a temporary folder, removed when the process ends.
+
+    Only an export's own files are taken, by plain name (no folders, no absolute or
+    ``..`` paths): an archive holding anything else is refused before anything is written.
+
+    Raises:
+        ValueError: not a zip, or not an export's files.
+    """
+    import atexit
+    import shutil
+    import tempfile
+    import zipfile
+
+    from pipeline.base_files import FEATURE_MODEL_FILE, MODEL_FOLDER_FILES
+
+    allowed = {*MODEL_FOLDER_FILES, FEATURE_MODEL_FILE}
+    try:
+        with zipfile.ZipFile(archive) as zipped:
+            names = zipped.namelist()
+            strange = sorted(set(names) - allowed)
+            if strange or "head.json" not in names or FEATURE_MODEL_FILE not in names:
+                raise ValueError(
+                    f"{archive} is no export archive (predict.py --export FILE.zip writes "
+                    f"{FEATURE_MODEL_FILE}, head.json and the head's files, flat)"
+                    + (f"; it holds {', '.join(map(repr, strange[:5]))}" if strange else "")
+                    + f". Received: model={str(archive)!r}"
+                )
+            folder = Path(tempfile.mkdtemp(prefix="bottleneck-export-"))
+            atexit.register(shutil.rmtree, folder, True)
+            for name in names:
+                (folder / name).write_bytes(zipped.read(name))
+    except zipfile.BadZipFile as exc:
+        raise ValueError(f"{archive} is not a readable zip archive ({exc}). "
+                         f"Received: model={str(archive)!r}") from None
+    return folder
+
+
+def _with_base(located: ModelFiles, base: str | os.PathLike | None) -> ModelFiles:
+    """``located`` with a fit_head folder's base file found; ``base`` refused where the
+    model carries its base."""
+    from pipeline.base_files import locate_base_file
+
+    packed = located.meta.get("feature_model")
+    carried = (located.keras_file if located.meta.get("kind") == END_TO_END
+               else None if packed is None else located.folder / packed)
+    if carried is not None:
+        if base is not None:
+            raise ValueError(
+                f"{carried} holds the model's base, so `--base` has nothing to replace. "
+                f"Received: --base={str(base)!r}"
+            )
+        return located
+    metrics = _metrics(located)
+    located.attrs = locate_base_file(metrics["cache_attrs"], model_dir=located.folder,
+                                     record=metrics.get("base_file"), base=base)
+    return located
 
 
 def _metrics(located: ModelFiles) -> dict[str, Any]:
@@ -162,23 +238,28 @@ def _column_names(classes: Sequence[Any], class_names: Sequence[str] | None) -> 
 def load_bottleneck(located: ModelFiles) -> tuple[Any, dict[str, Any], Any]:
     """``(head, metrics, feature model)`` of a fit_head folder, checked against each other.
 
+    The feature model is the export's own ``features.keras`` when the folder is an
+    export (:func:`pipeline.export.export_model`); otherwise it is rebuilt from the
+    recorded cache attributes, its base file where :func:`locate_model` found it.
+
     Args:
         located: a fit_head folder's files (:func:`locate_model`).
 
     Returns:
-        The fitted head, what fit_head recorded (``cache_attrs``, ``class_names``) and the
-        frozen feature model rebuilt from the cache attributes.
+        The fitted head, what fit_head recorded (``cache_attrs``, ``class_names``; the
+        attributes with the base file's current path) and the frozen feature model.
 
     Raises:
-        ValueError: no cache attributes, a recorded base file gone or changed, or the
-            head was trained on features of another shape.
+        ValueError: no cache attributes, a recorded base file changed since it was
+            found, or the head was trained on features of another shape.
     """
-    from pipeline.bases import feature_model_from_attrs
     from pipeline.heads import DenseHead, load_head
 
     metrics = _metrics(located)
+    if located.attrs is not None:
+        metrics["cache_attrs"] = located.attrs
     head = load_head(located.folder)
-    feature_model = feature_model_from_attrs(metrics["cache_attrs"])
+    feature_model = _feature_model(located, metrics)
     got = feature_model.feature_shape
     if isinstance(head, DenseHead):
         matches, expected = tuple(head.feature_shape_) == got, tuple(head.feature_shape_)
@@ -193,9 +274,49 @@ def load_bottleneck(located: ModelFiles) -> tuple[Any, dict[str, Any], Any]:
     return head, metrics, feature_model
 
 
+def _feature_model(located: ModelFiles, metrics: dict[str, Any]) -> Any:
+    """The frozen feature model of a fit_head folder or of an export folder."""
+    from pipeline.bases import FeatureModel, feature_model_from_attrs
+
+    attrs = metrics["cache_attrs"]
+    packed = located.meta.get("feature_model")
+    if packed is None:
+        return feature_model_from_attrs(attrs)
+    import keras
+
+    from pipeline.bases.pooling import register_custom_layers
+
+    path = located.folder / packed
+    if not path.is_file():
+        raise ValueError(f"The export {located.folder} lacks its base {packed}: copy the "
+                         f"whole folder. Received: model={str(located.folder)!r}")
+    register_custom_layers(path)
+    model = keras.models.load_model(path, compile=False, safe_mode=True)
+    # Preprocessing is inside the saved model; the fixed-shape batches of FeatureModel
+    # keep its rows independent of how images are grouped, as at extraction.
+    return FeatureModel(model=model, attrs=attrs,
+                        input_size=tuple(int(v) for v in attrs["input_size"]),
+                        preprocess="none", layers=[attrs.get("layer")])
+
+
 def recorded_class_names(metrics: dict[str, Any]) -> list[str] | None:
     """The class names fit_head recorded (indexed by class id), if any."""
     return metrics.get("class_names") or metrics["cache_attrs"].get("class_names")
+
+
+def recorded_classes(located: ModelFiles) -> list[str] | None:
+    """The class names a model records, read from its JSON alone (None: none recorded).
+
+    Every class the model can predict is among them (the head may lack a class that had
+    no training rows): a quick check before the model loads, not the exact list.
+    """
+    names = located.meta.get("class_names")
+    if not names:
+        try:
+            names = recorded_class_names(_metrics(located))
+        except ValueError:
+            return None
+    return [str(n) for n in names] if names else None
 
 
 def _bottleneck_predictor(located: ModelFiles) -> Predictor:
@@ -272,21 +393,26 @@ def _end_to_end_predictor(located: ModelFiles) -> Predictor:
     return Predictor(END_TO_END, names, (size[0], size[1]), interpolation, "p", predict_batch)
 
 
-def load_predictor(model: str | os.PathLike | ModelFiles) -> Predictor:
+def load_predictor(
+    model: str | os.PathLike | ModelFiles, *, base: str | os.PathLike | None = None
+) -> Predictor:
     """Load a fit_head folder, a finetune folder or an exported ``.keras`` for prediction.
 
     Args:
         model: a model folder (head.json), its ``model.keras``, or an exported ``X.keras``
             with ``X.json`` beside it; or what :func:`locate_model` found there.
+        base: ``--base PATH``: where a fit_head folder's recorded base file is now (when
+            ``model`` is not located yet).
 
     Returns:
         A :class:`Predictor` with the recorded input size and interpolation.
 
     Raises:
         ValueError: no model there, missing or inconsistent metadata, a recorded base
-            file that is gone or changed.
+            file that is gone or changed, ``base`` for a model that carries its base or
+            naming another file.
     """
-    located = model if isinstance(model, ModelFiles) else locate_model(model)
+    located = model if isinstance(model, ModelFiles) else locate_model(model, base=base)
     if located.meta.get("kind") == END_TO_END:
         return _end_to_end_predictor(located)
     return _bottleneck_predictor(located)

@@ -199,7 +199,8 @@ def test_a_head_on_a_hub_cache_predicts_new_images_as_on_its_cached_rows(tmp_pat
 
 def test_an_exported_hub_base_and_head_predicts_as_the_model_folder(tmp_path, presets, data):
     """fit_head --export writes converter + backbone + token pooling + head as one .keras
-    file; predict loads it (keras-hub and TokenPooling registered) with the same answers."""
+    file, predict --export DIR the same without the head beside it; predict loads both
+    (keras-hub and TokenPooling registered) with the same answers."""
     import csv
 
     from pipeline.cli import fit_head_main, predict_main
@@ -210,15 +211,17 @@ def test_an_exported_hub_base_and_head_predicts_as_the_model_folder(tmp_path, pr
     exported = tmp_path / "e2e.keras"
     assert fit_head_main([str(cache), "--head", "dense", "--epochs", "2", "--out",
                           str(tmp_path / "m"), "--export", str(exported)]) == 0
+    # An export folder too: features.keras (converter + backbone + pooling) + the head.
+    assert predict_main([str(tmp_path / "m"), "--export", str(tmp_path / "exported")]) == 0
     tables = []
-    for model in (tmp_path / "m", exported):
+    for model in (tmp_path / "m", exported, tmp_path / "exported"):
         out = tmp_path / f"{model.stem}.csv"
         assert predict_main([str(model), str(data), "--out", str(out)]) == 0
         with open(out, newline="", encoding="utf-8") as f:
             tables.append(list(csv.DictReader(f)))
-    folder, single = tables
-    assert [r["path"] for r in folder] == [r["path"] for r in single]
-    for a, b in zip(folder, single, strict=True):
+    folder, single, packed = tables
+    assert [r["path"] for r in folder] == [r["path"] for r in single] == [r["path"] for r in packed]
+    for a, b in [*zip(folder, single, strict=True), *zip(folder, packed, strict=True)]:
         assert a["predicted"] == b["predicted"]
         np.testing.assert_allclose([float(a["p_a"]), float(a["p_b"])],
                                    [float(b["p_a"]), float(b["p_b"])], rtol=1e-4, atol=1e-5)

@@ -293,8 +293,10 @@ def test_export_refuses_other_heads_and_bad_names(models, tmp_path, capsys):
     _, cache, heads = models["3-class"]
     with pytest.raises(ValueError, match="Received: head='svm'"):
         export_model(heads["svm"], tmp_path / "svm.keras")
-    with pytest.raises(ValueError, match="Received: export="):
+    with pytest.raises(ValueError, match="Received: --export="):
         export_model(heads["dense"], tmp_path / "dense.h5")
+    with pytest.raises(ValueError, match="needs no export"):
+        export_model(export_model(heads["dense"], tmp_path / "e.keras"), tmp_path / "again")
     with pytest.raises(ValueError, match="would overwrite"):
         export_model(heads["dense"], heads["dense"] / "model.keras")
     # fit_head refuses before training: no model folder appears.
@@ -302,7 +304,8 @@ def test_export_refuses_other_heads_and_bad_names(models, tmp_path, capsys):
     code = fit_head_main([str(cache), "--head", "logreg", "--out", str(out),
                           "--export", str(tmp_path / "x.keras")])
     assert code == 2 and not out.exists()
-    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("error: export needs")
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith(
+        "error: `--export FILE.keras` needs a dense head")
 
 
 def test_export_is_still_importable_from_predict():
@@ -417,3 +420,72 @@ def test_named_base_with_random_weights(tmp_path):
         assert got["predicted"] == end_to_end["predicted"] == names[i]
         for row in (got, end_to_end):
             np.testing.assert_allclose([float(row["p_a"]), float(row["p_b"])], values[i], **TOL)
+
+
+def _misfiled(data: Path, root: Path) -> tuple[Path, list[str]]:
+    """A copy of ``data`` with two ant images filed under bee: the known wrong answers."""
+    labelled = root / "labelled"
+    shutil.copytree(data, labelled)
+    moved = []
+    for path in sorted((labelled / "ant").iterdir())[:2]:
+        shutil.move(path, labelled / "bee" / path.name)
+        moved.append(str(labelled / "bee" / path.name))
+    return labelled, moved
+
+
+def test_evaluate_scores_a_labelled_folder(models, tmp_path, capsys):
+    data, _, heads = models["3-class"]
+    clean, _ = predict(heads["logreg"], [data], tmp_path / "clean.csv")
+    assert all(Path(r["path"]).parent.name == r["predicted"] for r in clean)  # all right
+    labelled, moved = _misfiled(data, tmp_path)
+    out = tmp_path / "eval" / "preds.csv"
+    assert predict_main([str(heads["logreg"]), str(labelled), "--evaluate", "--out",
+                         str(out)]) == 0
+    printed = capsys.readouterr().out
+    n = len(clean)
+    assert f"evaluate: accuracy {(n - 2) / n:.4f} ({n - 2}/{n} right)" in printed
+    assert "confusion matrix (rows: true class, columns: predicted):" in printed
+    # rows ant, bee, cat: 6 ants, 2 of the 10 "bees" are ants, 8 cats.
+    assert "    ant  bee  cat" in printed and "  bee    2    8    0" in printed
+    wrong = read_csv(out.with_name("preds.misclassified.csv"))
+    assert sorted(r["path"] for r in wrong) == sorted(moved)
+    assert {(r["true"], r["predicted"]) for r in wrong} == {("bee", "ant")}
+    by_path = {r["path"]: r for r in read_csv(out)}
+    for r in wrong:
+        assert r["confidence"] == by_path[r["path"]]["p_ant"]
+    metrics = json.loads(out.with_name("preds.metrics.json").read_text())
+    assert metrics["accuracy"] == pytest.approx((n - 2) / n)
+    assert metrics["confusion_matrix"] == [[6, 0, 0], [2, 8, 0], [0, 0, 8]]
+    assert metrics["n_misclassified"] == 2 and metrics["class_names"] == ["ant", "bee", "cat"]
+    assert 0 < metrics["macro_f1"] < 1
+
+
+def test_evaluate_reads_a_manifest_and_refuses_unknown_classes(models, tmp_path, monkeypatch):
+    data, _, heads = models["3-class"]
+    labelled, moved = _misfiled(data, tmp_path)
+    manifest = tmp_path / "labels.csv"
+    rows = [(str(p), p.parent.name) for p in sorted(labelled.rglob("*.png"))]
+    manifest.write_text("path,label\n" + "".join(f"{p},{c}\n" for p, c in rows)
+                        + "gone.png,ant\n")
+    result = run_predict(PredictConfig(str(heads["svm"]), [str(manifest)], str(tmp_path / "p.csv"),
+                                       evaluate=True))
+    assert result.evaluation["n_misclassified"] == 2 and result.evaluation["n_skipped"] == 1
+    assert result.evaluation["confidence"] == "decision score"
+    wrong = read_csv(tmp_path / "p.misclassified.csv")
+    assert sorted(r["path"] for r in wrong) == sorted(moved)
+    assert "gone.png,listed in labels.csv line" in (tmp_path / "p.skipped.csv").read_text()
+
+    write_index_images(labelled, 4, classes=("dog", "eel", "ant", "bee"))
+    import pipeline.predict
+
+    def never(*args, **kwargs):
+        raise AssertionError("unknown classes are refused before the model loads")
+
+    monkeypatch.setattr(pipeline.predict, "load_predictor", never)
+    with pytest.raises(ValueError, match=r"does not know: 'dog' \(1 images\), 'eel' \(1 images\)"
+                                         r"\. The model's classes are 'ant', 'bee', 'cat'"):
+        run_predict(PredictConfig(str(heads["svm"]), [str(labelled)], str(tmp_path / "q.csv"),
+                                  evaluate=True))
+    assert not (tmp_path / "q.csv").exists()
+    with pytest.raises(ValueError, match="needs one labelled folder"):
+        run_predict(PredictConfig(str(heads["svm"]), [str(data), str(data)], evaluate=True))

@@ -6,6 +6,9 @@ from Keras' own layers, so the result saves to ``.keras``, loads with ``safe_mod
 and can be used as a layer of a larger model (fine-tuning, serving):
 
     Input(H, W, 3) [-> Resizing] -> preprocessing layers -> frozen feature model -> head
+
+:func:`feature_extractor_model` is the same without a head: what an export folder carries
+for a scikit-learn head.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import numpy as np
 from pipeline.bases.model import FeatureModel
 from pipeline.bases.registry import check_preprocess
 
-__all__ = ["end_to_end_model", "preprocessing_layers"]
+__all__ = ["end_to_end_model", "feature_extractor_model", "preprocessing_layers"]
 
 # keras.applications.imagenet_utils' constants, in the channel order each mode works in.
 _CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
@@ -129,11 +132,7 @@ def end_to_end_model(
         ValueError: a bad ``resize_to``, ``feature_dtype``, or a head that does not take
             the feature model's output shape.
     """
-    if feature_dtype not in _FEATURE_DTYPES:
-        raise ValueError(
-            f"`feature_dtype` must be one of {_FEATURE_DTYPES}. "
-            f"Received: feature_dtype={feature_dtype!r}"
-        )
+    _check_feature_dtype(feature_dtype)
     features_out = tuple(feature_model.model.output_shape[1:])
     try:
         head_in = tuple(head_model.input_shape[1:])
@@ -151,10 +150,42 @@ def end_to_end_model(
         h, w = _check_resize(feature_model, resize_to)
         inputs = keras.Input((None, None, 3), name="image")
         x = keras.layers.Resizing(h, w, interpolation=interpolation, name="resize")(inputs)
+    return keras.Model(inputs, head_model(_features(x, feature_model, feature_dtype)), name=name)
+
+
+def _check_feature_dtype(feature_dtype: str) -> None:
+    if feature_dtype not in _FEATURE_DTYPES:
+        raise ValueError(
+            f"`feature_dtype` must be one of {_FEATURE_DTYPES}. "
+            f"Received: feature_dtype={feature_dtype!r}"
+        )
+
+
+def _features(x: Any, feature_model: FeatureModel, feature_dtype: str) -> Any:
+    """Images in 0..255 -> preprocessing layers -> frozen base (its first output) ->
+    features rounded through the cache dtype."""
     for layer in preprocessing_layers(feature_model.preprocess):
         x = layer(x)
     x = feature_model.model(x)
+    if isinstance(x, (list, tuple)):  # a multi-layer base: the head reads the first
+        x = x[0]
     if feature_dtype == "float16":
         # Layers cast inputs to their dtype: this rounds to float16, the head casts back.
         x = keras.layers.Identity(dtype="float16", name="cache_float16")(x)
-    return keras.Model(inputs, head_model(x), name=name)
+    return x
+
+
+def feature_extractor_model(
+    feature_model: FeatureModel, *, feature_dtype: str = "float32", name: str = "features"
+) -> keras.Model:
+    """Preprocessing + frozen base as one Keras model: RGB 0..255 at the feature model's
+    input size -> the features a head was trained on (rounded through ``feature_dtype``,
+    the cache's). Built from Keras layers only, so it loads with ``safe_mode=True`` on a
+    machine without the base file or the ImageNet download.
+
+    Raises:
+        ValueError: a bad ``feature_dtype``.
+    """
+    _check_feature_dtype(feature_dtype)
+    inputs = keras.Input((*feature_model.input_size, 3), name="image")
+    return keras.Model(inputs, _features(inputs, feature_model, feature_dtype), name=name)
