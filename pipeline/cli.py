@@ -665,7 +665,6 @@ def predict_main(argv: Sequence[str] | None = None, prog: str | None = None) -> 
     export = options.pop("export")
 
     def command() -> int:
-        _load_backend()
         from pipeline.predict import PredictConfig, predictions_out, run_predict
 
         if args.images:
@@ -676,6 +675,7 @@ def predict_main(argv: Sequence[str] | None = None, prog: str | None = None) -> 
         check_output("--export", export, folder=export_is_folder(export))
 
         if export is not None:
+            _load_backend()
             path = export_model(args.model, export, base=args.base)
             print(f"predict: exported base + head to {exported_files(path)}", flush=True)
             if not args.images:

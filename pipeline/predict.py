@@ -64,6 +64,7 @@ from pipeline.predictor import (
     recorded_classes,
 )
 from pipeline.progress import Progress, format_duration
+from pipeline.util.quiet import load_backend
 
 __all__ = [
     "END_TO_END",
@@ -375,6 +376,7 @@ def run_predict(config: PredictConfig) -> PredictResult:
         if recorded is not None:  # in a fraction of a second, before the model loads
             check_known_classes(labelled, recorded)
     with deferred():  # Ctrl-C while the model is built stops right after it
+        load_backend()  # Keras loads only now, after every check, without TF's start-up lines
         predictor = load_predictor(located)
     if labelled is not None:
         check_known_classes(labelled, predictor.class_names)
