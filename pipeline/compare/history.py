@@ -41,7 +41,7 @@ def history_entry(results: dict[str, Any]) -> dict[str, Any]:
         "seed": config["seed"],
         "n_pool": results["n_pool"],
         "n_test": results["n_test"],
-        "best": None if top is None else f"{top['base']} / {top['head']}",
+        "best": None if top is None else f"{top.get('label') or top['base']} / {top['head']}",
         "best_params": None if top is None else top["params"],
         "top_accuracy": None if top is None else top["accuracy_mean"],
         "top_accuracy_std": None if top is None else top["accuracy_std"],
