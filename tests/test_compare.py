@@ -242,6 +242,11 @@ def test_a_recorded_split_scores_as_fit_head_does(tmp_path, split_cache, class_w
     assert protocol in (result.out_dir / "report.html").read_text().lower()
     assert f"class weight</th><td>{class_weight or 'none'}<" in (
         result.out_dir / "report.html").read_text()
+    from pipeline.compare.history import format_history, read_history
+
+    history = read_history(tmp_path / "history.jsonl")
+    assert history[-1]["protocol"] == "validation"
+    assert "| split |" in format_history(history)
 
 
 def test_class_weight_reaches_the_heads_and_is_checked(tmp_path, capsys):

@@ -64,7 +64,7 @@ class CompareResult:
             if len(reasons) == 1:  # e.g. the pool cannot be folded: say it once
                 why = f"every pair: {reasons.pop()}"
             else:
-                why = "; ".join(f"{s['base']} / {s['head']}: {s['reason']}" for s in self.skipped)
+                why = "; ".join(f"{s['label']} / {s['head']}: {s['reason']}" for s in self.skipped)
             return f"compare: nothing could run ({why}). Report in {self.out_dir}/"
         best = self.leaderboard[0]
         test = (
