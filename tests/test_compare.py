@@ -483,6 +483,10 @@ def test_labels_tell_every_cache_apart():
     assert labels[2] == "MobileNetV2 block_13_expand_relu avg 96px random"
     assert labels[3:] == [f"MobileNetV2 block_13_expand_relu avg 96px imagenet (d.h5) #{i}"
                           for i in (4, 5)]
+    # A word they all share (the same weights) tells nothing apart: the file name does.
+    assert cache_labels(["x.h5", "y.h5"], [attrs, attrs]) == [
+        "MobileNetV2 block_13_expand_relu avg 96px (x.h5)",
+        "MobileNetV2 block_13_expand_relu avg 96px (y.h5)"]
     assert cache_labels(["m.h5"], [{"base": "/models/my_net.keras", "layer": "conv3",
                                     "pooling": "max", "input_size": [64, 64],
                                     "weights": "none"}]) == ["my_net.keras conv3 max 64px"]
@@ -499,7 +503,7 @@ def _extents(fig):
 def test_accuracy_plot_keeps_labels_whole_and_values_readable(means):
     long = "EfficientNetV2B3 block6a_expand_activation cls+mean 300x260px imagenet (a.h5)"
     rows = [{"label": label, "head": head, "accuracy_mean": m, "accuracy_std": 0.012,
-             "test_accuracy": m - 0.01 if i % 2 else None}
+             "test_accuracy": m - 0.2 * (i == 1) - 0.01 if i % 2 else None}
             for i, (label, head, m) in enumerate(zip(
                 [long, "VGG16 block5_pool avg 224px", long + " #2", "x"],
                 ["logreg", "linear-svm", "dense", "knn"], means, strict=True))]
@@ -519,6 +523,7 @@ def test_accuracy_plot_keeps_labels_whole_and_values_readable(means):
         assert box.x0 > ax.bbox.x1 and box.x1 <= page.x1  # beside the bars, on the page
         assert not any(box.overlaps(other) for other in boxes[i + 1:])
     low = ax.get_xlim()[0]
+    assert all(r["test_accuracy"] > low for r in rows if r["test_accuracy"] is not None)
     note = f"the axis starts at {low:.2f}, not at 0"
     assert (note in ax.get_xlabel()) == (low > 0)
     assert (low > 0) == (min(means) > 0.1)

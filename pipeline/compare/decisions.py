@@ -327,8 +327,9 @@ def cache_labels(paths: Sequence[str], attrs: Sequence[dict[str, Any]]) -> list[
     """A short name per compared cache that tells it from every other one.
 
     Always base + layer + pooling + input size (``MobileNetV2 block_13_expand_relu avg
-    96px``); caches that would still share a name get their weights added, then their
-    file name, then their position, so two compared caches never share a label.
+    96px``); caches that would still share a name get their weights added where these
+    differ, else their file name, else their position, so two compared caches never share
+    a label.
 
     Args:
         paths: the cache files, one per compared entry (a file may repeat, one per layer).
@@ -348,13 +349,15 @@ def cache_labels(paths: Sequence[str], attrs: Sequence[dict[str, Any]]) -> list[
         lambda i: f"#{i + 1}",
     )
     for extra in extras:
-        counts: dict[str, int] = {}
-        for label in labels:
-            counts[label] = counts.get(label, 0) + 1
-        if max(counts.values(), default=1) == 1:
-            break
-        labels = [f"{label} {extra(i)}" if counts[label] > 1 else label
-                  for i, label in enumerate(labels)]
+        groups: dict[str, list[int]] = {}
+        for i, label in enumerate(labels):
+            groups.setdefault(label, []).append(i)
+        for members in groups.values():
+            words = [extra(i) for i in members]
+            # A word all of them share would tell nothing apart: the next one is tried.
+            if len(members) > 1 and (len(set(words)) > 1 or extra is extras[-1]):
+                for i, word in zip(members, words, strict=True):
+                    labels[i] = f"{labels[i]} {word}"
     return labels
 
 

@@ -349,7 +349,8 @@ def accuracy_figure(rows: Sequence[dict[str, Any]], *, folds: int | None) -> Any
     ax.invert_yaxis()  # rank 1 on top
     # Zoom on the range where the pairs differ (rounded down to a multiple of 0.05); the
     # axis label then says so, as the bars no longer show the accuracies' ratios.
-    low = max(0.0, np.floor((float(np.min(means - stds)) - 0.02) * 20) / 20)
+    lowest = min([float(np.min(means - stds)), *(t for t in tests if t is not None)])
+    low = max(0.0, np.floor((lowest - 0.02) * 20) / 20)
     high = max(1.0, float(np.max(means + stds))) + 0.005
     ax.set_xlim(low, high)
     if low > 0:

@@ -375,15 +375,18 @@ def _results(
 
 def _protocol_text(config: CompareConfig, plan: RowPlan) -> str:
     """How the numbers were made, in plain words, for the report and results.json."""
+    validation = plan.protocol == "validation"
     text = (plan.describe().capitalize() + ", the same rows for every pair; "
-            + ("parameters chosen from a small grid by mean accuracy (not nested)"
-               if config.sweep else "library-default parameters (no sweep)")
+            + (("parameters chosen from a small grid by validation accuracy" if validation
+                else "parameters chosen from a small grid by mean accuracy over the folds "
+                "(not nested)") if config.sweep else "library-default parameters (no sweep)")
             + f"; class weights: {config.class_weight or 'none'}.")
-    if plan.protocol == "validation" and {"dense", SCRATCH_HEAD} & {*config.heads, *(
-            [SCRATCH_HEAD] if config.scratch else [])}:
-        text += (" The dense head and the scratch convnet stop early on a seeded 10% of the "
-                 "train rows, never on the validation rows they are scored on (fit_head "
-                 "stops on the validation rows), so their scores can differ from fit_head's.")
+    early = [name for name, used in (("the dense head", "dense" in config.heads),
+                                     ("the scratch convnet", config.scratch is not None)) if used]
+    if validation and early:
+        text += (f" {' and '.join(early).capitalize()} stop early on a seeded 10% of the train "
+                 "rows, never on the validation rows they are scored on (fit_head stops on "
+                 "the validation rows), so their scores can differ from fit_head's.")
     return text
 
 
