@@ -83,6 +83,7 @@ def test_logreg_equals_sklearn_cross_val_score(tmp_path):
     assert fold_accuracies(results, "logreg") == expected.tolist()
     assert result.leaderboard[0]["accuracy_mean"] == expected.mean()
     assert result.leaderboard[0]["accuracy_std"] == expected.std()
+    assert "(5-fold stratified cross-validation on all 90 rows)" in result.summary()
 
 
 def test_sweep_chooses_what_grid_search_chooses(tmp_path):

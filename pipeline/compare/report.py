@@ -376,14 +376,21 @@ def plot_accuracy(rows: Sequence[dict[str, Any]], path: Path, *, folds: int | No
     return path
 
 
-def plot_depth(rows: Sequence[dict[str, Any]], order: Sequence[str], path: Path) -> Path:
-    """Mean CV accuracy of each head against the layer it read (``base @ layer`` rows),
+def plot_depth(
+    rows: Sequence[dict[str, Any]],
+    order: Sequence[str],
+    path: Path,
+    *,
+    ylabel: str = "mean CV accuracy (± std)",
+) -> Path:
+    """Accuracy of each head against the layer it read (``base @ layer`` rows),
     layers in the order the cache stores them (bottom to top for ``all-blocks``).
 
     Args:
         rows: leaderboard rows whose ``base`` names a layer.
         order: the ``base @ layer`` labels in depth order.
         path: the PNG to write.
+        ylabel: what the accuracy axis shows (by the run's protocol).
 
     Returns:
         ``path``.
@@ -398,7 +405,7 @@ def plot_depth(rows: Sequence[dict[str, Any]], order: Sequence[str], path: Path)
         ax.errorbar(x, mean, yerr=std, marker="o", capsize=3, label=head)
     ax.set_xticks(range(len(order)), [b.split(" @ ", 1)[1] for b in order], rotation=30,
                   ha="right", fontsize="small")
-    ax.set_ylabel("mean CV accuracy (± std)")
+    ax.set_ylabel(ylabel)
     ax.set_title("Accuracy by depth")
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
@@ -621,8 +628,9 @@ def write_report(out_dir: str | os.PathLike, results: dict[str, Any]) -> dict[st
     depth = [r for r in results["leaderboard"] if " @ " in r["base"]]
     if len({r["base"] for r in depth}) > 1:
         order = [f"{Path(str(c['base'])).name} @ {c['layer']}" for c in results["caches"]]
-        outputs["depth.png"] = plot_depth(depth, order, out_dir / "depth.png")
-        images["depth.png"] = ("Accuracy by depth", "mean CV accuracy per stored layer")
+        outputs["depth.png"] = plot_depth(depth, order, out_dir / "depth.png",
+                                          ylabel=_accuracy_heading(results))
+        images["depth.png"] = ("Accuracy by depth", "accuracy per stored layer")
     best = best_pair(results)
     if best is not None:
         entry, metrics, rows = best
