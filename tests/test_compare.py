@@ -581,13 +581,17 @@ def test_a_stopped_run_continues_without_redoing_finished_fits(tmp_path, monkeyp
     assert len(calls) == total
 
     # The same command continues: only the missing fits run, and a line cut short by a
-    # kill is passed over. The report equals the uninterrupted run's.
+    # kill is passed over (and the lines after it stay whole). The report equals the
+    # uninterrupted run's.
     with open(stores[0], "a") as f:
         f.write('{"key": "cut sh')
+    fit_until(3)
+    assert compare_main(argv) == 130
+    assert f"; 10 of {total} fits kept in" in capsys.readouterr().err
     fit_until(None)
     assert compare_main(argv) == 0
-    assert len(calls) == total - 7
-    assert f"({7} fits kept from a stopped run)" in capsys.readouterr().out
+    assert len(calls) == total - 10
+    assert "(10 fits kept from a stopped run)" in capsys.readouterr().out
     resumed = json.loads((tmp_path / "run" / "results.json").read_text())
     assert _scores(resumed) == _scores(whole)
     assert not list(tmp_path.glob("compare-unfinished-*.jsonl")), "removed once the report is out"

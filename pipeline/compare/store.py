@@ -127,6 +127,9 @@ class FitStore:
         if self._file is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (closed in close)
+            # A line a kill cut short gets its end, so the next line stays whole.
+            if self._file.tell() and not self._ends_line():
+                self._file.write("\n")
         line = {"key": key, "result": {
             k: (np.asarray(v).tolist() if k == "pred" else v) for k, v in result.items()
         }}
@@ -134,6 +137,11 @@ class FitStore:
         self._file.write(json.dumps(line) + "\n")
         self._file.flush()
         self.results[key] = result
+
+    def _ends_line(self) -> bool:
+        with open(self.path, "rb") as f:
+            f.seek(-1, os.SEEK_END)
+            return f.read(1) == b"\n"
 
     def close(self) -> None:
         """Close the file (it stays on disk for the next run)."""
