@@ -488,9 +488,12 @@ def test_labels_tell_every_cache_apart():
     assert cache_labels(["x.h5", "y.h5"], [attrs, attrs]) == [
         "MobileNetV2 block_13_expand_relu avg 96px (x.h5)",
         "MobileNetV2 block_13_expand_relu avg 96px (y.h5)"]
-    assert cache_labels(["m.h5"], [{"base": "/models/my_net.keras", "layer": "conv3",
-                                    "pooling": "max", "input_size": [64, 64],
-                                    "weights": "none"}]) == ["my_net.keras conv3 max 64px"]
+    for base, name in (("file:my_net.keras", "my_net.keras"),  # as extract records them
+                       ("hub:hf://keras/dinov2_small", "dinov2_small"),
+                       ("hub:dinov2_with_registers_small", "dinov2_with_registers_small")):
+        assert cache_labels(["m.h5"], [{"base": base, "layer": "conv3", "pooling": "max",
+                                        "input_size": [64, 64], "weights": "saved"}]) == [
+            f"{name} conv3 max 64px"]
 
 
 def _extents(fig):

@@ -317,6 +317,15 @@ def _size_text(size: Any) -> str:
     return f"{h}px" if h == w else f"{h}x{w}px"
 
 
+def _base_text(base: Any) -> str:
+    """The base as a label part: ``MobileNetV2``; a saved model's file name (recorded as
+    ``file:NAME``); a keras-hub preset's name (``hub:<handle or folder>``)."""
+    text = str(base or "?")
+    for prefix in ("file:", "hub:"):
+        text = text.removeprefix(prefix)
+    return Path(text).name or text
+
+
 def _weights_text(weights: Any) -> str:
     """The weights as a label part: ``imagenet``, ``random`` or the weights file's name."""
     text = str(weights or "?")
@@ -339,7 +348,8 @@ def cache_labels(paths: Sequence[str], attrs: Sequence[dict[str, Any]]) -> list[
         One label per entry, all different.
     """
     labels = [
-        " ".join([Path(str(a.get("base", "?"))).name, str(a.get("layer") or "?"),
+        " ".join([_base_text(a.get("base")),
+                  str(a.get("layer") or "?"),
                   str(a.get("pooling") or "?"), _size_text(a.get("input_size"))])
         for a in attrs
     ]
