@@ -302,6 +302,11 @@ _INCH_PER_CHAR = 0.085
 _BARS_INCH = 4.5
 
 
+def _title_inch(title: str) -> float:
+    """Inches a plot title needs (its longest line), so a long pair label is never cut."""
+    return 0.5 + _INCH_PER_CHAR * max(len(line) for line in title.splitlines())
+
+
 def accuracy_figure(rows: Sequence[dict[str, Any]], *, folds: int | None) -> Any:
     """The accuracy plot as a matplotlib ``Figure``: one bar per pair, best on top.
 
@@ -430,7 +435,7 @@ def plot_confusion(
     cm = np.asarray(matrix)
     n = len(class_names)
     side = min(12.0, 2.5 + 0.45 * n)
-    fig = _figure(side + 1.0, side)
+    fig = _figure(max(side + 1.0, _title_inch(title)), side)
     ax = fig.add_subplot()
     image = ax.imshow(cm, cmap="Blues")
     fig.colorbar(image, ax=ax, shrink=0.8)
@@ -439,7 +444,7 @@ def plot_confusion(
     ax.set_yticks(ticks, class_names)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
-    ax.set_title(title, fontsize="medium")
+    fig.suptitle(title, fontsize="medium")  # centred on the figure, which fits it
     if n <= _ANNOTATE_MAX_CLASSES:
         threshold = cm.max() / 2 if cm.size else 0
         for i in range(n):
@@ -462,7 +467,7 @@ def plot_per_class_f1(per_class: dict[str, dict[str, float]], path: Path, title:
         ``path``.
     """
     items = sorted(per_class.items(), key=lambda kv: kv[1]["f1-score"])
-    fig = _figure(7.0, 1.2 + 0.3 * len(items))
+    fig = _figure(max(7.0, _title_inch(title)), 1.2 + 0.3 * len(items))
     ax = fig.add_subplot()
     y = np.arange(len(items))
     f1 = [v["f1-score"] for _, v in items]
@@ -472,7 +477,7 @@ def plot_per_class_f1(per_class: dict[str, dict[str, float]], path: Path, title:
     ax.set_yticks(y, [f"{name} (n={int(v['support'])})" for name, v in items])
     ax.set_xlim(0.0, 1.1)
     ax.set_xlabel("F1")
-    ax.set_title(title, fontsize="medium")
+    fig.suptitle(title, fontsize="medium")  # centred on the figure, which fits it
     ax.grid(axis="x", alpha=0.3)
     fig.savefig(path)
     return path
