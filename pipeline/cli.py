@@ -462,8 +462,13 @@ def compare_parser(prog: str = "compare.py") -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=100, help="dense head: maximum epochs")
     p.add_argument("--scratch-epochs", type=int, default=50,
                    help="scratch convnet: maximum epochs")
+    p.add_argument("--class-weight", choices=["none", "balanced"], default="none",
+                   help="balanced: weight classes inversely to their frequency, in every "
+                   "head but knn, as fit_head (default: none)")
     p.add_argument("--out", default=None,
-                   help="report folder (default: reports/compare-<timestamp>)")
+                   help="report folder (default: reports/compare-<timestamp>); finished fits "
+                   "are kept beside it until the report is written, so the same command "
+                   "run again after Ctrl-C continues")
     p.add_argument("--history-file", default="reports/history.jsonl",
                    help="one JSON line per run is appended here (default: reports/history.jsonl)")
     p.add_argument("--history", action="store_true",
@@ -744,6 +749,7 @@ def compare_main(argv: Sequence[str] | None = None, prog: str | None = None) -> 
     options = vars(args)
     show_history = options.pop("history")
     options["heads"] = [h.strip() for h in args.heads.split(",") if h.strip()]
+    options["class_weight"] = None if args.class_weight == "none" else args.class_weight
     if not show_history and not args.caches:
         print(parser.short_usage(), file=sys.stderr)
         print("error: give at least one CACHE.h5 (or --history to list past runs)",

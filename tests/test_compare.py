@@ -13,16 +13,18 @@ from helpers_fit import CLASS_NAMES, attrs_for, blobs, make_cache
 from sklearn.model_selection import GridSearchCV, StratifiedKFold, cross_val_score
 from sklearn.neighbors import KNeighborsClassifier
 
-from pipeline.cache import CacheWriter
+from pipeline.cache import CacheWriter, read_attrs
 from pipeline.cli import compare_main
 from pipeline.compare import (
     SCRATCH_HEAD,
     CompareConfig,
+    cache_labels,
     choose,
     make_folds,
     param_grid,
     run_compare,
 )
+from pipeline.compare.report import accuracy_figure
 from pipeline.heads import HEADS, head_name, make_head
 
 
@@ -33,9 +35,9 @@ def noisy_blobs(n_per_class: int, n_classes: int = 3, noise: float = 3.0, seed: 
     return X, y
 
 
-def write_cache(path, X, y, paths, *, split=None, base="dummy"):
-    """A cache with chosen paths, row order and base name."""
-    attrs = {**attrs_for(CLASS_NAMES[: int(np.max(y)) + 1]), "base": base}
+def write_cache(path, X, y, paths, *, split=None, base="dummy", attrs=None):
+    """A cache with chosen paths, row order, base name and other attributes."""
+    attrs = {**attrs_for(CLASS_NAMES[: int(np.max(y)) + 1]), "base": base, **(attrs or {})}
     writer = CacheWriter.create(path, attrs=attrs, feature_shape=X.shape[1:], dtype="float32")
     writer.append(X, y, list(paths), list(split) if split is not None else [""] * len(y))
     return writer.finish()
@@ -81,6 +83,7 @@ def test_logreg_equals_sklearn_cross_val_score(tmp_path):
     assert fold_accuracies(results, "logreg") == expected.tolist()
     assert result.leaderboard[0]["accuracy_mean"] == expected.mean()
     assert result.leaderboard[0]["accuracy_std"] == expected.std()
+    assert "(5-fold stratified cross-validation on all 90 rows)" in result.summary()
 
 
 def test_sweep_chooses_what_grid_search_chooses(tmp_path):
@@ -175,9 +178,10 @@ def test_different_image_sets_are_refused_naming_the_difference(tmp_path, capsys
     assert err[-1].startswith("error: ") and "Traceback" not in "\n".join(err)
 
 
-def test_recorded_test_split_is_scored_once_and_never_chooses(tmp_path):
+@pytest.mark.parametrize("parts", [("train", "validation", "test"), ("train", "train", "test")])
+def test_recorded_test_split_is_scored_once_and_never_chooses(tmp_path, parts):
     X, y = noisy_blobs(30, seed=5)
-    split = np.array(["train", "validation", "test"])[np.arange(len(y)) % 3]
+    split = np.array(parts)[np.arange(len(y)) % 3]
     paths = default_paths(y)
     clean = write_cache(tmp_path / "clean.h5", X, y, paths, split=split)
     # The same cache with the test rows' features destroyed: if they took any part in
@@ -191,7 +195,8 @@ def test_recorded_test_split_is_scored_once_and_never_chooses(tmp_path):
 
     n_test = int(np.sum(split == "test"))
     assert good["n_test"] == n_test and good["n_pool"] == len(y) - n_test
-    assert sum(good["folds"]["sizes"]) == good["n_pool"]
+    # Scored: the recorded validation rows, else every non-test row by cross-validation.
+    assert sum(good["folds"]["sizes"]) == (np.sum(split == "validation") or good["n_pool"])
     test_paths = {p for p, s in zip(paths, split, strict=True) if s == "test"}
     assert not test_paths & set(good["folds"]["pool_paths"])
     for head in kwargs["heads"]:
@@ -202,6 +207,64 @@ def test_recorded_test_split_is_scored_once_and_never_chooses(tmp_path):
         assert g["test"]["accuracy"] > b["test"]["accuracy"], head
     row = good["leaderboard"][0]
     assert row["test_accuracy"] == pair(good, row["head"])["test"]["accuracy"]
+
+
+@pytest.fixture(scope="module")
+def split_cache(tmp_path_factory):
+    """Noisy blobs with a recorded train/validation split (as extract records it)."""
+    tmp = tmp_path_factory.mktemp("split")
+    X, y = noisy_blobs(40, seed=11)
+    split = np.where(np.random.default_rng(3).random(len(y)) < 0.3, "validation", "train")
+    return write_cache(tmp / "split.h5", X, y, default_paths(y), split=split), split
+
+
+@pytest.mark.parametrize("class_weight", [None, "balanced"])
+def test_a_recorded_split_scores_as_fit_head_does(tmp_path, split_cache, class_weight):
+    """compare and fit_head report the same validation accuracy for the same head."""
+    from pipeline.fit import FitConfig, run_fit
+
+    cache, split = split_cache
+    heads = ["logreg", "linear-svm", "svm", "knn"]
+    result, results = compare(tmp_path, [cache], heads=heads, class_weight=class_weight)
+    n_val = int(np.sum(split == "validation"))
+    assert results["protocol_kind"] == "validation" and results["folds"]["sizes"] == [n_val]
+    for head in heads:
+        _, metrics = run_fit(FitConfig(str(cache), head=head, out=str(tmp_path / head),
+                                       class_weight=class_weight))
+        entry = pair(results, head)
+        assert metrics["n_val"] == n_val == entry["folds"][0]["n_val"]
+        assert entry["accuracy_mean"] == pytest.approx(metrics["accuracy"], abs=1e-12), head
+        assert entry["out_of_fold"]["confusion_matrix"] == metrics["confusion_matrix"], head
+    accuracies = {pair(results, h)["accuracy_mean"] for h in heads}
+    assert len(accuracies) > 1 and max(accuracies) < 1.0  # not trivial
+    protocol = f"validation split recorded at extract: fitted on the {len(split) - n_val} " \
+               f"train rows, scored on the {n_val} validation rows"
+    assert protocol in result.summary()
+    assert protocol in (result.out_dir / "report.html").read_text().lower()
+    assert f"class weight</th><td>{class_weight or 'none'}<" in (
+        result.out_dir / "report.html").read_text()
+    from pipeline.compare.history import format_history, read_history
+
+    history = read_history(tmp_path / "history.jsonl")
+    assert history[-1]["protocol"] == "validation"
+    assert "| split |" in format_history(history)
+
+
+def test_class_weight_reaches_the_heads_and_is_checked(tmp_path, capsys):
+    X, y = noisy_blobs(30, seed=12)
+    keep = np.concatenate([np.flatnonzero(y != 2), np.flatnonzero(y == 2)[:6]])  # owl: rare
+    cache = write_cache(tmp_path / "c.h5", X[keep], y[keep], np.asarray(default_paths(y))[keep])
+    _, plain = compare(tmp_path, [cache], "plain", heads=["logreg"], cv=3)
+    _, balanced = compare(tmp_path, [cache], "balanced", heads=["logreg"], cv=3,
+                          class_weight="balanced")
+    assert balanced["config"]["class_weight"] == "balanced"
+    assert (pair(plain, "logreg")["out_of_fold"]["confusion_matrix"]
+            != pair(balanced, "logreg")["out_of_fold"]["confusion_matrix"])
+    with pytest.raises(SystemExit, match="2"):
+        compare_main([str(cache), "--class-weight", "heavy"])
+    assert "invalid choice: 'heavy'" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="Received: --class-weight=heavy"):
+        compare(tmp_path, [cache], "x", class_weight="heavy")
 
 
 # --- skipping, errors ----------------------------------------------------------------------
@@ -254,7 +317,8 @@ def test_bad_arguments_say_what_was_received(tmp_path, kwargs, message):
 
 def test_report_files_and_plots(tmp_path):
     X, y = noisy_blobs(20, seed=7)
-    cache = make_cache(tmp_path / "c.h5", X, y)
+    cache = write_cache(tmp_path / "c.h5", X, y, default_paths(y),
+                        attrs={"data_dir": "/data/pets"})
     result, results = compare(tmp_path, [cache], cv=3, heads=["logreg", "knn", "svm"])
     out = tmp_path / "report"
     assert result.out_dir == out
@@ -272,9 +336,30 @@ def test_report_files_and_plots(tmp_path):
         assert int(r["model_bytes"]) > 0 and float(r["predict_ms_per_image"]) > 0
         assert float(r["fit_seconds"]) > 0 and r["params"]
     md = (out / "leaderboard.md").read_text()
-    assert "| # | base" in md and "n_neighbors=5" in md and "C=1, gamma=scale" in md
+    assert "| # | features" in md and "n_neighbors=5" in md and "C=1, gamma=scale" in md
     assert results["config"]["heads"] == ["logreg", "knn", "svm"]
     assert len(pair(results, "svm")["folds"]) == 3
+    # The run's settings: the cache's (from its attributes) and the run's own.
+    settings = html[html.index("<h2>Settings</h2>"):]
+    for text in ("<td>dummy</td><td>top</td><td>avg</td><td>32x32</td><td>none</td>",
+                 f"<td>/data/pets</td><td>60</td><td>3</td><td>{read_attrs(cache)['created']}</td>",
+                 "<th>heads</th><td>logreg, knn, svm</td>", "<th>folds</th><td>3</td>",
+                 "<th>seed</th><td>0</td>", "<th>class weight</th><td>none</td>",
+                 f"<th>run started</th><td>{results['started']}</td>",
+                 "3-fold stratified cross-validation on all 60 rows"):
+        assert text in settings, text
+    # A confusion matrix for every pair, each from its own predictions.
+    boxes = html.split("<details><summary>#")[1:]
+    assert len(boxes) == 3
+    for box, row in zip(boxes, result.leaderboard, strict=True):
+        assert box.startswith(f"{row['rank']} dummy top avg 32px / {row['head']}: accuracy")
+        cm = pair(results, row["head"])["out_of_fold"]["confusion_matrix"]
+        cells = [int(c) for c in re.findall(r'<td class="num"[^>]*>(\d+)</td>',
+                                            box.split("</details>")[0])]
+        assert cells == [n for line in cm for n in line]
+    assert len({json.dumps(pair(results, h)["out_of_fold"]["confusion_matrix"])
+                for h in ("logreg", "knn", "svm")}) > 1, "the pairs differ"
+    assert "choosing" not in html + md
 
 
 def test_history_appends_a_line_per_run_and_prints(tmp_path, capsys):
@@ -288,11 +373,11 @@ def test_history_appends_a_line_per_run_and_prints(tmp_path, capsys):
     assert len(lines) == 2
     first, second = (json.loads(line) for line in lines)
     assert first["out"].endswith("run1") and second["out"].endswith("run2")
-    assert second["best"] == "dummy / knn" and second["cv"] == 3
+    assert second["best"] == "dummy top avg 32px / knn" and second["cv"] == 3
     assert compare_main(["--history", "--history-file", str(history)]) == 0
     table = capsys.readouterr().out.strip().splitlines()
     assert table[0].startswith("| time") and len(table) == 4
-    assert "run1" in table[2] and "dummy / knn" in table[3]
+    assert "run1" in table[2] and "dummy top avg 32px / knn" in table[3]
 
 
 def test_scratch_row_on_the_cached_images(tmp_path, probe_model, capsys):
@@ -313,7 +398,7 @@ def test_scratch_row_on_the_cached_images(tmp_path, probe_model, capsys):
     assert pair(results, SCRATCH_HEAD)["status"] == "skipped"
     assert "1 of 30 cached images cannot be read" in pair(results, SCRATCH_HEAD)["reason"]
     assert [row["head"] for row in result.leaderboard] == ["logreg"]
-    assert "skipped scratch / convnet" in capsys.readouterr().err
+    assert "skipped scratch images 8px / convnet" in capsys.readouterr().err
 
 
 # --- small pure pieces ---------------------------------------------------------------------
@@ -344,7 +429,7 @@ def test_folds_choose_and_grid_errors():
     labels = np.array([0] * 6 + [1] * 4)
     folds = make_folds(labels, 2, 0)
     assert sorted(np.concatenate([val for _, val in folds]).tolist()) == list(range(10))
-    with pytest.raises(ValueError, match=r"class 'dog' has only 4 choosing row\(s\).*cv=5"):
+    with pytest.raises(ValueError, match=r"only 4 row\(s\) to cross-validate.*cv=5"):
         make_folds(labels, 5, 0, class_names=["cat", "dog"])
     with pytest.raises(ValueError, match="at least two"):
         make_folds(np.zeros(6, dtype=int), 2, 0)
@@ -382,3 +467,134 @@ def test_layers_side_by_side_on_the_same_rows_and_folds(tmp_path):
     assert "depth.png" in (result.out_dir / "report.html").read_text()
     with pytest.raises(ValueError, match="Received: layers='block_9_add'"):
         compare(tmp_path, [cache], name="x", heads=["logreg"], cv=3, layers="block_9_add")
+
+
+def test_labels_tell_every_cache_apart():
+    attrs = {"base": "MobileNetV2", "layer": "block_13_expand_relu", "pooling": "avg",
+             "input_size": [96, 96], "weights": "imagenet"}
+    assert cache_labels(["a.h5"], [attrs]) == ["MobileNetV2 block_13_expand_relu avg 96px"]
+    other_size = {**attrs, "input_size": [128, 160]}
+    other_weights = {**attrs, "weights": "none"}
+    labels = cache_labels(["a.h5", "b.h5", "c.h5", "d.h5", "d.h5"],
+                          [attrs, other_size, other_weights, attrs, attrs])
+    assert len(set(labels)) == 5, labels
+    assert labels[1] == "MobileNetV2 block_13_expand_relu avg 128x160px"
+    # Only the caches that would share a name get more words: weights, file, position.
+    assert labels[0] == "MobileNetV2 block_13_expand_relu avg 96px imagenet (a.h5)"
+    assert labels[2] == "MobileNetV2 block_13_expand_relu avg 96px random"
+    assert labels[3:] == [f"MobileNetV2 block_13_expand_relu avg 96px imagenet (d.h5) #{i}"
+                          for i in (4, 5)]
+    # A word they all share (the same weights) tells nothing apart: the file name does.
+    assert cache_labels(["x.h5", "y.h5"], [attrs, attrs]) == [
+        "MobileNetV2 block_13_expand_relu avg 96px (x.h5)",
+        "MobileNetV2 block_13_expand_relu avg 96px (y.h5)"]
+    for base, name in (("file:my_net.keras", "my_net.keras"),  # as extract records them
+                       ("hub:hf://keras/dinov2_small", "dinov2_small"),
+                       ("hub:dinov2_with_registers_small", "dinov2_with_registers_small")):
+        assert cache_labels(["m.h5"], [{"base": base, "layer": "conv3", "pooling": "max",
+                                        "input_size": [64, 64], "weights": "saved"}]) == [
+            f"{name} conv3 max 64px"]
+
+
+def _extents(fig):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    FigureCanvasAgg(fig).draw()
+    return fig.canvas.get_renderer()
+
+
+@pytest.mark.parametrize("means", [[0.991, 0.97, 0.962, 0.93], [0.9, 0.6, 0.35, 0.05]])
+def test_accuracy_plot_keeps_labels_whole_and_values_readable(means):
+    long = "EfficientNetV2B3 block6a_expand_activation cls+mean 300x260px imagenet (a.h5)"
+    rows = [{"label": label, "head": head, "accuracy_mean": m, "accuracy_std": 0.012,
+             "test_accuracy": m - 0.2 * (i == 1) - 0.01 if i % 2 else None}
+            for i, (label, head, m) in enumerate(zip(
+                [long, "VGG16 block5_pool avg 224px", long + " #2", "x"],
+                ["logreg", "linear-svm", "dense", "knn"], means, strict=True))]
+    fig = accuracy_figure(rows, folds=5)
+    renderer = _extents(fig)
+    ax = fig.axes[0]
+    page = fig.bbox
+    ticks = [t for t in ax.get_yticklabels() if t.get_text()]
+    assert [t.get_text() for t in ticks] == [f"{r['label']} / {r['head']}" for r in rows]
+    for t in ticks:  # never clipped: every label lies inside the figure
+        box = t.get_window_extent(renderer)
+        assert box.x0 >= page.x0 and box.x1 <= page.x1, t.get_text()
+    values = [t for t in ax.texts]
+    assert [t.get_text().split()[0] for t in values] == [f"{m:.4f}" for m in means]
+    boxes = [t.get_window_extent(renderer) for t in values]
+    for i, box in enumerate(boxes):
+        assert box.x0 > ax.bbox.x1 and box.x1 <= page.x1  # beside the bars, on the page
+        assert not any(box.overlaps(other) for other in boxes[i + 1:])
+    low = ax.get_xlim()[0]
+    assert all(r["test_accuracy"] > low for r in rows if r["test_accuracy"] is not None)
+    note = f"the axis starts at {low:.2f}, not at 0"
+    assert (note in ax.get_xlabel()) == (low > 0)
+    assert (low > 0) == (min(means) > 0.1)
+
+
+def _scores(results):
+    """Everything a run measured except how long it took: what a resumed run must repeat."""
+    timing = {"fit_seconds", "predict_ms_per_image", "model_bytes"}
+
+    def strip(value):
+        if isinstance(value, dict):
+            return {k: strip(v) for k, v in value.items() if k not in timing}
+        if isinstance(value, list):
+            return [strip(v) for v in value]
+        return value
+
+    return strip(results["pairs"]), strip(results["leaderboard"])
+
+
+def test_a_stopped_run_continues_without_redoing_finished_fits(tmp_path, monkeypatch, capsys):
+    import pipeline.compare.fits as fits
+
+    X, y = noisy_blobs(15, seed=13)
+    split = np.array(["train", "train", "test"])[np.arange(len(y)) % 3]  # folds + a test refit
+    cache = write_cache(tmp_path / "c.h5", X, y, default_paths(y), split=split)
+    _, whole = compare(tmp_path, [cache], "whole", heads=["logreg"], cv=3, sweep=True)
+    real, calls = fits.fit_and_predict, []
+
+    def fit_until(stop_after):
+        def fit(*args, **kwargs):
+            if len(calls) == stop_after:
+                raise KeyboardInterrupt  # Ctrl-C in the middle of the run
+            calls.append(1)
+            return real(*args, **kwargs)
+
+        calls.clear()
+        monkeypatch.setattr(fits, "fit_and_predict", fit)
+
+    argv = [str(cache), "--heads", "logreg", "--cv", "3", "--sweep", "--out",
+            str(tmp_path / "run"), "--history-file", str(tmp_path / "history.jsonl")]
+    total = 3 * 5 + 1  # folds x logreg's 5 grid points + the test refit
+    fit_until(7)
+    assert compare_main(argv) == 130
+    stores = list(tmp_path.glob("compare-unfinished-*.jsonl"))
+    assert len(stores) == 1 and len(stores[0].read_text().splitlines()) == 7
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"compare: interrupted by Ctrl-C; 7 of {total} fits kept in {stores[0]}: run the "
+        "same command again to continue from there.")
+    assert not (tmp_path / "run").exists()
+
+    # Other settings never reuse them: everything is fitted again.
+    fit_until(None)
+    assert compare_main([*argv, "--class-weight", "balanced"]) == 0
+    assert len(calls) == total
+
+    # The same command continues: only the missing fits run, and a line cut short by a
+    # kill is passed over (and the lines after it stay whole). The report equals the
+    # uninterrupted run's.
+    with open(stores[0], "a") as f:
+        f.write('{"key": "cut sh')
+    fit_until(3)
+    assert compare_main(argv) == 130
+    assert f"; 10 of {total} fits kept in" in capsys.readouterr().err
+    fit_until(None)
+    assert compare_main(argv) == 0
+    assert len(calls) == total - 10
+    assert "(10 fits kept from a stopped run)" in capsys.readouterr().out
+    resumed = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert _scores(resumed) == _scores(whole)
+    assert not list(tmp_path.glob("compare-unfinished-*.jsonl")), "removed once the report is out"

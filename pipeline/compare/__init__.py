@@ -4,10 +4,12 @@ The modules, in the order a run uses them:
 
 - ``config``: ``CompareConfig`` (what was asked, checked before any file is read),
   ``CompareResult``, the default report folder;
-- ``decisions``: small pure decisions (which rows choose and which test, how caches of
-  the same images line up, folds, grids, pairs, the chosen grid point, the ranking);
+- ``decisions``: small pure decisions (which rows are fitted and scored, by which
+  protocol; how caches of the same images line up and what each is called; folds, grids,
+  pairs, the chosen grid point, the ranking);
 - ``data``: caches read and aligned by path, their features, the scratch row's images;
 - ``fits``: one fit (a fresh seeded head, fit, predict) and the joblib loop over them;
+- ``store``: finished fits kept on disk, so a stopped run continues where it stopped;
 - ``report``: the leaderboard (CSV, Markdown), plots and ``report.html`` of one run;
 - ``history``: one JSON line per run, and the table ``compare.py --history`` prints;
 - ``run``: ``run_compare``, the protocol as a list of named steps.
@@ -28,12 +30,13 @@ _HOMES = {
     "ScratchConvnet": "pipeline.heads.convnet",
     "build_estimator": "pipeline.compare.fits",
     "cache_entries": "pipeline.compare.data",
+    "cache_labels": "pipeline.compare.decisions",
     "choose": "pipeline.compare.decisions",
-    "choosing_rows": "pipeline.compare.decisions",
     "fit_and_predict": "pipeline.compare.fits",
     "make_folds": "pipeline.compare.decisions",
     "match_caches": "pipeline.compare.decisions",
     "param_grid": "pipeline.compare.decisions",
+    "plan_rows": "pipeline.compare.decisions",
     "run_compare": "pipeline.compare.run",
 }
 

@@ -40,6 +40,7 @@ class CompareConfig:
     layers: str | None = None  # "a,b" or "all": stored layers side by side, as bases are
     epochs: int = 100  # dense head: maximum epochs (early stopping decides)
     scratch_epochs: int = 50  # scratch convnet: maximum epochs (early stopping decides)
+    class_weight: str | None = None  # "balanced": every head that weights classes (not knn)
 
 
 @dataclass
@@ -53,6 +54,8 @@ class CompareResult:
     n_test: int
     outputs: dict[str, Path]
     seconds: float
+    protocol: str = ""  # which rows were fitted and scored, in plain words
+    n_reused: int = 0  # fits a stopped run had kept, not fitted again
 
     def summary(self) -> str:
         """One line: what happened and where the outputs are."""
@@ -61,20 +64,24 @@ class CompareResult:
             if len(reasons) == 1:  # e.g. the pool cannot be folded: say it once
                 why = f"every pair: {reasons.pop()}"
             else:
-                why = "; ".join(f"{s['base']} / {s['head']}: {s['reason']}" for s in self.skipped)
+                why = "; ".join(f"{s['label']} / {s['head']}: {s['reason']}" for s in self.skipped)
             return f"compare: nothing could run ({why}). Report in {self.out_dir}/"
         best = self.leaderboard[0]
         test = (
-            f", test {best['test_accuracy']:.4f} on {self.n_test} rows"
+            f", test {best['test_accuracy']:.4f}"
             if best.get("test_accuracy") is not None
             else ""
         )
         skipped = f", {len(self.skipped)} skipped" if self.skipped else ""
+        reused = (f" ({self.n_reused} fits kept from a stopped run)" if self.n_reused else "")
+        accuracy = f"{best['accuracy_mean']:.4f}"
+        if best["n_folds"] > 1:
+            accuracy += f" ± {best['accuracy_std']:.4f}"
         return (
-            f"compare: done in {self.seconds:.0f} s. {len(self.leaderboard)} pairs scored"
-            f"{skipped} on {self.n_pool} rows; best {best['base']} / {best['head']} "
-            f"({best['params'] or 'defaults'}): accuracy {best['accuracy_mean']:.4f} ± "
-            f"{best['accuracy_std']:.4f}{test}. Leaderboard and report.html in {self.out_dir}/"
+            f"compare: done in {self.seconds:.0f} s{reused}. {len(self.leaderboard)} pairs "
+            f"scored{skipped} ({self.protocol}). Best {best['label']} / {best['head']} "
+            f"({best['params'] or 'defaults'}): accuracy {accuracy}{test}. "
+            f"Leaderboard and report.html in {self.out_dir}/"
         )
 
 
@@ -86,7 +93,7 @@ def check_config(config: CompareConfig) -> None:
 
     Raises:
         ValueError: no cache, an unknown or repeated head, or a bad ``cv``, ``n_jobs``,
-            ``epochs`` or ``scratch_epochs``.
+            ``epochs``, ``scratch_epochs`` or ``class_weight``.
         FileNotFoundError: a cache or the scratch folder does not exist.
     """
     if not config.caches:
@@ -108,6 +115,11 @@ def check_config(config: CompareConfig) -> None:
         value = getattr(config, name)
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"`{name}` must be an integer >= 1. Received: {name}={value!r}")
+    if config.class_weight not in (None, "balanced"):
+        raise ValueError(
+            "`--class-weight` must be none or balanced. "
+            f"Received: --class-weight={config.class_weight}"
+        )
     for path in config.caches:
         if not Path(path).is_file():
             raise FileNotFoundError(f"Cache file not found. Received: cache={path}")

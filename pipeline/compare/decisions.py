@@ -1,10 +1,11 @@
 """The small pure decisions of a compare run: grids, rows, folds, pairs, the chosen point, ranks.
 
 Each is a function of its arguments alone (no files, no fitting), so each can be tested on
-its own: which rows choose and which test (:func:`choosing_rows`), how caches of the same
-images line up (:func:`match_caches`), the folds (:func:`make_folds`), what is swept
-(:func:`param_grid`), which pairs run or are skipped (:func:`make_pairs`), which grid point
-wins (:func:`choose`) and the leaderboard's order (:func:`leaderboard`).
+its own: which rows are fitted and scored, by which protocol (:func:`plan_rows`), how caches
+of the same images line up (:func:`match_caches`) and what each is called
+(:func:`cache_labels`), the folds (:func:`make_folds`), what is swept (:func:`param_grid`),
+which pairs run or are skipped (:func:`make_pairs`), which grid point wins (:func:`choose`)
+and the leaderboard's order (:func:`leaderboard`).
 """
 
 from __future__ import annotations
@@ -23,14 +24,16 @@ from pipeline.heads import HEADS
 
 __all__ = [
     "Pair",
+    "RowPlan",
+    "cache_labels",
     "choose",
-    "choosing_rows",
     "fold_of",
     "leaderboard",
     "make_folds",
     "make_pairs",
     "match_caches",
     "param_grid",
+    "plan_rows",
 ]
 
 _SPLITS = ("train", "validation", "test", "")
@@ -82,26 +85,100 @@ def param_grid(head: str, n_features: int) -> list[dict[str, Any]]:
     )
 
 
-def choosing_rows(split: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-    """Split rows into the choosing pool (train, validation, "") and the test rows.
+@dataclass
+class RowPlan:
+    """Which rows a compare run fits and scores, and how (the protocol).
+
+    ``protocol`` is ``"validation"`` when the caches record a train/validation split (the
+    heads are fitted on the train rows and scored on the validation rows, as fit_head
+    does) or ``"cv"`` (stratified K-fold cross-validation over every non-test row).
+    Either way ``folds`` holds ``(fit_positions, scored_positions)`` into ``pool``: one
+    pair for the recorded split, K for cross-validation, none when the rows cannot be
+    split (``problem`` says why).
+    """
+
+    protocol: str
+    pool: np.ndarray  # every non-test row, sorted: the rows fitted and scored
+    test: np.ndarray  # the recorded test rows, sorted: scored once at the end
+    folds: list[tuple[np.ndarray, np.ndarray]]
+    cv: int  # folds asked for (cross-validation); 1 for the recorded split
+    problem: str | None = None
+
+    def describe(self) -> str:
+        """The protocol in plain words, e.g. "5-fold stratified cross-validation on all
+        896 rows" or "validation split recorded at extract: fitted on the 717 train rows,
+        scored on the 179 validation rows"."""
+        if self.protocol == "validation":
+            fit, val = self.folds[0]
+            text = (f"validation split recorded at extract: fitted on the {len(fit)} train "
+                    f"rows, scored on the {len(val)} validation rows")
+            pool = "train and validation"
+        else:
+            pool = "non-test" if self.test.size else ""
+            text = (f"{self.cv}-fold stratified cross-validation on all {self.pool.size} "
+                    + (f"{pool} rows" if pool else "rows"))
+        if self.test.size:
+            text += (f"; the {self.test.size} test rows scored once by a refit on all "
+                     f"{self.pool.size} {pool} rows")
+        return text
+
+
+def plan_rows(
+    split: Sequence[str],
+    labels: np.ndarray,
+    *,
+    cv: int,
+    seed: int,
+    class_names: Sequence[str] | None = None,
+) -> RowPlan:
+    """The rows to fit and score, by the split the cache records.
+
+    With recorded ``train`` and ``validation`` rows the heads are scored on the validation
+    rows exactly as fit_head scores them (the rows come from :func:`pipeline.fit.split_rows`,
+    fit_head's own choice), so the two commands report the same accuracy. Otherwise every
+    non-test row is cross-validated with :func:`make_folds`. Recorded ``test`` rows are
+    held out either way.
 
     Args:
         split: the cache's per-row split names.
+        labels: the per-row integer labels.
+        cv: folds when cross-validating.
+        seed: the folds' shuffle.
+        class_names: names for ``labels``, used in messages.
 
     Returns:
-        ``(pool_rows, test_rows)``, each sorted.
+        The :class:`RowPlan`; its ``problem`` says why the rows cannot be split (one class,
+        a class with fewer rows than folds), which skips every pair.
 
     Raises:
-        ValueError: a split name other than train, validation, test or "".
+        ValueError: a split name other than train, validation, test or "", or a cache
+            mixing rows with and without a recorded split.
     """
+    from pipeline.fit import split_rows
+
     split = np.asarray(split).astype(str)
+    labels = np.asarray(labels)
     unknown = sorted(set(np.unique(split).tolist()) - set(_SPLITS))
     if unknown:
         raise ValueError(
             f"Unknown split names in the cache. Expected {_SPLITS}. Received: {unknown}"
         )
-    is_test = split == "test"
-    return np.flatnonzero(~is_test), np.flatnonzero(is_test)
+    if {"train", "validation"} <= set(split.tolist()):
+        # val_split is not used when validation rows are recorded.
+        train, val, test = split_rows(split, labels, 0.5, seed, class_names=class_names)
+        pool = np.union1d(train, val)
+        folds = [(np.searchsorted(pool, train), np.searchsorted(pool, val))]
+        problem = None
+        if np.unique(labels[train]).size < 2:
+            problem = ("the recorded train rows hold only one class; a classifier needs "
+                       "at least two")
+        return RowPlan("validation", pool, test, folds, 1, problem)
+    pool, test = np.flatnonzero(split != "test"), np.flatnonzero(split == "test")
+    try:
+        folds, problem = make_folds(labels[pool], cv, seed, class_names=class_names), None
+    except ValueError as exc:
+        folds, problem = [], str(exc)
+    return RowPlan("cv", pool, test, folds, cv, problem)
 
 
 def make_folds(
@@ -111,14 +188,14 @@ def make_folds(
     *,
     class_names: Sequence[str] | None = None,
 ) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Stratified, shuffled, seeded K-fold split of the choosing pool.
+    """Stratified, shuffled, seeded K-fold split of the rows to cross-validate.
 
     Exactly ``StratifiedKFold(cv, shuffle=True, random_state=seed).split`` (so a user can
     reproduce any fold with scikit-learn), after checking what it would reject or warn
     about, so the message says what to change.
 
     Args:
-        labels: integer labels of the pool rows.
+        labels: integer labels of the rows to cross-validate.
         cv: number of folds, >= 2.
         seed: the shuffle's random state.
         class_names: optional names for ``labels``, used in messages.
@@ -136,14 +213,14 @@ def make_folds(
     if values.size < 2:
         found = name(int(values[0])) if values.size else "none"
         raise ValueError(
-            f"The choosing rows hold {values.size} class(es) ({found}); a classifier needs "
-            "at least two."
+            f"The rows to cross-validate hold {values.size} class(es) ({found}); a "
+            "classifier needs at least two."
         )
     if counts.min() < cv:
         small = int(values[np.argmin(counts)])
         raise ValueError(
             f"Cannot make {cv} stratified folds: class {name(small)} has only "
-            f"{counts.min()} choosing row(s) and every class needs at least {cv}. Use "
+            f"{counts.min()} row(s) to cross-validate and every class needs at least {cv}. Use "
             f"fewer folds or add images. Received: cv={cv}"
         )
     folds = StratifiedKFold(n_splits=cv, shuffle=True, random_state=seed)
@@ -231,6 +308,69 @@ def _some(paths: Sequence[str]) -> str:
 
 
 
+def _size_text(size: Any) -> str:
+    """``[96, 96]`` -> ``96px``; ``[96, 128]`` -> ``96x128px``; unknown -> ``?px``."""
+    try:
+        h, w = (int(v) for v in size)
+    except (TypeError, ValueError):
+        return "?px"
+    return f"{h}px" if h == w else f"{h}x{w}px"
+
+
+def _base_text(base: Any) -> str:
+    """The base as a label part: ``MobileNetV2``; a saved model's file name (recorded as
+    ``file:NAME``); a keras-hub preset's name (``hub:<handle or folder>``)."""
+    text = str(base or "?")
+    for prefix in ("file:", "hub:"):
+        text = text.removeprefix(prefix)
+    return Path(text).name or text
+
+
+def _weights_text(weights: Any) -> str:
+    """The weights as a label part: ``imagenet``, ``random`` or the weights file's name."""
+    text = str(weights or "?")
+    return "random" if text == "none" else Path(text).name
+
+
+def cache_labels(paths: Sequence[str], attrs: Sequence[dict[str, Any]]) -> list[str]:
+    """A short name per compared cache that tells it from every other one.
+
+    Always base + layer + pooling + input size (``MobileNetV2 block_13_expand_relu avg
+    96px``); caches that would still share a name get their weights added where these
+    differ, else their file name, else their position, so two compared caches never share
+    a label.
+
+    Args:
+        paths: the cache files, one per compared entry (a file may repeat, one per layer).
+        attrs: each entry's cache attributes (of the layer it reads).
+
+    Returns:
+        One label per entry, all different.
+    """
+    labels = [
+        " ".join([_base_text(a.get("base")),
+                  str(a.get("layer") or "?"),
+                  str(a.get("pooling") or "?"), _size_text(a.get("input_size"))])
+        for a in attrs
+    ]
+    extras = (
+        lambda i: _weights_text(attrs[i].get("weights")),
+        lambda i: f"({Path(paths[i]).name})",
+        lambda i: f"#{i + 1}",
+    )
+    for extra in extras:
+        groups: dict[str, list[int]] = {}
+        for i, label in enumerate(labels):
+            groups.setdefault(label, []).append(i)
+        for members in groups.values():
+            words = [extra(i) for i in members]
+            # A word all of them share would tell nothing apart: the next one is tried.
+            if len(members) > 1 and (len(set(words)) > 1 or extra is extras[-1]):
+                for i, word in zip(members, words, strict=True):
+                    labels[i] = f"{labels[i]} {word}"
+    return labels
+
+
 @dataclass
 class Pair:
     """One leaderboard candidate: the data it reads and the head it fits."""
@@ -241,6 +381,7 @@ class Pair:
     data: int  # index into the list of aligned feature (or image) arrays
     skip: str | None = None
     grid: list[dict[str, Any]] = field(default_factory=list)
+    label: str = ""  # what the report calls its features (:func:`cache_labels`)
 
 
 def make_pairs(
@@ -266,12 +407,15 @@ def make_pairs(
         The pairs in leaderboard-candidate order: each cache's heads, then the scratch row.
     """
     pairs = []
+    labels = cache_labels([path for path, _ in entries], [c.attrs for c in caches])
     for i, ((path, layer), cache) in enumerate(zip(entries, caches, strict=True)):
         base = Path(str(cache.attrs.get("base", "?"))).name + (f" @ {layer}" if layer else "")
-        pairs += [Pair(path, base, head, i, data_skips[i]) for head in config.heads]
+        pairs += [Pair(path, base, head, i, data_skips[i], label=labels[i])
+                  for head in config.heads]
     if config.scratch is not None:
+        size = _size_text(caches[0].attrs.get("input_size"))
         pairs.append(Pair(config.scratch, "scratch", SCRATCH_HEAD, len(caches),
-                          data_skips[len(caches)]))
+                          data_skips[len(caches)], label=f"scratch images {size}"))
     for pair in pairs:
         pair.skip = pair.skip or fold_problem
         pair.grid = param_grid(pair.head, n_features[pair.data]) if config.sweep else [{}]
@@ -295,6 +439,7 @@ def leaderboard(pair_results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         rows.append({
             "cache": r["cache"],
             "base": r["base"],
+            "label": r["label"],
             "head": r["head"],
             "params": r["params_shown"],
             "accuracy_mean": r["accuracy_mean"],

@@ -21,6 +21,7 @@ from sklearn.exceptions import ConvergenceWarning
 
 from pipeline.compare.config import SCRATCH_HEAD, CompareConfig
 from pipeline.compare.decisions import Pair
+from pipeline.compare.store import FitStore
 from pipeline.heads import DenseHead, make_head, save_head
 from pipeline.heads.convnet import ScratchConvnet
 from pipeline.progress import Progress
@@ -34,7 +35,13 @@ FitTask = tuple[int, int, int | None, np.ndarray, np.ndarray]
 
 
 def build_estimator(
-    head: str, params: dict[str, Any], *, seed: int, epochs: int, scratch_epochs: int
+    head: str,
+    params: dict[str, Any],
+    *,
+    seed: int,
+    epochs: int,
+    scratch_epochs: int,
+    class_weight: str | None = None,
 ) -> BaseEstimator:
     """An unfitted head (or the scratch convnet) with ``params`` set.
 
@@ -45,6 +52,8 @@ def build_estimator(
             result does not depend on which process ran it).
         epochs: maximum epochs of the dense head.
         scratch_epochs: maximum epochs of the scratch convnet.
+        class_weight: None or ``"balanced"``, for every head that weights classes (all
+            but knn, whose neighbours vote unweighted).
 
     Returns:
         The estimator.
@@ -54,10 +63,11 @@ def build_estimator(
     """
     if head == SCRATCH_HEAD:
         estimator: BaseEstimator = ScratchConvnet(
-            hidden=_SCRATCH_HIDDEN, epochs=scratch_epochs, random_state=seed
+            hidden=_SCRATCH_HIDDEN, epochs=scratch_epochs, random_state=seed,
+            class_weight=class_weight,
         )
     else:
-        estimator = make_head(head, epochs=epochs, random_state=seed)
+        estimator = make_head(head, epochs=epochs, random_state=seed, class_weight=class_weight)
     return estimator.set_params(**params)
 
 
@@ -100,6 +110,7 @@ def fit_and_predict(
     seed: int,
     epochs: int,
     scratch_epochs: int,
+    class_weight: str | None = None,
 ) -> dict[str, Any]:
     """Fit one head on ``fit_rows``, predict ``score_rows``; a ValueError becomes a result.
 
@@ -113,6 +124,7 @@ def fit_and_predict(
         seed: see :func:`build_estimator`.
         epochs: see :func:`build_estimator`.
         scratch_epochs: see :func:`build_estimator`.
+        class_weight: see :func:`build_estimator`.
 
     Returns:
         ``{"pred", "fit_seconds", "predict_seconds", "model_bytes", "warnings"}``, or
@@ -120,7 +132,8 @@ def fit_and_predict(
         fitting rows). ``warnings`` holds the distinct convergence warnings of the fit.
     """
     estimator = build_estimator(
-        head, params, seed=seed, epochs=epochs, scratch_epochs=scratch_epochs
+        head, params, seed=seed, epochs=epochs, scratch_epochs=scratch_epochs,
+        class_weight=class_weight,
     )
     if isinstance(estimator, DenseHead):
         _prepare_keras()
@@ -150,6 +163,11 @@ def fit_and_predict(
     }
 
 
+def _numbered(i: int, *args: Any, **kwargs: Any) -> tuple[int, dict[str, Any]]:
+    """:func:`fit_and_predict` with the task's position, for results that come unordered."""
+    return i, fit_and_predict(*args, **kwargs)
+
+
 def run_tasks(
     tasks: list[FitTask],
     pairs: Sequence[Pair],
@@ -158,42 +176,53 @@ def run_tasks(
     *,
     config: CompareConfig,
     progress: Progress,
+    keys: Sequence[str],
+    store: FitStore,
 ) -> list[dict[str, Any]]:
-    """Run ``(pair, grid point, fold, fit_rows, score_rows)`` tasks with joblib, in order.
+    """Run ``(pair, grid point, fold, fit_rows, score_rows)`` tasks with joblib.
+
+    Fits the store already holds (a stopped run's) are not run again; each new one is
+    added to the store the moment it ends, whichever worker ran it.
 
     Args:
         tasks: the fits to run; ``pair`` indexes ``pairs``, ``grid point`` its grid.
         pairs: the pairs, with their grids.
         data: the aligned data arrays the pairs read.
         labels: integer labels of every row.
-        config: seed, epochs and ``n_jobs``.
-        progress: moved once per finished fit.
+        config: seed, epochs, class weights and ``n_jobs``.
+        progress: moved once per finished (or kept) fit.
+        keys: each task's :func:`~pipeline.compare.store.fit_key`.
+        store: the finished fits.
 
     Returns:
         One :func:`fit_and_predict` result per task, in task order.
     """
     from joblib import Parallel, delayed
 
-    if not tasks:
-        return []
+    results: list[dict[str, Any] | None] = [store.get(key) for key in keys]
+    todo = [i for i, result in enumerate(results) if result is None]
+    if len(todo) < len(tasks):
+        progress.update(len(tasks) - len(todo))
     jobs = (
-        delayed(fit_and_predict)(
-            pairs[p].head,
-            pairs[p].grid[g],
-            data[pairs[p].data],
+        delayed(_numbered)(
+            i,
+            pairs[tasks[i][0]].head,
+            pairs[tasks[i][0]].grid[tasks[i][1]],
+            data[pairs[tasks[i][0]].data],
             labels,
-            fit_rows,
-            score_rows,
+            tasks[i][3],
+            tasks[i][4],
             seed=config.seed,
             epochs=config.epochs,
             scratch_epochs=config.scratch_epochs,
+            class_weight=config.class_weight,
         )
-        for p, g, _, fit_rows, score_rows in tasks
+        for i in todo
     )
-    results = []
-    # Ordered generator: progress moves as fits finish, results keep the task order.
-    for result in Parallel(n_jobs=config.n_jobs, return_as="generator")(jobs):
-        results.append(result)
-        progress.update()
-    return results
-
+    if todo:
+        # Unordered: each fit is kept as soon as it ends, not when the ones before it do.
+        for i, result in Parallel(n_jobs=config.n_jobs, return_as="generator_unordered")(jobs):
+            store.add(keys[i], result)
+            results[i] = result
+            progress.update()
+    return [r for r in results if r is not None]

@@ -25,7 +25,7 @@ def history_entry(results: dict[str, Any]) -> dict[str, Any]:
         results: a compare ``results`` dict.
 
     Returns:
-        JSON-safe dict: time, out, caches, heads, cv, sweep, seed, row counts, best pair,
+        JSON-safe dict: time, out, caches, heads, cv, protocol, sweep, seed, row counts, best pair,
         its parameters and accuracies, and how many pairs were scored and skipped.
     """
     config = results["config"]
@@ -37,11 +37,13 @@ def history_entry(results: dict[str, Any]) -> dict[str, Any]:
         "heads": config["heads"],
         "scratch": config["scratch"],
         "cv": config["cv"],
+        # "validation" (the recorded split) or "cv"; older lines have none (they are "cv").
+        "protocol": results.get("protocol_kind", "cv"),
         "sweep": config["sweep"],
         "seed": config["seed"],
         "n_pool": results["n_pool"],
         "n_test": results["n_test"],
-        "best": None if top is None else f"{top['base']} / {top['head']}",
+        "best": None if top is None else f"{top.get('label') or top['base']} / {top['head']}",
         "best_params": None if top is None else top["params"],
         "top_accuracy": None if top is None else top["accuracy_mean"],
         "top_accuracy_std": None if top is None else top["accuracy_std"],
@@ -105,17 +107,19 @@ def format_history(entries: Sequence[dict[str, Any]]) -> str:
     """
     if not entries:
         return "No compare runs recorded yet."
-    header = ["time", "caches", "heads", "cv", "sweep", "best pair", "accuracy", "test", "out"]
+    header = ["time", "caches", "heads", "folds", "sweep", "best pair", "accuracy", "test", "out"]
     rows = []
     for e in entries:
         accuracy = "—"
         if e.get("top_accuracy") is not None:
-            accuracy = f"{e['top_accuracy']:.4f} ± {e.get('top_accuracy_std') or 0:.4f}"
+            accuracy = f"{e['top_accuracy']:.4f}"
+            if e.get("protocol") != "validation":
+                accuracy += f" ± {e.get('top_accuracy_std') or 0:.4f}"
         rows.append([
             str(e.get("time", "?")),
             ", ".join(Path(c).name for c in e.get("caches", [])),
             ",".join(e.get("heads", [])) + (" +scratch" if e.get("scratch") else ""),
-            str(e.get("cv", "?")),
+            "split" if e.get("protocol") == "validation" else str(e.get("cv", "?")),
             "yes" if e.get("sweep") else "no",
             e.get("best") or "nothing ran",
             accuracy,

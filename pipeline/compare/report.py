@@ -24,6 +24,7 @@ from pipeline.util.files import write_json_atomic
 
 __all__ = [
     "LEADERBOARD_COLUMNS",
+    "accuracy_figure",
     "best_pair",
     "leaderboard_markdown",
     "markdown_table",
@@ -32,11 +33,14 @@ __all__ = [
     "plot_confusion",
     "plot_depth",
     "plot_per_class_f1",
+    "run_settings",
+    "settings_rows",
     "write_report",
 ]
 
 LEADERBOARD_COLUMNS = (
     "rank",
+    "label",
     "base",
     "head",
     "params",
@@ -102,21 +106,34 @@ def _has_test(rows: Sequence[dict[str, Any]]) -> bool:
     return any(r.get("test_accuracy") is not None for r in rows)
 
 
-def _table_cells(rows: Sequence[dict[str, Any]]) -> tuple[list[str], list[list[str]], str]:
+def _accuracy_heading(results: dict[str, Any]) -> str:
+    """What the accuracy column holds, by the run's protocol."""
+    if results.get("protocol_kind") == "validation":
+        return "validation accuracy"
+    return f"accuracy (mean ± std, {results['folds']['k']} folds)"
+
+
+def _table_cells(
+    rows: Sequence[dict[str, Any]], results: dict[str, Any]
+) -> tuple[list[str], list[str], str]:
     """Header, formatted cells and alignment of the leaderboard, for Markdown and HTML."""
     test = _has_test(rows)
-    header = ["#", "base", "head", "params", "accuracy (mean ± std)", "macro-F1"]
+    validation = results.get("protocol_kind") == "validation"
+    header = ["#", "features", "head", "params", _accuracy_heading(results), "macro-F1"]
     header += ["test accuracy", "test macro-F1"] if test else []
     header += ["fit s", "predict ms/img", "model bytes", "cache"]
     align = "rlllrr" + ("rr" if test else "") + "rrrl"
     body = []
     for r in rows:
+        accuracy = f"{r['accuracy_mean']:.4f}"
+        if not validation:
+            accuracy += f" ± {r['accuracy_std']:.4f}"
         cells = [
             str(r["rank"]),
-            r["base"],
+            r["label"],
             r["head"],
             r["params"] or "defaults",
-            f"{r['accuracy_mean']:.4f} ± {r['accuracy_std']:.4f}",
+            accuracy,
             f"{r['macro_f1']:.4f}",
         ]
         if test:
@@ -137,7 +154,66 @@ def number_cell(value: float | None) -> str:
 
 
 def _notes(rows: Sequence[dict[str, Any]]) -> list[str]:
-    return [f"{r['base']} / {r['head']}: {r['notes']}" for r in rows if r.get("notes")]
+    return [f"{r['label']} / {r['head']}: {r['notes']}" for r in rows if r.get("notes")]
+
+
+def _rows_line(results: dict[str, Any]) -> str:
+    """The first line of a report: rows, classes and the protocol, in plain words."""
+    test = f", {results['n_test']} of them held out as test rows" if results["n_test"] else ""
+    return (f"{results['n_rows']} rows{test}, {len(results['class_names'])} classes. "
+            f"{results['protocol']}")
+
+
+def settings_rows(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """The compared caches' settings as table cells: one row per cache (and layer).
+
+    Args:
+        results: a compare ``results`` dict.
+
+    Returns:
+        ``(header, rows)``.
+    """
+    header = ["features", "file", "base", "layer", "pooling", "input size", "weights",
+              "data folder", "rows", "classes", "extracted"]
+    rows = []
+    for c in results["caches"]:
+        size = c.get("input_size")
+        rows.append([
+            c.get("label") or "", Path(c["path"]).name, str(c.get("base")), str(c.get("layer")),
+            str(c.get("pooling")),
+            "x".join(str(v) for v in size) if size else "?", str(c.get("weights")),
+            str(c.get("data_dir") or "?"), str(c.get("n_rows")), str(c.get("n_classes")),
+            str(c.get("created") or "?"),
+        ])
+    return header, rows
+
+
+def run_settings(results: dict[str, Any]) -> list[tuple[str, str]]:
+    """The compare run's own settings as (name, value) pairs, for the report page.
+
+    Args:
+        results: a compare ``results`` dict.
+
+    Returns:
+        The pairs, in reading order.
+    """
+    config = results["config"]
+    folds = results["folds"]
+    return [
+        ("run started", results["started"]),
+        ("heads", ", ".join(config["heads"]) + (" + scratch convnet" if config["scratch"]
+                                                  else "")),
+        ("protocol", results["protocol"]),
+        ("folds", str(folds["k"]) if results.get("protocol_kind") != "validation"
+         else "1 (the recorded train/validation split)"),
+        ("sweep", "yes: each head's regularisation from a small grid" if config["sweep"]
+         else "no: library defaults"),
+        ("seed", str(config["seed"])),
+        ("class weight", config.get("class_weight") or "none"),
+        ("dense head epochs (max)", str(config["epochs"])),
+        ("layers", config.get("layers") or "each cache's default"),
+        ("seconds", f"{results['seconds']:.1f}"),
+    ]
 
 
 def leaderboard_markdown(results: dict[str, Any]) -> str:
@@ -152,12 +228,11 @@ def leaderboard_markdown(results: dict[str, Any]) -> str:
     lines = [
         f"# Leaderboard: {results['out_dir']}",
         "",
-        f"{results['n_pool']} choosing rows, {results['n_test']} test rows, "
-        f"{len(results['class_names'])} classes. {results['protocol']}",
+        _rows_line(results),
         "",
     ]
     if results["leaderboard"]:
-        lines.append(markdown_table(*_table_cells(results["leaderboard"])))
+        lines.append(markdown_table(*_table_cells(results["leaderboard"], results)))
     else:
         lines.append("Nothing could be scored.")
     notes = _notes(results["leaderboard"])
@@ -165,8 +240,11 @@ def leaderboard_markdown(results: dict[str, Any]) -> str:
         lines += ["", "Notes:", ""] + [f"- {n}" for n in notes]
     if results["skipped"]:
         lines += ["", "Skipped:", ""]
-        lines += [f"- {s['base']} / {s['head']} ({Path(s['cache']).name}): {s['reason']}"
+        lines += [f"- {s['label']} / {s['head']} ({Path(s['cache']).name}): {s['reason']}"
                   for s in results["skipped"]]
+    header, rows = settings_rows(results)
+    lines += ["", "Caches:", "", markdown_table(header, rows)]
+    lines += ["", "Settings:", ""] + [f"- {k}: {v}" for k, v in run_settings(results)]
     return "\n".join(lines) + "\n"
 
 
@@ -183,6 +261,12 @@ def _write_csv(path: Path, results: dict[str, Any]) -> Path:
     return path
 
 
+def _entry_of(results: dict[str, Any], row: dict[str, Any]) -> dict[str, Any]:
+    """The pair entry behind a leaderboard row (one cache can hold several layers)."""
+    return next(p for p in results["pairs"]
+                if (p["cache"], p["label"], p["head"]) == (row["cache"], row["label"], row["head"]))
+
+
 def best_pair(results: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], str] | None:
     """The top pair's entry, the metrics to plot for it, and which rows they come from.
 
@@ -190,19 +274,19 @@ def best_pair(results: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], 
         results: a compare ``results`` dict.
 
     Returns:
-        ``(pair entry, metrics, "test" | "out-of-fold")``: the test metrics when a test
-        split was scored, else the out-of-fold predictions pooled over the K folds; None
-        when nothing was scored.
+        ``(pair entry, metrics, "test" | "validation" | "out-of-fold")``: the test metrics
+        when a test split was scored, else the predictions of the scored rows (the
+        validation rows, or every row predicted by the fold that held it out); None when
+        nothing was scored.
     """
     if not results["leaderboard"]:
         return None
-    top = results["leaderboard"][0]
-    entry = next(p for p in results["pairs"]
-                 if (p["cache"], p["head"]) == (top["cache"], top["head"]))
+    entry = _entry_of(results, results["leaderboard"][0])
     test = entry.get("test")
     if test and "error" not in test:
         return entry, test, "test"
-    return entry, entry["out_of_fold"], "out-of-fold"
+    rows = "validation" if results.get("protocol_kind") == "validation" else "out-of-fold"
+    return entry, entry["out_of_fold"], rows
 
 
 def _figure(width: float, height: float) -> Any:
@@ -211,53 +295,107 @@ def _figure(width: float, height: float) -> Any:
     return Figure(figsize=(width, height), dpi=100, layout="constrained")
 
 
-def plot_accuracy(rows: Sequence[dict[str, Any]], path: Path) -> Path:
-    """Horizontal bars of mean CV accuracy with ± std error bars, best on top.
+# Inches a tick label takes per character at the default 10 pt font (DejaVu Sans averages
+# ~0.6 em; 0.085" is wider than that), so the figure is always wide enough for its labels.
+_INCH_PER_CHAR = 0.085
+# Inches of the bar area.
+_BARS_INCH = 4.5
 
-    Test accuracies, when there are any, are drawn as black dots on the bars.
+
+def _title_inch(title: str) -> float:
+    """Inches a plot title needs (its longest line), so a long pair label is never cut."""
+    return 0.5 + _INCH_PER_CHAR * max(len(line) for line in title.splitlines())
+
+
+def accuracy_figure(rows: Sequence[dict[str, Any]], *, folds: int | None) -> Any:
+    """The accuracy plot as a matplotlib ``Figure``: one bar per pair, best on top.
+
+    Bars are the mean accuracy over the folds (whiskers ± std) or, with ``folds=None``,
+    the validation accuracy; test accuracies are black dots. The exact values are printed
+    in a column right of the bars, one line per bar, so they never cover a bar or each
+    other. The figure is as wide as its longest label needs (labels are never clipped),
+    and when the axis does not start at 0 its label says so.
+
+    Args:
+        rows: leaderboard rows, in rank order (``label``, ``head``, ``accuracy_mean``,
+            ``accuracy_std``, ``test_accuracy``).
+        folds: the number of folds, or None for a recorded validation split.
+
+    Returns:
+        The figure (not saved).
+    """
+    labels = [f"{r['label']} / {r['head']}" for r in rows]
+    means = np.array([r["accuracy_mean"] for r in rows])
+    stds = np.array([r["accuracy_std"] for r in rows])
+    tests = [r.get("test_accuracy") for r in rows]
+    values = [
+        f"{mean:.4f}" + (f" ± {std:.4f}" if folds else "")
+        + (f"  (test {t:.4f})" if t is not None else "")
+        for mean, std, t in zip(means, stds, tests, strict=True)
+    ]
+    label_inch = _INCH_PER_CHAR * max(len(label) for label in labels)
+    # The values are printed in a smaller font (8.3 pt): ~0.85 of a label character.
+    values_inch = 0.3 + 0.85 * _INCH_PER_CHAR * max(len(v) for v in values)
+    fig = _figure(label_inch + _BARS_INCH + values_inch, 1.5 + 0.35 * len(rows))
+    ax = fig.add_subplot()
+    y = np.arange(len(rows))
+    ax.barh(y, means, xerr=stds if folds else None, color="#4c78a8", ecolor="#333333",
+            capsize=3)
+    xlabel = (f"accuracy: bars = mean over the {folds} folds, whiskers = ± std" if folds
+              else "accuracy on the validation rows")
+    if any(t is not None for t in tests):
+        ax.plot([np.nan if t is None else t for t in tests], y, "o", color="black")
+        xlabel += ", dots = test"
+    for yi, text in zip(y, values, strict=True):
+        # x in axes coordinates, y in data: a column right of the plot, one line per bar.
+        ax.text(1.02, yi, text, transform=ax.get_yaxis_transform(), va="center", ha="left",
+                fontsize="small")
+    ax.set_yticks(y, labels)
+    ax.invert_yaxis()  # rank 1 on top
+    # Zoom on the range where the pairs differ (rounded down to a multiple of 0.05); the
+    # axis label then says so, as the bars no longer show the accuracies' ratios.
+    lowest = min([float(np.min(means - stds)), *(t for t in tests if t is not None)])
+    low = max(0.0, np.floor((lowest - 0.02) * 20) / 20)
+    high = max(1.0, float(np.max(means + stds))) + 0.005
+    ax.set_xlim(low, high)
+    if low > 0:
+        xlabel += f"\nnote: the axis starts at {low:.2f}, not at 0"
+    ax.set_xlabel(xlabel, fontsize="small")
+    ax.set_title("Accuracy per (features, head)")
+    ax.grid(axis="x", alpha=0.3)
+    return fig
+
+
+def plot_accuracy(rows: Sequence[dict[str, Any]], path: Path, *, folds: int | None) -> Path:
+    """Write :func:`accuracy_figure` as a PNG.
 
     Args:
         rows: leaderboard rows, in rank order.
         path: the PNG to write.
+        folds: the number of folds, or None for a recorded validation split.
 
     Returns:
         ``path``.
     """
-    labels = [f"{r['base']} / {r['head']}" for r in rows]
-    means = np.array([r["accuracy_mean"] for r in rows])
-    stds = np.array([r["accuracy_std"] for r in rows])
-    fig = _figure(7.0, 1.2 + 0.35 * len(rows))
-    ax = fig.add_subplot()
-    y = np.arange(len(rows))
-    ax.barh(y, means, xerr=stds, color="#4c78a8", ecolor="#333333", capsize=3)
-    xlabel = "accuracy: bars = mean over the CV folds, whiskers = ± std"
-    if _has_test(rows):
-        tests = [np.nan if r.get("test_accuracy") is None else r["test_accuracy"] for r in rows]
-        ax.plot(tests, y, "o", color="black")
-        xlabel += ", dots = test"
-    for yi, mean in zip(y, means, strict=True):
-        ax.text(mean, yi, f" {mean:.4f}", va="bottom", ha="left", fontsize="x-small")
-    ax.set_yticks(y, labels)
-    ax.invert_yaxis()  # rank 1 on top
-    # Zoom on the range where the pairs differ; the bars then start mid-axis, so the
-    # printed means carry the exact values.
-    low = max(0.0, float(np.min(means - stds)) - 0.05)
-    ax.set_xlim(low, max(1.0, float(np.max(means + stds))) + 0.005)
-    ax.set_xlabel(xlabel, fontsize="small")
-    ax.set_title("Accuracy per (base, head)")
-    ax.grid(axis="x", alpha=0.3)
-    fig.savefig(path)
+    accuracy_figure(rows, folds=folds).savefig(path)
     return path
 
 
-def plot_depth(rows: Sequence[dict[str, Any]], order: Sequence[str], path: Path) -> Path:
-    """Mean CV accuracy of each head against the layer it read (``base @ layer`` rows),
+def plot_depth(
+    rows: Sequence[dict[str, Any]],
+    order: Sequence[str],
+    path: Path,
+    *,
+    ylabel: str = "mean CV accuracy (± std)",
+) -> Path:
+    """Accuracy of each head against the layer it read (``base @ layer`` rows),
     layers in the order the cache stores them (bottom to top for ``all-blocks``).
 
     Args:
         rows: leaderboard rows whose ``base`` names a layer.
         order: the ``base @ layer`` labels in depth order.
         path: the PNG to write.
+        ylabel: what the accuracy axis shows (by the run's protocol).
 
     Returns:
         ``path``.
@@ -272,7 +410,7 @@ def plot_depth(rows: Sequence[dict[str, Any]], order: Sequence[str], path: Path)
         ax.errorbar(x, mean, yerr=std, marker="o", capsize=3, label=head)
     ax.set_xticks(range(len(order)), [b.split(" @ ", 1)[1] for b in order], rotation=30,
                   ha="right", fontsize="small")
-    ax.set_ylabel("mean CV accuracy (± std)")
+    ax.set_ylabel(ylabel)
     ax.set_title("Accuracy by depth")
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
@@ -297,7 +435,7 @@ def plot_confusion(
     cm = np.asarray(matrix)
     n = len(class_names)
     side = min(12.0, 2.5 + 0.45 * n)
-    fig = _figure(side + 1.0, side)
+    fig = _figure(max(side + 1.0, _title_inch(title)), side)
     ax = fig.add_subplot()
     image = ax.imshow(cm, cmap="Blues")
     fig.colorbar(image, ax=ax, shrink=0.8)
@@ -306,7 +444,7 @@ def plot_confusion(
     ax.set_yticks(ticks, class_names)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
-    ax.set_title(title, fontsize="medium")
+    fig.suptitle(title, fontsize="medium")  # centred on the figure, which fits it
     if n <= _ANNOTATE_MAX_CLASSES:
         threshold = cm.max() / 2 if cm.size else 0
         for i in range(n):
@@ -329,7 +467,7 @@ def plot_per_class_f1(per_class: dict[str, dict[str, float]], path: Path, title:
         ``path``.
     """
     items = sorted(per_class.items(), key=lambda kv: kv[1]["f1-score"])
-    fig = _figure(7.0, 1.2 + 0.3 * len(items))
+    fig = _figure(max(7.0, _title_inch(title)), 1.2 + 0.3 * len(items))
     ax = fig.add_subplot()
     y = np.arange(len(items))
     f1 = [v["f1-score"] for _, v in items]
@@ -339,14 +477,74 @@ def plot_per_class_f1(per_class: dict[str, dict[str, float]], path: Path, title:
     ax.set_yticks(y, [f"{name} (n={int(v['support'])})" for name, v in items])
     ax.set_xlim(0.0, 1.1)
     ax.set_xlabel("F1")
-    ax.set_title(title, fontsize="medium")
+    fig.suptitle(title, fontsize="medium")  # centred on the figure, which fits it
     ax.grid(axis="x", alpha=0.3)
     fig.savefig(path)
     return path
 
 
+# Confusion matrices up to this many classes are shown whole; larger ones as their
+# most frequent confusions (a 100 x 100 table in every pair's box helps nobody).
+_TABLE_MAX_CLASSES = 30
+_TOP_CONFUSIONS = 10
+
+
+def _confusion_html(matrix: Sequence[Sequence[int]], class_names: Sequence[str]) -> str:
+    """A confusion matrix as an HTML table (rows: true, columns: predicted), cells shaded
+    by their share of the row; with many classes, the most frequent confusions instead."""
+    esc = html.escape
+    cm = np.asarray(matrix, dtype=np.int64)
+    if len(class_names) > _TABLE_MAX_CLASSES:
+        off = [(int(cm[i, j]), i, j) for i in range(len(cm)) for j in range(len(cm))
+               if i != j and cm[i, j]]
+        off.sort(key=lambda t: -t[0])
+        if not off:
+            return "<p>No confusions.</p>"
+        return "<p>Most frequent confusions (true → predicted):</p><ul>" + "".join(
+            f"<li>{esc(class_names[i])} → {esc(class_names[j])}: {n}</li>"
+            for n, i, j in off[:_TOP_CONFUSIONS]) + "</ul>"
+    totals = np.maximum(cm.sum(axis=1), 1)
+    head = "".join(f"<th>{esc(name)}</th>" for name in class_names)
+    parts = ['<table class="cm"><tr><th>true \\ predicted</th>' + head + "</tr>"]
+    for i, name in enumerate(class_names):
+        cells = []
+        for j in range(len(class_names)):
+            share = cm[i, j] / totals[i]
+            colour = "76,120,168" if i == j else "228,87,86"
+            cells.append(f'<td class="num" style="background:rgba({colour},{share:.2f})">'
+                         f"{cm[i, j]}</td>")
+        parts.append(f"<tr><th>{esc(name)}</th>" + "".join(cells) + "</tr>")
+    parts.append("</table>")
+    return "".join(parts)
+
+
+def _pair_confusions(results: dict[str, Any]) -> list[str]:
+    """One collapsed box per scored pair, in rank order: its confusion matrices."""
+    esc = html.escape
+    validation = results.get("protocol_kind") == "validation"
+    scored_rows = ("validation rows" if validation
+                   else "rows, each predicted by the fold that held it out")
+    parts = []
+    for row in results["leaderboard"]:
+        entry = _entry_of(results, row)
+        oof = entry["out_of_fold"]
+        n = int(np.sum(oof["confusion_matrix"]))
+        parts.append(
+            f"<details><summary>#{row['rank']} {esc(row['label'])} / {esc(row['head'])}: "
+            f"accuracy {oof['accuracy']:.4f} on {n} {scored_rows}</summary>"
+            + _confusion_html(oof["confusion_matrix"], results["class_names"])
+        )
+        test = entry.get("test")
+        if test and "error" not in test:
+            parts.append(f"<p>Test rows ({test['n_test']}): accuracy {test['accuracy']:.4f}"
+                         "</p>" + _confusion_html(test["confusion_matrix"],
+                                                  results["class_names"]))
+        parts.append("</details>")
+    return parts
+
+
 def _html(results: dict[str, Any], images: dict[str, tuple[str, str]]) -> str:
-    """The report page: leaderboard, skipped pairs, plots, protocol and configuration."""
+    """The report page: leaderboard, skipped pairs, plots, confusion matrices, settings."""
     esc = html.escape
     parts = [
         "<!doctype html>",
@@ -354,14 +552,14 @@ def _html(results: dict[str, Any], images: dict[str, tuple[str, str]]) -> str:
         f"<title>compare: {esc(results['out_dir'])}</title>",
         "<style>body{font-family:sans-serif;margin:2em;max-width:1100px}"
         "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 8px}"
-        "td.num{text-align:right}"
+        "td.num{text-align:right}table.cm{margin:0.5em 0 1em 0;font-size:small}"
+        "details{margin:0.3em 0}summary{cursor:pointer}"
         "img{max-width:100%;display:block;margin:1em 0}</style></head><body>",
         "<h1>Leaderboard</h1>",
-        f"<p>{results['n_pool']} choosing rows, {results['n_test']} test rows, "
-        f"{len(results['class_names'])} classes. {esc(results['protocol'])}</p>",
+        f"<p>{esc(_rows_line(results))}</p>",
     ]
     if results["leaderboard"]:
-        header, body, align = _table_cells(results["leaderboard"])
+        header, body, align = _table_cells(results["leaderboard"], results)
         parts.append("<table><tr>" + "".join(f"<th>{esc(h)}</th>" for h in header) + "</tr>")
         parts += [
             "<tr>" + "".join(
@@ -380,15 +578,28 @@ def _html(results: dict[str, Any], images: dict[str, tuple[str, str]]) -> str:
         parts.append("</ul>")
     if results["skipped"]:
         parts.append("<h2>Skipped</h2><ul>")
-        parts += [f"<li>{esc(s['base'])} / {esc(s['head'])}: {esc(s['reason'])}</li>"
+        parts += [f"<li>{esc(s['label'])} / {esc(s['head'])}: {esc(s['reason'])}</li>"
                   for s in results["skipped"]]
         parts.append("</ul>")
     for name, (heading, alt) in images.items():
         parts.append(f"<h2>{esc(heading)}</h2>")
         parts.append(f'<img src="{esc(name)}" alt="{esc(alt)}">')
+    if results["leaderboard"]:
+        parts.append("<h2>Confusion matrices, every pair</h2>")
+        parts += _pair_confusions(results)
+    header, rows = settings_rows(results)
     parts += [
-        "<h2>Configuration</h2>",
-        f"<pre>{esc(json.dumps(results['config'], indent=2))}</pre>",
+        "<h2>Settings</h2>",
+        "<h3>Caches</h3>",
+        "<table><tr>" + "".join(f"<th>{esc(h)}</th>" for h in header) + "</tr>",
+        *("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in rows),
+        "</table>",
+        "<h3>This run</h3>",
+        "<table>",
+        *(f"<tr><th>{esc(k)}</th><td>{esc(v)}</td></tr>" for k, v in run_settings(results)),
+        "</table>",
+        "<details><summary>Configuration as given (config)</summary>",
+        f"<pre>{esc(json.dumps(results['config'], indent=2))}</pre></details>",
         "<p>Every number, with per-fold scores of every grid point: "
         '<a href="results.json">results.json</a>.</p>',
         "</body></html>",
@@ -415,17 +626,20 @@ def write_report(out_dir: str | os.PathLike, results: dict[str, Any]) -> dict[st
     outputs["leaderboard.md"].write_text(leaderboard_markdown(results), encoding="utf-8")
     images: dict[str, tuple[str, str]] = {}
     if results["leaderboard"]:
-        outputs["accuracy.png"] = plot_accuracy(results["leaderboard"], out_dir / "accuracy.png")
-        images["accuracy.png"] = ("Accuracy", "mean cross-validated accuracy per pair")
+        folds = None if results.get("protocol_kind") == "validation" else results["folds"]["k"]
+        outputs["accuracy.png"] = plot_accuracy(results["leaderboard"], out_dir / "accuracy.png",
+                                                folds=folds)
+        images["accuracy.png"] = ("Accuracy", "accuracy per pair")
     depth = [r for r in results["leaderboard"] if " @ " in r["base"]]
     if len({r["base"] for r in depth}) > 1:
         order = [f"{Path(str(c['base'])).name} @ {c['layer']}" for c in results["caches"]]
-        outputs["depth.png"] = plot_depth(depth, order, out_dir / "depth.png")
-        images["depth.png"] = ("Accuracy by depth", "mean CV accuracy per stored layer")
+        outputs["depth.png"] = plot_depth(depth, order, out_dir / "depth.png",
+                                          ylabel=_accuracy_heading(results))
+        images["depth.png"] = ("Accuracy by depth", "accuracy per stored layer")
     best = best_pair(results)
     if best is not None:
         entry, metrics, rows = best
-        pair = f"{entry['base']} / {entry['head']}"
+        pair = f"{entry['label']} / {entry['head']}"
         n_rows = int(np.sum(metrics["confusion_matrix"]))
         where = f"{rows} predictions, {n_rows} rows"
         outputs["confusion.png"] = plot_confusion(

@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -35,65 +35,70 @@ from pipeline.compare.config import (
 from pipeline.compare.data import cache_entries, load_caches, load_data
 from pipeline.compare.decisions import (
     Pair,
+    RowPlan,
     choose,
-    choosing_rows,
     fold_of,
     leaderboard,
-    make_folds,
     make_pairs,
     param_grid,
+    plan_rows,
 )
 from pipeline.compare.fits import FitTask, build_estimator, run_tasks
 from pipeline.compare.history import append_history, history_entry
 from pipeline.compare.report import write_report
+from pipeline.compare.store import FitStore, data_identity, fit_key, store_path
 from pipeline.fit import evaluate
 from pipeline.heads import head_params
+from pipeline.interrupts import Interrupted
 from pipeline.progress import Progress
 
-__all__ = ["run_compare"]
+__all__ = ["CompareInterrupted", "run_compare"]
 
 log = logging.getLogger(__name__)
 
 
 def run_compare(config: CompareConfig) -> CompareResult:
-    """Score every (cache, head) pair on the same rows and folds; write leaderboard + report.
+    """Score every (cache, head) pair on the same rows; write leaderboard + report.
 
     Protocol:
         1. Check every argument (Keras-style errors), then read every cache. Caches of
            the same images made with different bases are aligned by image path to the
            first cache's row order; different image sets (counts and the first paths
            only in one), classes, labels or splits are refused.
-        2. Rows: the cache's ``test`` rows are held out; the choosing pool is every other
-           row (train, validation, or "" when no split is recorded). Validation rows
-           join the pool: K folds use every labelled row instead of one fixed split.
-        3. Folds: ``StratifiedKFold(cv, shuffle=True, random_state=seed)`` over the pool,
-           the same folds for every pair. A pool that cannot be folded (one class, a
-           class with fewer than ``cv`` rows) skips every pair with that reason.
-        4. Fits: for each pair, grid point and fold, a fresh head (``random_state=seed``)
-           is fitted on the fold's other K-1 parts and predicts the fold. Without
-           ``sweep`` the grid is the single default point; with it, :func:`param_grid`.
-           The dense head and the scratch convnet early-stop on a seeded 10% of the
-           fitting rows, never on the fold being scored. Fits run in parallel with joblib
-           (``n_jobs``); every task is seeded by itself, so serial and parallel runs give
-           identical numbers.
-        5. Choosing (``sweep``): the grid point with the highest mean accuracy over the K
+        2. Rows (:func:`plan_rows`): the cache's ``test`` rows are held out. When the
+           caches record a train/validation split, every head is fitted on the train rows
+           and scored on the validation rows, the rows fit_head uses (so both report the
+           same accuracy). Otherwise every other row is cross-validated:
+           ``StratifiedKFold(cv, shuffle=True, random_state=seed)``, the same folds for
+           every pair. Rows that cannot be split (one class, a class with fewer than
+           ``cv`` rows) skip every pair with that reason.
+        3. Fits: for each pair, grid point and fold, a fresh head (``random_state=seed``,
+           ``class_weight``) is fitted on the fold's fitting rows and predicts its scored
+           rows. Without ``sweep`` the grid is the single default point; with it,
+           :func:`param_grid`. The dense head and the scratch convnet early-stop on a
+           seeded 10% of the fitting rows, never on the rows being scored. Fits run in
+           parallel with joblib (``n_jobs``); every task is seeded by itself, so serial
+           and parallel runs give identical numbers. Each finished fit is kept on disk
+           (:mod:`pipeline.compare.store`): a stopped run, run again, fits only the rest.
+        4. Choosing (``sweep``): the grid point with the highest mean accuracy over the
            folds (ties: the earlier, more regularised point), and that point's per-fold
            scores are reported — one level of CV, not nested. With a recorded test split
            this is the linear-probe protocol of Kornblith et al. (2019, "Do Better
            ImageNet Models Transfer Better?") and CLIP_benchmark: choose the
            regularisation on held-out parts of the training data, refit on all of it,
-           score the untouched test set once. Without a test split, the chosen point's CV
-           mean is slightly optimistic (it won a comparison on the same folds); the
+           score the untouched test set once. Without a test split, the chosen point's
+           mean is slightly optimistic (it won a comparison on the same rows); the
            untuned defaults are the opposite: a probe without the sweep usually reads a
            few points low. A grid point a head refuses (e.g. more neighbours than
            fitting rows) is dropped; a pair with no usable point is skipped.
-        6. Test: with test rows, each scored pair is refitted once with its chosen
-           parameters on the whole pool and scored once on the test rows. Test scores
-           are reported, never used to choose or to rank.
-        7. Report: leaderboard sorted by mean CV accuracy (``leaderboard.csv``,
-           ``leaderboard.md``), ``results.json`` (config, folds, every grid point's
-           per-fold scores, out-of-fold and test metrics), ``report.html`` with plots,
-           and one line appended to ``history_file``.
+        5. Test: with test rows, each scored pair is refitted once with its chosen
+           parameters on every non-test row and scored once on the test rows. Test
+           scores are reported, never used to choose or to rank.
+        6. Report: leaderboard sorted by mean accuracy (``leaderboard.csv``,
+           ``leaderboard.md``), ``results.json`` (config, rows, every grid point's
+           per-fold scores, scored-row and test metrics), ``report.html`` with the
+           settings, plots and every pair's confusion matrix, and one line appended to
+           ``history_file``; the kept fits are then deleted.
 
     Args:
         config: caches, heads, folds, seed and outputs.
@@ -106,6 +111,7 @@ def run_compare(config: CompareConfig) -> CompareResult:
         ValueError: a bad argument, or caches that do not hold the same images.
         FileNotFoundError: a cache or the scratch folder does not exist.
         pipeline.cache.CacheError: a cache is incomplete or damaged.
+        CompareInterrupted: Ctrl-C or SIGTERM during the fits (the finished ones are kept).
     """
     start = time.perf_counter()
     started = datetime.now().astimezone()
@@ -117,46 +123,58 @@ def run_compare(config: CompareConfig) -> CompareResult:
     ref = caches[0]
     labels = np.asarray(ref.labels, dtype=np.int64)
     class_names = list(ref.class_names)
-    pool, test = choosing_rows(ref.split)
+    plan = plan_rows(ref.split, labels, cv=config.cv, seed=config.seed,
+                     class_names=class_names)
     data, data_skips = load_data(caches, orders, scratch=config.scratch)
-    folds, fold_problem = _folds(labels=labels[pool], class_names=class_names, config=config)
-    pairs = make_pairs(config, entries, caches, data_skips, fold_problem,
+    pairs = make_pairs(config, entries, caches, data_skips, plan.problem,
                        [int(np.prod(x.shape[1:])) for x in data])
+    store, keys = _open_store(config=config, entries=entries, pairs=pairs, out_dir=out_dir)
 
-    cv_tasks = _cv_tasks(pairs=pairs, folds=folds, pool=pool)
+    cv_tasks = _cv_tasks(pairs=pairs, folds=plan.folds, pool=plan.pool)
     runnable = sum(pair.skip is None for pair in pairs)
-    progress = Progress(len(cv_tasks) + (runnable if test.size else 0), "compare", unit="fits")
-    cv_out = run_tasks(cv_tasks, pairs, data, labels, config=config, progress=progress)
-    outcomes = _by_pair(tasks=cv_tasks, results=cv_out)
-    pair_results = _score_pairs(pairs=pairs, outcomes=outcomes, folds=folds, pool=pool,
-                                labels=labels, class_names=class_names, config=config)
-    if test.size:
-        _score_test(pairs=pairs, pair_results=pair_results, data=data, labels=labels,
-                    pool=pool, test=test, class_names=class_names, config=config,
-                    progress=progress)
-    progress.close()
+    total = len(cv_tasks) + (runnable if plan.test.size else 0)
+    progress = Progress(total, "compare", unit="fits")
+    try:
+        cv_out = run_tasks(cv_tasks, pairs, data, labels, config=config, progress=progress,
+                           keys=keys(cv_tasks), store=store)
+        outcomes = _by_pair(tasks=cv_tasks, results=cv_out)
+        pair_results = _score_pairs(pairs=pairs, outcomes=outcomes, plan=plan, labels=labels,
+                                    class_names=class_names, config=config)
+        if plan.test.size:
+            _score_test(pairs=pairs, pair_results=pair_results, data=data, labels=labels,
+                        plan=plan, class_names=class_names, config=config,
+                        progress=progress, keys=keys, store=store)
+    except KeyboardInterrupt as exc:
+        raise stopped(exc, store=store, total=total) from None
+    finally:
+        progress.close()
+        store.close()
 
     board = leaderboard(pair_results)
     skipped = [
-        {"cache": r["cache"], "base": r["base"], "head": r["head"], "reason": r["reason"]}
+        {"cache": r["cache"], "base": r["base"], "label": r["label"], "head": r["head"],
+         "reason": r["reason"]}
         for r in pair_results if r["status"] != "ok"
     ]
     seconds = time.perf_counter() - start
     results = _results(
         config=config, started=started, seconds=seconds, out_dir=out_dir, entries=entries,
-        caches=caches, pool=pool, test=test, folds=folds, fold_problem=fold_problem,
-        pair_results=pair_results, board=board, skipped=skipped,
+        caches=caches, plan=plan, pairs=pairs, pair_results=pair_results, board=board,
+        skipped=skipped,
     )
     outputs = write_report(out_dir, results)
     append_history(Path(config.history_file), history_entry(results))
+    store.remove()  # the report holds every result now
     return CompareResult(
         out_dir=out_dir,
         leaderboard=board,
         skipped=skipped,
-        n_pool=int(pool.size),
-        n_test=int(test.size),
+        n_pool=int(plan.pool.size),
+        n_test=int(plan.test.size),
         outputs=outputs,
         seconds=seconds,
+        protocol=plan.describe(),
+        n_reused=store.reused,
     )
 
 
@@ -164,14 +182,56 @@ def run_compare(config: CompareConfig) -> CompareResult:
 # Steps of run_compare
 
 
-def _folds(
-    *, labels: np.ndarray, class_names: Sequence[str], config: CompareConfig
-) -> tuple[list[tuple[np.ndarray, np.ndarray]], str | None]:
-    """The pool's folds, or no folds and why: a pool that cannot be folded skips every pair."""
-    try:
-        return make_folds(labels, config.cv, config.seed, class_names=class_names), None
-    except ValueError as exc:
-        return [], str(exc)
+class CompareInterrupted(Interrupted):
+    """Ctrl-C or SIGTERM during the fits: the finished ones are kept for the next run.
+
+    The message says how many and where; ``exit_code`` is 130 or 143.
+    """
+
+
+def stopped(exc: KeyboardInterrupt, *, store: FitStore, total: int) -> CompareInterrupted:
+    """The :class:`CompareInterrupted` for ``exc``, saying what was kept and how to go on."""
+    kind = exc if isinstance(exc, Interrupted) else Interrupted()
+    if len(store):
+        kept = (f"{len(store)} of {total} fits kept in {store.path}: run the same command "
+                "again to continue from there.")
+    else:
+        kept = "no fit had finished."
+    return CompareInterrupted(f"compare: interrupted by {kind.signal_name}; {kept}",
+                              kind.exit_code)
+
+
+def _open_store(
+    *,
+    config: CompareConfig,
+    entries: Sequence[tuple[str, str | None]],
+    pairs: Sequence[Pair],
+    out_dir: Path,
+) -> tuple[FitStore, Callable[[Sequence[FitTask]], list[str]]]:
+    """The run's store of finished fits (what a stopped run kept, loaded) and the function
+    that keys its tasks by everything their results depend on."""
+    identities: list[dict[str, Any]] = [data_identity(path, layer) for path, layer in entries]
+    if config.scratch is not None:
+        identities.append({"scratch": data_identity(config.scratch, None),
+                           "rows_of": identities[0]})
+    settings = {"seed": config.seed, "epochs": config.epochs,
+                "scratch_epochs": config.scratch_epochs, "class_weight": config.class_weight}
+    run = {"data": identities, "settings": settings, "heads": config.heads, "cv": config.cv,
+           "sweep": config.sweep, "layers": config.layers}
+    store = FitStore(store_path(out_dir, run))
+    if store.load():
+        log.info("compare: %d finished fits kept by a stopped run in %s; fitting the rest.",
+                 len(store), store.path)
+
+    def keys(tasks: Sequence[FitTask]) -> list[str]:
+        return [
+            fit_key(data=identities[pairs[p].data], head=pairs[p].head,
+                    params=pairs[p].grid[g], fit_rows=fit, score_rows=score,
+                    settings=settings)
+            for p, g, _, fit, score in tasks
+        ]
+
+    return store, keys
 
 
 def _cv_tasks(
@@ -200,8 +260,7 @@ def _score_pairs(
     *,
     pairs: Sequence[Pair],
     outcomes: dict[int, dict[tuple[int, int], dict[str, Any]]],
-    folds: Sequence[tuple[np.ndarray, np.ndarray]],
-    pool: np.ndarray,
+    plan: RowPlan,
     labels: np.ndarray,
     class_names: Sequence[str],
     config: CompareConfig,
@@ -209,15 +268,16 @@ def _score_pairs(
     """Each pair's result: scored with its chosen grid point, or skipped with the reason."""
     pair_results = []
     for p, pair in enumerate(pairs):
-        entry: dict[str, Any] = {"cache": pair.cache, "base": pair.base, "head": pair.head}
+        entry: dict[str, Any] = {"cache": pair.cache, "base": pair.base, "label": pair.label,
+                                 "head": pair.head}
         if pair.skip is None:
-            scored = _score_pair(pair=pair, outcomes=outcomes[p], folds=folds, pool=pool,
-                                 labels=labels, class_names=class_names)
+            scored = _score_pair(pair=pair, outcomes=outcomes[p], folds=plan.folds,
+                                 pool=plan.pool, labels=labels, class_names=class_names)
             pair.skip = scored.pop("skip", None)
             entry.update(scored)
         if pair.skip is not None:
             entry.update(status="skipped", reason=pair.skip)
-            log.warning("compare: skipped %s / %s: %s", pair.base, pair.head, pair.skip)
+            log.warning("compare: skipped %s / %s: %s", pair.label, pair.head, pair.skip)
         else:
             chosen = pair.grid[entry["chosen"]]
             entry.update(status="ok", params=chosen,
@@ -232,21 +292,23 @@ def _score_test(
     pair_results: list[dict[str, Any]],
     data: Sequence[np.ndarray],
     labels: np.ndarray,
-    pool: np.ndarray,
-    test: np.ndarray,
+    plan: RowPlan,
     class_names: Sequence[str],
     config: CompareConfig,
     progress: Progress,
+    keys: Callable[[Sequence[FitTask]], list[str]],
+    store: FitStore,
 ) -> None:
-    """Refit each scored pair on the whole pool with its chosen params; score the test once."""
-    tasks = [
+    """Refit each scored pair on every non-test row with its chosen params; score the test
+    rows once."""
+    pool, test = plan.pool, plan.test
+    tasks: list[FitTask] = [
         (p, r["chosen"], None, pool, test)
         for p, r in enumerate(pair_results) if r["status"] == "ok"
     ]
-    for (p, _, _, _, _), out in zip(
-        tasks, run_tasks(tasks, pairs, data, labels, config=config, progress=progress),
-        strict=True,
-    ):
+    outs = run_tasks(tasks, pairs, data, labels, config=config, progress=progress,
+                     keys=keys(tasks), store=store)
+    for (p, _, _, _, _), out in zip(tasks, outs, strict=True):
         if "error" in out:
             pair_results[p]["test"] = {"error": out["error"]}
             continue
@@ -268,51 +330,64 @@ def _results(
     out_dir: Path,
     entries: Sequence[tuple[str, str | None]],
     caches: Sequence[Cache],
-    pool: np.ndarray,
-    test: np.ndarray,
-    folds: Sequence[tuple[np.ndarray, np.ndarray]],
-    fold_problem: str | None,
+    plan: RowPlan,
+    pairs: Sequence[Pair],
     pair_results: list[dict[str, Any]],
     board: list[dict[str, Any]],
     skipped: list[dict[str, Any]],
 ) -> dict[str, Any]:
     """The ``results`` dict the report and ``results.json`` are made from."""
     ref = caches[0]
+    label_of = {pair.data: pair.label for pair in pairs}
     return {
         "config": dataclasses.asdict(config),
-        "protocol": (
-            f"{config.cv}-fold StratifiedKFold(shuffle=True, random_state={config.seed}) "
-            "over the non-test rows, the same folds for every pair; "
-            + ("parameters chosen by mean CV accuracy over a small grid (not nested); "
-               if config.sweep else "library-default parameters (no sweep); ")
-            + ("refit on all non-test rows, scored once on the test rows."
-               if test.size else "no test split recorded: CV scores only.")
-        ),
+        "protocol": _protocol_text(config, plan),
+        "protocol_kind": plan.protocol,
         "started": started.isoformat(timespec="seconds"),
         "seconds": seconds,
         "out_dir": str(out_dir),
         "class_names": list(ref.class_names),
         "n_rows": int(len(ref.labels)),
-        "n_pool": int(pool.size),
-        "n_test": int(test.size),
+        "n_pool": int(plan.pool.size),
+        "n_test": int(plan.test.size),
         "folds": {
-            "k": config.cv,
+            "k": plan.cv,
             "seed": config.seed,
-            "problem": fold_problem,
-            "sizes": [int(len(val)) for _, val in folds],
+            "problem": plan.problem,
+            "sizes": [int(len(val)) for _, val in plan.folds],
             # fold_of_pool_row[i]: the fold that scores pool row i (paths: pool_paths).
-            "fold_of_pool_row": fold_of(folds, pool.size),
-            "pool_paths": [ref.paths[i] for i in pool],
+            "fold_of_pool_row": fold_of(plan.folds, plan.pool.size),
+            "pool_paths": [ref.paths[i] for i in plan.pool],
         },
         "caches": [
-            {"path": path, **{k: c.attrs.get(k) for k in (
-                "base", "weights", "layer", "pooling", "input_size", "dtype", "n_rows")}}
-            for (path, _), c in zip(entries, caches, strict=True)
+            {"path": path, "label": label_of.get(i, ""),
+             "n_classes": len(c.class_names), "protocol": plan.describe(),
+             **{k: c.attrs.get(k) for k in (
+                 "base", "weights", "layer", "pooling", "input_size", "dtype", "n_rows",
+                 "data_dir", "created")}}
+            for i, ((path, _), c) in enumerate(zip(entries, caches, strict=True))
         ],
         "pairs": pair_results,
         "leaderboard": board,
         "skipped": skipped,
     }
+
+
+def _protocol_text(config: CompareConfig, plan: RowPlan) -> str:
+    """How the numbers were made, in plain words, for the report and results.json."""
+    validation = plan.protocol == "validation"
+    text = (plan.describe().capitalize() + ", the same rows for every pair; "
+            + (("parameters chosen from a small grid by validation accuracy" if validation
+                else "parameters chosen from a small grid by mean accuracy over the folds "
+                "(not nested)") if config.sweep else "library-default parameters (no sweep)")
+            + f"; class weights: {config.class_weight or 'none'}.")
+    early = [name for name, used in (("the dense head", "dense" in config.heads),
+                                     ("the scratch convnet", config.scratch is not None)) if used]
+    if validation and early:
+        text += (f" {' and '.join(early).capitalize()} stop early on a seeded 10% of the train "
+                 "rows, never on the validation rows they are scored on (fit_head stops on "
+                 "the validation rows), so their scores can differ from fit_head's.")
+    return text
 
 
 # ---------------------------------------------------------------------------------------
@@ -378,6 +453,8 @@ def _score_pair(
         return {"grid": grid_results, "skip": grid_results[0]["error"]}
     g = choose(scores)
     per_fold = []
+    # Every pool row for cross-validation; the validation rows for a recorded split.
+    scored = np.sort(np.concatenate([val for _, val in folds]))
     oof = np.empty(len(pool), dtype=labels.dtype)
     for k, (fit, val) in enumerate(folds):
         o = outcomes[(g, k)]
@@ -410,5 +487,6 @@ def _score_pair(
         "fit_seconds": float(np.mean([f["fit_seconds"] for f in per_fold])),
         "predict_ms_per_image": float(np.mean([f["predict_ms_per_image"] for f in per_fold])),
         "model_bytes": int(round(np.mean([f["model_bytes"] for f in per_fold]))),
-        "out_of_fold": evaluate(_Predicted(), oof, labels[pool], class_names),
+        # Each scored row's prediction by the fit that did not see it.
+        "out_of_fold": evaluate(_Predicted(), oof[scored], labels[pool[scored]], class_names),
     }
