@@ -462,7 +462,7 @@ def compare_parser(prog: str = "compare.py") -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=100, help="dense head: maximum epochs")
     p.add_argument("--scratch-epochs", type=int, default=50,
                    help="scratch convnet: maximum epochs")
-    p.add_argument("--class-weight", choices=["none", "balanced"], default="none",
+    p.add_argument("--class-weight", choices=CLASS_WEIGHTS, default="none",
                    help="balanced: weight classes inversely to their frequency, in every "
                    "head but knn, as fit_head (default: none)")
     p.add_argument("--out", default=None,
@@ -762,10 +762,11 @@ def compare_main(argv: Sequence[str] | None = None, prog: str | None = None) -> 
 
             print(format_history(read_history(args.history_file)), flush=True)
             return 0
-        _load_backend()
-        from pipeline.compare import CompareConfig, run_compare
         check_output("--out", args.out, folder=True)
         check_output("--history-file", args.history_file)
+        _load_backend()
+        from pipeline.compare import CompareConfig, run_compare
+
         result = run_compare(CompareConfig(**options))
         print(result.summary(), flush=True)
         return 0 if result.leaderboard else 2  # nothing could run: the report says why

@@ -30,7 +30,7 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-from pipeline.base_files import FEATURE_MODEL_FILE, MODEL_FOLDER_FILES
+from pipeline.bases.files import FEATURE_MODEL_FILE, MODEL_FOLDER_FILES
 from pipeline.predictor import (
     ModelFiles,
     load_bottleneck,

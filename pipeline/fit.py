@@ -15,7 +15,7 @@ from sklearn.base import BaseEstimator
 from sklearn.metrics import accuracy_score, classification_report, confusion_matrix, f1_score
 from sklearn.model_selection import train_test_split
 
-from pipeline.base_files import base_file_record
+from pipeline.bases.files import base_file_record
 from pipeline.cache import check_finite, read_cache
 from pipeline.heads import head_params, make_head, save_head
 from pipeline.heads.stream import STREAM_HEADS

@@ -30,7 +30,7 @@ only the embeddings are written (no predictions CSV), and unreadable files are l
 ``.keras``) have no separate features and are refused.
 
 A fit_head folder finds its base file where it recorded it, relative to the folder or
-absolute (:mod:`pipeline.base_files`); ``--base PATH`` says where it is now, and must be
+absolute (:mod:`pipeline.bases.files`); ``--base PATH`` says where it is now, and must be
 the same file (sha256). ``--evaluate`` takes one labelled folder or manifest instead of
 unlabelled images and scores the predictions (:mod:`pipeline.evaluation`).
 """

@@ -9,7 +9,7 @@ decoding, resizing and preprocessing are never re-specified by hand and cannot d
                  extract.py does, features are rounded through the cache dtype, and the
                  head is applied: predictions equal those on cached features. The base
                  file is found where the folder moved with it, or given (``--base``;
-                 :mod:`pipeline.base_files`). An export folder is one whose head.json
+                 :mod:`pipeline.bases.files`). An export folder is one whose head.json
                  names its ``feature_model`` (``features.keras``): no base is rebuilt.
     end-to-end   a folder whose head.json says "kind": "end-to-end" (finetune output,
                  model.keras taking RGB 0..255), or an exported ``X.keras`` with its
@@ -99,7 +99,7 @@ def locate_model(model: str | os.PathLike, *, base: str | os.PathLike | None = N
 
     Returns:
         Where its files are, with the metadata read; for a fit_head folder also the cache
-        attributes with the base file found (:func:`pipeline.base_files.locate_base_file`:
+        attributes with the base file found (:func:`pipeline.bases.files.locate_base_file`:
         relative to the folder, at its recorded path, in the folder, or ``base``).
 
     Raises:
@@ -143,7 +143,7 @@ def _unpacked(archive: Path) -> Path:
     import tempfile
     import zipfile
 
-    from pipeline.base_files import FEATURE_MODEL_FILE, MODEL_FOLDER_FILES
+    from pipeline.bases.files import FEATURE_MODEL_FILE, MODEL_FOLDER_FILES
 
     allowed = {*MODEL_FOLDER_FILES, FEATURE_MODEL_FILE}
     try:
@@ -170,7 +170,7 @@ def _unpacked(archive: Path) -> Path:
 def _with_base(located: ModelFiles, base: str | os.PathLike | None) -> ModelFiles:
     """``located`` with a fit_head folder's base file found; ``base`` refused where the
     model carries its base."""
-    from pipeline.base_files import locate_base_file
+    from pipeline.bases.files import locate_base_file
 
     packed = located.meta.get("feature_model")
     carried = (located.keras_file if located.meta.get("kind") == END_TO_END

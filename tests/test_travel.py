@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from conftest import PYTHON, write_index_images
 
-from pipeline.base_files import base_file_record, locate_base_file
+from pipeline.bases.files import base_file_record, locate_base_file
 from pipeline.cli import fit_head_main, predict_main
 from pipeline.export import export_model
 from pipeline.extract import ExtractConfig, run_extract
@@ -151,10 +151,6 @@ def test_weights_files_and_preset_folders_are_found_as_base_files_are(tmp_path):
     found = locate_base_file(attrs, model_dir=tmp_path / "new" / "model", record=record)
     assert found["weights_path"] == str((tmp_path / "new" / "w.h5").resolve())
 
-    from pipeline import base_files
-    from pipeline.bases import hub
-
-    assert base_files.HUB_PREFIX == hub.HUB_PREFIX  # spelled twice to keep base_files light
     preset = tmp_path / "preset"
     preset.mkdir()
     (preset / "model.weights.h5").write_bytes(b"preset weights")

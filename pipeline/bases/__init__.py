@@ -4,7 +4,8 @@ A base is resolved to a :class:`FeatureModel`: the Keras model cut at a layer an
 plus the facts that define its features (recorded in every cache): base, weights, layer,
 pooling, input size, preprocessing. ``registry``: bases by name, preprocessing, sizes;
 ``blocks``: layer and block rules, ``--layer`` names; ``model``: ``FeatureModel``;
-``combine``: preprocessing + base + head as one Keras model.
+``combine``: preprocessing + base + head as one Keras model; ``files``: where a model's
+base file is after the model moved.
 """
 
 from __future__ import annotations

@@ -34,8 +34,6 @@ __all__ = [
 ]
 
 HUB_PREFIX = "hub:"  # how a cache records a keras-hub base: hub:<handle or folder>
-
-
 HUB_BACKBONE = "hub_backbone"  # the backbone's layer in a feature model (finetune unfreezes it)
 
 

@@ -17,11 +17,10 @@ The modules, in the order a run uses them:
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from pipeline.util.lazy import lazy_exports
 
-# Where each public name lives. Loaded on first use (PEP 562), so ``compare.py --history``
-# reads its JSON lines without importing Keras and scikit-learn (~8 s on 2 cores).
+# Where each public name lives, loaded on first use (pipeline/util/lazy.py): ``compare.py
+# --history`` reads its JSON lines without importing Keras and scikit-learn (~8 s on 2 cores).
 _HOMES = {
     "COMPARE_HEADS": "pipeline.compare.config",
     "SCRATCH_HEAD": "pipeline.compare.config",
@@ -42,9 +41,4 @@ _HOMES = {
 
 __all__ = list(_HOMES)
 
-
-def __getattr__(name: str) -> Any:
-    home = _HOMES.get(name)
-    if home is None:
-        raise AttributeError(f"module 'pipeline.compare' has no attribute {name!r}")
-    return getattr(importlib.import_module(home), name)
+__getattr__, __dir__ = lazy_exports(__name__, _HOMES)

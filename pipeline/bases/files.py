@@ -26,11 +26,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pipeline.bases.hub import HUB_PREFIX
 from pipeline.util.files import file_sha256
 
 __all__ = [
     "FEATURE_MODEL_FILE",
-    "HUB_PREFIX",
     "MODEL_FOLDER_FILES",
     "BaseFile",
     "base_file_record",
@@ -39,9 +39,6 @@ __all__ = [
 ]
 
 _HUB_WEIGHTS = "model.weights.h5"  # what a preset folder's recorded sha256 is of
-# pipeline.bases.hub.HUB_PREFIX, spelled here so that importing this module does not import
-# Keras (pipeline.bases does): a moved base is found, or refused, in a fraction of a second.
-HUB_PREFIX = "hub:"
 # A model folder's own files: a base file by one of these names is not looked for there
 # (and an export never overwrites them).
 MODEL_FOLDER_FILES = ("model.keras", "model.joblib", "head.json", "metrics.json", "config.json")
