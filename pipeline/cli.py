@@ -598,6 +598,7 @@ def extract_main(argv: Sequence[str] | None = None, prog: str | None = None) -> 
     def command() -> int:
         check_output("--out", args.out)
         from pipeline.extract import ExtractConfig, run_extract
+        from pipeline.extract.config import validate
 
         options = vars(args)
         merge = options.pop("merge")
@@ -612,7 +613,8 @@ def extract_main(argv: Sequence[str] | None = None, prog: str | None = None) -> 
         if not args.data_dir or not args.base:
             raise ValueError("extract needs DATA_DIR and --base (or --merge PARTS). "
                              f"Received: data_dir={args.data_dir!r}, base={args.base!r}")
-        config = ExtractConfig(**options)  # checked before Keras loads
+        config = ExtractConfig(**options)
+        validate(config)  # every argument, before Keras loads
         _load_backend()
         result = run_extract(config)
         print(result.summary(), flush=True)
@@ -640,14 +642,18 @@ def fit_head_main(argv: Sequence[str] | None = None, prog: str | None = None) ->
         from pipeline.cache import check_cache_exists
 
         check_cache_exists(args.cache)  # in a fraction of a second, before TensorFlow loads
-        _load_backend()
-        from pipeline.fit import FitConfig, format_done, format_report, run_fit
+        from pipeline.fit import FitConfig, check_fit_config
 
+        config = FitConfig(**options)
+        check_fit_config(config)  # every argument, and --out's model, before Keras loads
         if export is not None:
             from pipeline.export import check_exportable
 
             check_exportable(args.head, export)  # before training, not after
-        out_dir, metrics = run_fit(FitConfig(**options))
+        _load_backend()
+        from pipeline.fit import format_done, format_report, run_fit
+
+        out_dir, metrics = run_fit(config)
         print(format_report(metrics), flush=True)
         print(format_done(metrics, out_dir), flush=True)
         if export is not None:
@@ -723,10 +729,14 @@ def finetune_main(argv: Sequence[str] | None = None, prog: str | None = None) ->
 
     def command() -> int:
         check_output("--out", args.out, folder=True)
-        _load_backend()
-        from pipeline.finetune import FinetuneConfig, run_finetune
+        from pipeline.finetune import FinetuneConfig, check_config
 
-        out_dir, metrics = run_finetune(FinetuneConfig(**vars(args)))
+        config = FinetuneConfig(**vars(args))
+        check_config(config)  # before Keras loads
+        _load_backend()
+        from pipeline.finetune import run_finetune
+
+        out_dir, metrics = run_finetune(config)
         print(
             f"finetune: done. validation accuracy {metrics['val_accuracy_before']:.4f} -> "
             f"{metrics['val_accuracy_after']:.4f} after {metrics['epochs_run']} epochs "
@@ -764,10 +774,14 @@ def compare_main(argv: Sequence[str] | None = None, prog: str | None = None) -> 
             return 0
         check_output("--out", args.out, folder=True)
         check_output("--history-file", args.history_file)
-        _load_backend()
-        from pipeline.compare import CompareConfig, run_compare
+        from pipeline.compare.config import CompareConfig, check_config
 
-        result = run_compare(CompareConfig(**options))
+        config = CompareConfig(**options)
+        check_config(config)  # before Keras loads
+        _load_backend()
+        from pipeline.compare import run_compare
+
+        result = run_compare(config)
         print(result.summary(), flush=True)
         return 0 if result.leaderboard else 2  # nothing could run: the report says why
 

@@ -152,16 +152,27 @@ print(rc, ",".join(heavy))
 """
 
 
-@pytest.mark.parametrize("main, argv, rc", [
-    ("fit_head_main", ["nope.h5"], 2),
-    ("compare_main", ["--history", "--history-file", "none.jsonl"], 0),
+@pytest.mark.parametrize("main, argv, rc, said", [
+    ("fit_head_main", ["nope.h5"], 2, "Cache file not found"),
+    ("compare_main", ["--history", "--history-file", "none.jsonl"], 0, ""),
+    # every argument is checked before Keras loads, in each command
+    ("fit_head_main", ["c.h5", "--val-split", "2"], 2, "Received: --val-split=2.0"),
+    ("fit_head_main", ["c.h5", "--head", "knn", "--k", "0"], 2, "Received: --k=0"),
+    ("fit_head_main", ["c.h5", "--head", "svm", "--stream"], 2, "Received: --head='svm'"),
+    ("compare_main", ["c.h5", "--cv", "1"], 2, "Received: --cv=1"),
+    ("finetune_main", ["c.h5", "--unfreeze-top-blocks", "1", "--epochs", "0"], 2,
+     "Received: --epochs=0"),
+    ("extract_main", ["data", "--base", "vgg16", "--augment", "-1"], 2, "Received: --augment=-1"),
+    ("extract_main", ["data", "--base", "vgg16", "--shard", "2/2"], 2, "Received: --shard='2/2'"),
 ])
-def test_quick_answers_load_neither_keras_nor_tensorflow(tmp_path, main, argv, rc):
-    """A missing cache and the compare history are answered before TensorFlow loads (it
-    takes ~8 s on 2 cores), so a typo fails at once."""
+def test_quick_answers_load_neither_keras_nor_tensorflow(tmp_path, main, argv, rc, said):
+    """A missing cache, the compare history and every bad argument are answered before
+    TensorFlow loads (it takes ~8 s on 2 cores), so a typo fails at once."""
+    (tmp_path / "c.h5").touch()
     proc = subprocess.run([PYTHON, "-c", _WITHOUT_KERAS, main, *argv], cwd=tmp_path,
                           capture_output=True, text=True, timeout=60)
     assert proc.stdout.split("\n")[-2] == f"{rc} ", proc.stdout + proc.stderr[-2000:]
+    assert said in proc.stderr
 
 
 def test_library_names_become_flags_as_typed():

@@ -315,17 +315,17 @@ def split_cache(tmp_path_factory):
                                               ("dense", True)])
 def test_held_out_test_rows_are_never_trained_or_early_stopped_on(tmp_path, monkeypatch,
                                                                   split_cache, head, stream):
-    import pipeline.fit
+    from pipeline.fit import run as fit_run
 
     cache, y = split_cache
     seen: dict[str, np.ndarray] = {}
-    fit = pipeline.fit._fit
+    fit = fit_run._fit
 
     def spy(config, estimator, *, cache, X, train, val):
         seen.update(train=train, val=val)
         return fit(config, estimator, cache=cache, X=X, train=train, val=val)
 
-    monkeypatch.setattr(pipeline.fit, "_fit", spy)
+    monkeypatch.setattr(fit_run, "_fit", spy)
     out_dir, metrics = run_fit(FitConfig(cache=str(cache), head=head, out=str(tmp_path / "m"),
                                          test_split=0.25, stream=stream, seed=2, **FAST))
     rows = np.loadtxt(out_dir / "test_rows.csv", delimiter=",", skiprows=1, usecols=0, dtype=int)

@@ -120,7 +120,7 @@ def _interrupted_in_gc(*args, **kwargs):
 @pytest.mark.parametrize("script, module, function, argv", [
     ("fit_head", "pipeline.fit", "run_fit", ["c.h5"]),
     ("predict", "pipeline.predict", "run_predict", ["model", "x.png"]),
-    ("finetune", "pipeline.finetune", "run_finetune", ["c.h5"]),
+    ("finetune", "pipeline.finetune", "run_finetune", ["c.h5", "--unfreeze-top-blocks", "1"]),
     ("compare", "pipeline.compare", "run_compare", ["c.h5"]),
     ("demo", "pipeline.demo", "run_demo", []),
 ])

@@ -19,18 +19,22 @@ The modules, in the order a run uses them:
 - ``run``: ``run_finetune``, the protocol.
 """
 
-from pipeline.bases import block_of, blocks_of
-from pipeline.finetune.config import FinetuneConfig
-from pipeline.finetune.data import image_dataset
-from pipeline.finetune.model import set_trainable, unfreeze_start
-from pipeline.finetune.run import run_finetune
+from __future__ import annotations
 
-__all__ = [
-    "FinetuneConfig",
-    "block_of",
-    "blocks_of",
-    "image_dataset",
-    "run_finetune",
-    "set_trainable",
-    "unfreeze_start",
-]
+from pipeline.util.lazy import lazy_exports
+
+# Where each public name lives, loaded on first use (pipeline/util/lazy.py): the arguments
+# are checked before Keras loads.
+_HOMES = {
+    "FinetuneConfig": "pipeline.finetune.config",
+    "block_of": "pipeline.bases.blocks",
+    "blocks_of": "pipeline.bases.blocks",
+    "check_config": "pipeline.finetune.config",
+    "image_dataset": "pipeline.finetune.data",
+    "run_finetune": "pipeline.finetune.run",
+    "set_trainable": "pipeline.finetune.model",
+    "unfreeze_start": "pipeline.finetune.model",
+}
+
+__all__ = list(_HOMES)
+__getattr__, __dir__ = lazy_exports(__name__, _HOMES)

@@ -25,7 +25,8 @@ from sklearn.preprocessing import FunctionTransformer, StandardScaler
 from sklearn.svm import SVC, LinearSVC
 
 from pipeline.heads import HEADS
-from pipeline.heads.dense import DenseHead, check_head_args
+from pipeline.heads.args import check_head_args
+from pipeline.heads.dense import DenseHead
 
 __all__ = ["HEADS", "flatten_step", "head_name", "head_params", "make_head"]
 

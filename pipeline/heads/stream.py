@@ -18,6 +18,7 @@ import h5py
 import numpy as np
 
 from pipeline.cache import check_finite, decode_attrs, feature_dataset, open_cache
+from pipeline.heads import STREAM_HEADS
 from pipeline.heads.dense import DenseHead
 from pipeline.heads.registry import flatten_step
 
@@ -30,7 +31,6 @@ __all__ = [
     "read_rows",
 ]
 
-STREAM_HEADS = ("dense", "logreg", "linear-svm")
 # HDF5 chunk cache per open file: fixed, so memory does not grow with the cache.
 CHUNK_CACHE_BYTES = 32 << 20
 

@@ -6,7 +6,6 @@ import dataclasses
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,11 +16,11 @@ from sklearn.model_selection import train_test_split
 
 from pipeline.bases.files import base_file_record
 from pipeline.cache import check_finite, read_cache
+from pipeline.fit.config import FitConfig, check_fit_config, check_fractions
 from pipeline.heads import head_params, make_head, save_head
-from pipeline.heads.stream import STREAM_HEADS
 from pipeline.util.files import replace_atomically, write_json_atomic
 
-__all__ = ["FitConfig", "evaluate", "format_done", "format_report", "run_fit", "split_rows"]
+__all__ = ["TEST_ROWS", "evaluate", "format_done", "format_report", "run_fit", "split_rows"]
 
 log = logging.getLogger(__name__)
 
@@ -29,48 +28,6 @@ _SPLITS = ("train", "validation", "test")
 
 # The rows a --test-split held out, beside the model: row, path, label.
 TEST_ROWS = "test_rows.csv"
-
-
-@dataclass
-class FitConfig:
-    """Arguments of the fit-head command, written as ``config.json`` beside the model."""
-
-    cache: str
-    head: str = "logreg"
-    out: str | None = None  # default: models/<cache file stem>-<head>
-    val_split: float = 0.2
-    test_split: float = 0.0  # held-out test fraction of all rows, when the cache records none
-    seed: int = 0
-    epochs: int = 100
-    lr: float = 1e-3
-    batch_size: int = 32
-    C: float = 1.0
-    class_weight: str | None = None
-    patience: int = 10
-    use_augmented: bool = False
-    stream: bool = False
-    layer: str | None = None
-    hidden: int = 256  # dense head
-    dropout: float = 0.5  # dense head
-    k: int = 5  # knn head
-    max_iter: int | None = None  # logreg (default 2000), linear-svm (default 1000)
-    overwrite: bool = False  # replace a model in ``out`` trained with other settings
-
-
-def _check_fractions(val_split: float, test_split: float = 0.0) -> None:
-    if not 0 < val_split < 1:  # also rejects NaN
-        raise ValueError(
-            f"`val_split` must be between 0 and 1, exclusive. Received: val_split={val_split}"
-        )
-    if not 0 <= test_split < 1:
-        raise ValueError(
-            f"`--test-split` must be at least 0 and below 1. Received: --test-split={test_split}"
-        )
-    if val_split + test_split >= 1:
-        raise ValueError(
-            "`--val-split` + `--test-split` must be below 1, or no row is left to train on. "
-            f"Received: --val-split={val_split}, --test-split={test_split}"
-        )
 
 
 def _class_label(label: int, class_names: Sequence[str] | None) -> str:
@@ -119,7 +76,7 @@ def split_rows(
             ``val_split`` not below 1, a recorded test split with ``test_split``, unknown or
             mixed split names, no training rows, or a class too small to stratify.
     """
-    _check_fractions(val_split, test_split)
+    check_fractions(val_split, test_split)
     split = np.asarray(split).astype(str)
     labels = np.asarray(labels)
     if len(split) != len(labels):
@@ -268,7 +225,7 @@ def run_fit(config: FitConfig) -> tuple[Path, dict[str, Any]]:
         ValueError: a bad argument, unusable features or labels.
         pipeline.cache.CacheError: the cache is missing, incomplete or damaged.
     """
-    _check_fractions(config.val_split, config.test_split)
+    out_dir = check_fit_config(config)
     estimator = make_head(
         config.head,
         C=config.C,
@@ -285,12 +242,7 @@ def run_fit(config: FitConfig) -> tuple[Path, dict[str, Any]]:
     )
     if config.head == "dense":
         estimator.set_params(log_epochs=True)  # one line per epoch: training takes a while
-    _check_stream(config)
     cache_path = Path(config.cache)
-    out_dir = (
-        Path(config.out) if config.out else Path("models") / f"{cache_path.stem}-{config.head}"
-    )
-    _check_overwrite(config, out_dir)
     cache, X = _read_rows(config, cache_path)
     train, val, test = _split(config, cache, cache_path)
     estimator, n_augmented, fit_seconds = _fit(config, estimator, cache=cache, X=X,
@@ -329,50 +281,6 @@ def _write_extras(
                          for i in test)
         replace_atomically(out_dir / TEST_ROWS, lambda tmp: tmp.write_text(text.getvalue()))
         metrics["test_rows"] = TEST_ROWS
-
-
-def _check_overwrite(config: FitConfig, out_dir: Path) -> None:
-    """Refuse to replace a model trained with other settings, unless asked to.
-
-    Why: ``--head logreg`` then ``--head logreg --C 0.01`` both default to
-    ``models/<cache>-logreg/``; the second run silently replaced the first. The same
-    settings again (a re-run) replace it as before.
-
-    Raises:
-        ValueError: ``out_dir`` holds a model whose config.json differs.
-    """
-    import json
-
-    if config.overwrite or not (out_dir / "config.json").is_file():
-        return
-    try:
-        before = json.loads((out_dir / "config.json").read_text())
-    except (OSError, ValueError):
-        return  # not a model this command wrote: save_head judges the folder
-    now = dataclasses.asdict(config)
-    # A setting added after that model was trained reads as its default there.
-    defaults = {f.name: f.default for f in dataclasses.fields(FitConfig)}
-    before = {key: before.get(key, defaults[key]) for key in now}
-    differs = [f"--{key.replace('_', '-')} {before[key]!r} -> {now[key]!r}"
-               for key in now if key not in ("out", "overwrite") and before[key] != now[key]]
-    if differs:
-        raise ValueError(
-            f"{out_dir} already holds a model trained with other settings "
-            f"({'; '.join(differs)}). Pass --out to keep both, or --overwrite to replace it. "
-            f"Received: out={str(out_dir)!r}"
-        )
-
-
-def _check_stream(config: FitConfig) -> None:
-    """Refuse ``--stream`` with a head or option it does not support."""
-    if config.stream and config.head not in STREAM_HEADS:
-        raise ValueError(
-            f"`stream` supports the heads {STREAM_HEADS} (RBF SVMs need all rows in memory). "
-            f"Received: head={config.head!r}"
-        )
-    if config.stream and config.use_augmented:
-        raise ValueError("`stream` and `use_augmented` cannot be combined yet. "
-                         "Received: stream=True, use_augmented=True")
 
 
 def _read_rows(config: FitConfig, cache_path: Path) -> tuple[Any, np.ndarray]:
