@@ -371,3 +371,26 @@ def test_a_model_from_before_a_new_setting_reruns_without_overwrite(tmp_path, sp
     run_fit(config)  # the same settings: not "trained with other settings"
     with pytest.raises(ValueError, match=r"--test-split 0\.0 -> 0\.1"):
         run_fit(dataclasses.replace(config, test_split=0.1))
+
+
+def test_a_solver_stopped_by_its_iteration_limit_is_named_with_its_flag(tmp_path):
+    """scikit-learn's ConvergenceWarning says "increase the number of iterations" and names
+    no flag: the report names --max-iter and the limit that stopped the solver."""
+    import warnings
+
+    from sklearn.exceptions import ConvergenceWarning
+
+    X, y = blobs(n_per_class=30, n_classes=3, shape=(20,), seed=1)
+    cache = make_cache(tmp_path / "c.h5", X, y)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConvergenceWarning)  # none may reach the user
+        _, stopped = run_fit(FitConfig(cache=str(cache), head="linear-svm", max_iter=1,
+                                       out=str(tmp_path / "m1")))
+        _, converged = run_fit(FitConfig(cache=str(cache), head="linear-svm",
+                                         out=str(tmp_path / "m2")))
+    assert stopped["max_iter_reached"] == 1
+    assert format_report(stopped).splitlines()[-1] == (
+        "note: the solver stopped at its limit of 1 iterations before converging; a higher "
+        "--max-iter may score better")
+    assert "max_iter_reached" not in converged
+    assert "--max-iter" not in format_report(converged)

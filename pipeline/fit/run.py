@@ -5,12 +5,15 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from sklearn.base import BaseEstimator
+from sklearn.exceptions import ConvergenceWarning
 from sklearn.metrics import accuracy_score, classification_report, confusion_matrix, f1_score
 from sklearn.model_selection import train_test_split
 
@@ -245,10 +248,13 @@ def run_fit(config: FitConfig) -> tuple[Path, dict[str, Any]]:
     cache_path = Path(config.cache)
     cache, X = _read_rows(config, cache_path)
     train, val, test = _split(config, cache, cache_path)
-    estimator, n_augmented, fit_seconds = _fit(config, estimator, cache=cache, X=X,
-                                               train=train, val=val)
+    estimator, n_augmented, fit_seconds, converged = _fit(config, estimator, cache=cache, X=X,
+                                                          train=train, val=val)
     metrics = _metrics(config, estimator, cache=cache, X=X, train=train, val=val, test=test,
                        n_augmented=n_augmented, fit_seconds=fit_seconds)
+    if not converged:
+        metrics["max_iter_reached"] = next(
+            (v for k, v in estimator.get_params().items() if k.endswith("max_iter")), None)
     # Relative to the model folder too, so a folder moved with its base still finds it.
     metrics["base_file"] = base_file_record(cache.attrs, out_dir)
     save_head(estimator, out_dir)
@@ -331,9 +337,10 @@ def _fit(
     val: np.ndarray,
 ) -> tuple[Any, int, float]:
     """Fit on the training rows (+ their augmented copies when asked): (estimator,
-    augmented rows used, seconds)."""
+    augmented rows used, seconds, whether the solver converged within its iterations)."""
     labels = cache.labels
     n_augmented = 0
+    converged = True
     start = time.perf_counter()
     if config.stream:
         estimator = _fit_streaming(config, cache, train, val)
@@ -346,8 +353,26 @@ def _fit(
             # Early stopping can only score rows of classes the head learns.
             seen = np.isin(labels[val], np.unique(labels[train]))
             fit_kwargs["validation_data"] = (X[val][seen], labels[val][seen])
-        estimator.fit(X_train, y_train, **fit_kwargs)
-    return estimator, n_augmented, time.perf_counter() - start
+        with _convergence() as warned:
+            estimator.fit(X_train, y_train, **fit_kwargs)
+        converged = not warned
+    return estimator, n_augmented, time.perf_counter() - start, converged
+
+
+@contextmanager
+def _convergence() -> Iterator[list[Warning]]:
+    """Holds back scikit-learn's ConvergenceWarning, which names no flag ("increase the
+    number of iterations"), into the list: the report says which flag raises the limit.
+    Other warnings pass through as they came."""
+    warned: list[Warning] = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield warned
+    for w in caught:
+        if issubclass(w.category, ConvergenceWarning):
+            warned.append(w.message)
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
 
 
 def _scores(config: FitConfig, estimator: Any, cache: Any, X: np.ndarray,
@@ -461,6 +486,9 @@ def format_report(metrics: dict[str, Any]) -> str:
         f1s = "  ".join(f"{name} {v['f1-score']:.3f}" if v.get("support") else
                         f"{name} - (no {part} rows)" for name, v in m["per_class"].items())
         lines.append(f"  per-class F1: {f1s}")
+    if "max_iter_reached" in metrics:
+        lines.append(f"note: the solver stopped at its limit of {metrics['max_iter_reached']} "
+                     "iterations before converging; a higher --max-iter may score better")
     return "\n".join(lines)
 
 
