@@ -853,10 +853,10 @@ def _overview(prog: str) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """``bottleneck <command> ...``: one entry point for every command."""
+def main(argv: Sequence[str] | None = None, prog: str = "bottleneck") -> int:
+    """``bottleneck <command> ...``: one entry point for every command (``prog``: how it
+    was run, for ``usage:``)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    prog = "bottleneck"
     if argv and argv[0] in ("-h", "--help"):
         print(_overview(prog))
         return 0

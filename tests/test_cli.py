@@ -213,6 +213,11 @@ def test_one_entry_point_runs_every_command():
         assert f"examples:\n  bottleneck {name} " in proc.stdout
     proc = _run_cli("fit-head", "--help")  # the script's name works too
     assert proc.returncode == 0 and proc.stdout.startswith("usage: bottleneck fit ")
+    # without the console script
+    proc = subprocess.run([PYTHON, "-m", "pipeline", "compare", "c.h5", "--cv", "x"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("usage: python -m pipeline compare CACHE.h5 [options]")
 
 
 def test_help_shows_choices_and_defaults():
