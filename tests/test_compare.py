@@ -300,7 +300,7 @@ def test_nothing_could_run_writes_the_reason_and_exits_nonzero(tmp_path, capsys)
     ("kwargs", "message"),
     [
         ({"cv": 1}, r"Received: cv=1"),
-        ({"heads": ["xgboost"]}, r"Received: heads=\['xgboost'\]"),
+        ({"heads": ["xgboost"]}, r"xgboost is none of them. Received: heads='xgboost'"),
         ({"heads": ["svm", "svm"]}, r"a head twice"),
         ({"n_jobs": 0}, r"Received: n_jobs=0"),
         ({"epochs": 0}, r"Received: epochs=0"),

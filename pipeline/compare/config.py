@@ -99,8 +99,11 @@ def check_config(config: CompareConfig) -> None:
     if not config.caches:
         raise ValueError("Give at least one cache. Received: caches=[]")
     if not config.heads or any(h not in HEADS for h in config.heads):
+        unknown = [h for h in config.heads if h not in HEADS]
         raise ValueError(
-            f"`heads` must be a non-empty list of {HEADS}. Received: heads={config.heads}"
+            f"`heads` must be a comma-separated list of {', '.join(HEADS)}"
+            + (f"; {', '.join(unknown)} is none of them" if unknown else "")
+            + f". Received: heads={','.join(config.heads)!r}"
         )
     if len(set(config.heads)) != len(config.heads):
         raise ValueError(f"`heads` lists a head twice. Received: heads={config.heads}")
