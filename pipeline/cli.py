@@ -422,6 +422,9 @@ def finetune_parser(prog: str = "finetune.py") -> argparse.ArgumentParser:
     p.add_argument("--cache", default=None, help="the head's cache (default: as recorded)")
     p.add_argument("--data-dir", default=None,
                    help="where the images are now (default: as the cache recorded)")
+    p.add_argument("--base", default=None, metavar="PATH",
+                   help="where the base file (.keras base, weights file, keras-hub preset "
+                   "folder) is now, if it moved; must be the same file (sha256)")
     return p
 
 

@@ -1,5 +1,6 @@
 """Models that travel: a fit_head folder finds its base file after a move (relative path,
-``--base``), and ``--export DIR`` carries the base for any head, scikit-learn ones included."""
+``--base``), for predict.py and finetune.py alike, and ``--export DIR`` carries the base for
+any head, scikit-learn ones included."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import pytest
 from conftest import PYTHON, write_index_images
 
 from pipeline.bases.files import base_file_record, locate_base_file
-from pipeline.cli import fit_head_main, predict_main
+from pipeline.cli import finetune_main, fit_head_main, predict_main
 from pipeline.export import export_model
 from pipeline.extract import ExtractConfig, run_extract
 from pipeline.fit import FitConfig, run_fit
@@ -118,6 +119,53 @@ def test_a_model_folder_moved_with_its_base_still_predicts(tmp_path, images):
     # A base copied into the model folder is found there.
     shutil.copy(moved_base, alone / "tiny.keras")
     assert_same(predictions(alone, images, tmp_path / "e.csv"), before)
+
+
+def test_finetune_finds_the_base_as_predict_does(tmp_path, images, capsys):
+    """A dense-head folder moved with its base fine-tunes; the base moved alone is named
+    with ``--base``; ``--base`` says where it is, and no other file is taken for it."""
+    shutil.copytree(images, tmp_path / "a" / "data")
+    model = make_tree(tmp_path / "a", head="dense")
+    cache = str(tmp_path / "a" / "cache.h5")  # stays, with the images it names
+    fast = ["--unfreeze-from", "conv", "--epochs", "1", "--batch-size", "8"]
+
+    def finetune(source: Path, out: str, *extra: str) -> int:
+        return finetune_main([str(source), *fast, "--out", str(tmp_path / out), *extra])
+
+    # Head folder and base move together: found relative to the head folder.
+    (tmp_path / "b").mkdir()
+    shutil.move(model, tmp_path / "b" / "models" / "m")
+    shutil.move(tmp_path / "a" / "bases", tmp_path / "b" / "bases")
+    moved = tmp_path / "b" / "models" / "m"
+    assert finetune(moved, "t1", "--cache", cache) == 0
+    assert (tmp_path / "t1" / "model.keras").is_file()
+    capsys.readouterr()
+
+    # The base moves alone: the error names the paths tried and this command with --base.
+    base = Path(shutil.move(tmp_path / "b" / "bases", tmp_path / "c")) / "tiny.keras"
+    assert finetune(moved, "t2", "--cache", cache) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: The base file this model was trained on (tiny.keras) is gone")
+    assert f"{tmp_path / 'b' / 'bases' / 'tiny.keras'} (relative to the model folder)" in err
+    assert err.endswith(f"finetune.py {moved} ... --base PATH.")
+    assert not (tmp_path / "t2").exists()
+
+    assert finetune(moved, "t2", "--cache", cache, "--base", str(base)) == 0
+    assert (tmp_path / "t2" / "model.keras").is_file()
+    capsys.readouterr()
+
+    other = tiny_base(tmp_path / "other" / "tiny.keras", seed=1)
+    assert finetune(moved, "t3", "--cache", cache, "--base", str(other)) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "not the base file the head was trained on" in err
+    assert err.endswith(f"Received: --base={str(other)!r}") and not (tmp_path / "t3").exists()
+
+    # From the cache itself (a fresh head warmed up): --base says where its base is now.
+    assert finetune(Path(cache), "t4", "--warmup-epochs", "2") == 2
+    assert f"finetune.py {cache} ... --base PATH." in capsys.readouterr().err
+    assert finetune(Path(cache), "t4", "--warmup-epochs", "2", "--base", str(other)) == 2
+    assert "not the base file" in capsys.readouterr().err
+    assert finetune(Path(cache), "t4", "--warmup-epochs", "2", "--base", str(base)) == 0
 
 
 def test_a_changed_base_file_is_named_as_changed(tmp_path, images):

@@ -116,6 +116,7 @@ def locate_base_file(
     model_dir: str | os.PathLike,
     record: dict[str, Any] | None = None,
     base: str | os.PathLike | None = None,
+    command: str | None = None,
 ) -> dict[str, Any]:
     """``attrs`` with the base file's path set to where the file is now.
 
@@ -124,6 +125,8 @@ def locate_base_file(
         model_dir: the model folder, wherever it is now.
         record: its ``metrics.json["base_file"]`` (None for folders written before it).
         base: ``--base PATH``, the user's word for where the file is.
+        command: the command a "not found" error suggests running again with
+            ``--base PATH`` (default: ``predict.py MODEL_DIR IMAGES``).
 
     Returns:
         A copy of ``attrs`` (unchanged when the features depend on no local file).
@@ -170,8 +173,8 @@ def locate_base_file(
     problem = "is gone" if not changed else "is gone or changed (sha256 differs)"
     raise ValueError(
         f"The {recorded.what} this model was trained on ({name}) {problem}. "
-        f"Tried: {'; '.join(tried)}. Pass where it is now: predict.py "
-        f"{folder} IMAGES --base PATH."
+        f"Tried: {'; '.join(tried)}. Pass where it is now: "
+        f"{command or f'predict.py {folder} IMAGES'} --base PATH."
     )
 
 

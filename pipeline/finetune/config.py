@@ -29,6 +29,7 @@ class FinetuneConfig:
     seed: int = 0
     cache: str | None = None  # default: the cache the head recorded
     data_dir: str | None = None  # default: the folder the cache recorded
+    base: str | None = None  # where the base file is now, if it moved (same sha256)
 
 
 def check_config(config: FinetuneConfig) -> None:

@@ -49,7 +49,9 @@ def run_finetune(config: FinetuneConfig) -> tuple[Path, dict[str, Any]]:
            validation images are never trained on; check every image is still there.
         4. Rebuild the feature model from the cache attributes
            (:func:`pipeline.bases.feature_model_from_attrs`): same base, weights, layer,
-           pooling, input size and preprocessing.
+           pooling, input size and preprocessing; a base file (``.keras``, weights, preset
+           folder) is taken from where it is now, found as predict.py finds it (relative
+           to the head folder, as recorded, beside it, or ``--base``; same sha256).
         5. Unfreeze from ``unfreeze_from``, or from the start of the top
            ``unfreeze_top_blocks`` blocks (:func:`unfreeze_start`, :func:`set_trainable`):
            everything below stays frozen, BatchNormalization stays frozen and in inference
@@ -85,7 +87,7 @@ def run_finetune(config: FinetuneConfig) -> tuple[Path, dict[str, Any]]:
     out_dir = _out_dir(config=config, start=start)
     split = split_images(start.cache, val_split=start.val_split, seed=start.split_seed,
                          data_dir=config.data_dir, test_split=start.test_split)
-    feature_model = feature_model_from_attrs(start.cache.attrs)
+    feature_model = feature_model_from_attrs(start.attrs)
     first, unfrozen = _unfreeze(config=config, feature_model=feature_model)
     verbose = 1 if sys.stdout.isatty() else 2  # Keras' progress: a bar, or a line an epoch
     head, warmup = _head(config=config, start=start, split=split,

@@ -1,7 +1,10 @@
 """Where fine-tuning starts: a fit_head folder with a dense head (warm start) or a cache.
 
 A head folder names its cache, split fraction and seed; the cache must still be the one the
-head was trained on, or its train/validation split could not be reproduced.
+head was trained on, or its train/validation split could not be reproduced. The base file
+the features came from (a ``.keras`` base, weights file or preset folder) is found as
+predict.py finds it (:func:`pipeline.bases.files.locate_base_file`), so a head folder moved
+with its base, or ``--base PATH``, still fine-tunes.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pipeline.bases.files import locate_base_file
 from pipeline.cache import Cache, CacheError, identity_differences, read_cache
 from pipeline.finetune.config import FinetuneConfig
 from pipeline.heads import DenseHead, load_head
@@ -26,6 +30,9 @@ class Start:
     kind: str  # "head" or "cache"
     cache_path: Path
     cache: Cache
+    # The cache's attributes with its base file's path where the file is now: what the
+    # feature model is rebuilt from (the cache's own attrs keep the recorded paths).
+    attrs: dict[str, Any]
     val_split: float
     split_seed: int
     head: DenseHead | None
@@ -44,13 +51,16 @@ def resolve_source(config: FinetuneConfig) -> Start:
     """Resolve ``config.source``: a dense-head folder (warm start) or a cache (warm-up).
 
     Args:
-        config: the run's arguments (``source``, and ``cache``, ``val_split``, ``seed``).
+        config: the run's arguments (``source``, and ``cache``, ``val_split``, ``seed``,
+            ``base``).
 
     Returns:
-        The cache, how to split it, and the head when the source is a head folder.
+        The cache, where its base file is, how to split it, and the head when the source
+        is a head folder.
 
     Raises:
-        ValueError: the source is neither, or its head is not a dense head.
+        ValueError: the source is neither, or its head is not a dense head; the base file
+            is found nowhere, or ``--base`` names another file.
         FileNotFoundError: the head folder lacks its files.
         pipeline.cache.CacheError: the cache is missing, incomplete or not the head's.
     """
@@ -88,12 +98,20 @@ def resolve_source(config: FinetuneConfig) -> Start:
                 + "\n".join(diffs)
                 + "\nPass the right one with --cache, or train the head again."
             )
+        # Looked for as predict.py looks: relative to the head folder first (fit_head
+        # records that path), so a folder moved together with its base still finds it.
+        attrs = locate_base_file(cache.attrs, model_dir=source, record=metrics.get("base_file"),
+                                 base=config.base, command=f"finetune.py {source} ...")
         return Start(
-            "head", cache_path, cache, float(fit_config["val_split"]), int(fit_config["seed"]),
-            head, float(fit_config.get("test_split", 0.0)),
+            "head", cache_path, cache, attrs, float(fit_config["val_split"]),
+            int(fit_config["seed"]), head, float(fit_config.get("test_split", 0.0)),
         )
     if source.suffix in (".h5", ".hdf5") or source.is_file():
-        return Start("cache", source, read_cache(source), config.val_split, config.seed, None)
+        cache = read_cache(source)
+        # A cache records its base by absolute path only: there, beside the cache, or --base.
+        attrs = locate_base_file(cache.attrs, model_dir=source.parent, base=config.base,
+                                 command=f"finetune.py {source} ...")
+        return Start("cache", source, cache, attrs, config.val_split, config.seed, None)
     raise ValueError(
         "`source` must be a fit_head output folder with a dense head, or a cache .h5 file. "
         f"Received: source={str(source)!r} (not found)"
