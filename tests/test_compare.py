@@ -218,6 +218,30 @@ def split_cache(tmp_path_factory):
     return write_cache(tmp / "split.h5", X, y, default_paths(y), split=split), split
 
 
+def test_a_recorded_split_sweep_chooses_within_the_train_rows(tmp_path, split_cache):
+    """With a recorded split, --sweep chooses as GridSearchCV does on the train rows alone,
+    refits that point on all of them and scores the validation rows once: the validation
+    rows play no part in the choice, so its score is not biased by it."""
+    from pipeline.cache import read_cache
+
+    cache_path, split = split_cache
+    cache = read_cache(cache_path)
+    X, y = np.asarray(cache.features), np.asarray(cache.labels)
+    train, val = np.flatnonzero(split == "train"), np.flatnonzero(split == "validation")
+    _, results = compare(tmp_path, [cache_path], cv=4, seed=0, sweep=True)
+    grid = [g["clf__C"] for g in param_grid("logreg", X.shape[1])]
+    search = GridSearchCV(make_head("logreg"), {"clf__C": grid},
+                          cv=StratifiedKFold(4, shuffle=True, random_state=0)).fit(
+                              X[train], y[train])
+    entry = pair(results, "logreg")
+    assert entry["params"] == search.best_params_
+    assert entry["choice"]["folds"] == 4
+    assert [g["accuracy_mean"] for g in entry["choice"]["grid"]] == pytest.approx(
+        search.cv_results_["mean_test_score"].tolist(), abs=1e-12)
+    assert entry["accuracy_mean"] == pytest.approx(search.score(X[val], y[val]), abs=1e-12)
+    assert "cross-validation within the train rows" in results["protocol"]
+
+
 @pytest.mark.parametrize("class_weight", [None, "balanced"])
 def test_a_recorded_split_scores_as_fit_head_does(tmp_path, split_cache, class_weight):
     """compare and fit_head report the same validation accuracy for the same head."""

@@ -39,14 +39,16 @@ from pipeline.compare.decisions import (
     choose,
     fold_of,
     leaderboard,
+    make_folds,
     make_pairs,
     param_grid,
     plan_rows,
 )
-from pipeline.compare.fits import FitTask, build_estimator, run_tasks
+from pipeline.compare.fits import FitTask, build_estimator
 from pipeline.compare.history import append_history, history_entry
 from pipeline.compare.report import write_report
 from pipeline.compare.store import FitStore, data_identity, fit_key, store_path
+from pipeline.compare.worker import run_tasks
 from pipeline.fit import evaluate
 from pipeline.heads import head_params
 from pipeline.interrupts import Interrupted
@@ -130,16 +132,29 @@ def run_compare(config: CompareConfig) -> CompareResult:
                        [int(np.prod(x.shape[1:])) for x in data])
     store, keys = _open_store(config=config, entries=entries, pairs=pairs, out_dir=out_dir)
 
-    cv_tasks = _cv_tasks(pairs=pairs, folds=plan.folds, pool=plan.pool)
+    inner = _choice_folds(config=config, plan=plan, pairs=pairs, labels=labels)
+    choice_tasks = [task for task in _cv_tasks(pairs=pairs, folds=inner, pool=plan.pool)
+                    if len(pairs[task[0]].grid) > 1]
     runnable = sum(pair.skip is None for pair in pairs)
-    total = len(cv_tasks) + (runnable if plan.test.size else 0)
+    total = (len(choice_tasks) + runnable * len(plan.folds) if inner else
+             sum(len(pair.grid) for pair in pairs if pair.skip is None) * len(plan.folds))
+    total += runnable if plan.test.size else 0
     progress = Progress(total, "compare", unit="fits")
     try:
+        choices = {}
+        if choice_tasks:  # the grid point, chosen on the train rows alone
+            choice_out = run_tasks(choice_tasks, pairs, data, labels, config=config,
+                                   progress=progress, keys=keys(choice_tasks), store=store)
+            choices = _choose_inside(pairs=pairs, folds=inner, pool=plan.pool, labels=labels,
+                                     outcomes=_by_pair(tasks=choice_tasks, results=choice_out))
+        cv_tasks = _cv_tasks(pairs=pairs, folds=plan.folds, pool=plan.pool)
         cv_out = run_tasks(cv_tasks, pairs, data, labels, config=config, progress=progress,
                            keys=keys(cv_tasks), store=store)
         outcomes = _by_pair(tasks=cv_tasks, results=cv_out)
         pair_results = _score_pairs(pairs=pairs, outcomes=outcomes, plan=plan, labels=labels,
                                     class_names=class_names, config=config)
+        for p, choice in choices.items():
+            pair_results[p]["choice"] = choice
         if plan.test.size:
             _score_test(pairs=pairs, pair_results=pair_results, data=data, labels=labels,
                         plan=plan, class_names=class_names, config=config,
@@ -232,6 +247,51 @@ def _open_store(
         ]
 
     return store, keys
+
+
+def _choice_folds(*, config: CompareConfig, plan: RowPlan, pairs: Sequence[Pair],
+                  labels: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+    """With a recorded split and ``--sweep``: stratified folds of the train rows alone
+    (positions into ``plan.pool``), on which each head's grid point is chosen, so that the
+    validation rows it is scored on play no part in the choice. Empty otherwise, and when
+    a class has fewer than 2 train rows (the choice is then made on the validation rows,
+    and the protocol says so)."""
+    if plan.protocol != "validation" or not config.sweep or plan.problem:
+        return []
+    if not any(pair.skip is None and len(pair.grid) > 1 for pair in pairs):
+        return []
+    train = plan.folds[0][0]
+    k = min(config.cv, int(np.unique(labels[plan.pool[train]], return_counts=True)[1].min()))
+    if k < 2:
+        return []
+    folds = make_folds(labels[plan.pool[train]], k, config.seed)
+    return [(train[fit], train[val]) for fit, val in folds]
+
+
+def _choose_inside(*, pairs: Sequence[Pair], folds: Sequence[tuple[np.ndarray, np.ndarray]],
+                   pool: np.ndarray, labels: np.ndarray,
+                   outcomes: dict[int, dict[tuple[int, int], dict[str, Any]]],
+                   ) -> dict[int, dict[str, Any]]:
+    """Each swept pair's grid point by mean accuracy over the train-row folds; the pair's
+    grid becomes that one point. Returns, per pair, the choice as the report shows it."""
+    choices = {}
+    for p, by_fold in outcomes.items():
+        pair = pairs[p]
+        scores: list[list[float] | None] = []
+        for g in range(len(pair.grid)):
+            outs = [by_fold[(g, k)] for k in range(len(folds))]
+            scores.append(None if any("error" in o for o in outs) else [
+                float(accuracy_score(labels[pool[val]], o["pred"]))
+                for o, (_, val) in zip(outs, folds, strict=True)])
+        if all(s is None for s in scores):
+            continue  # every point failed: scored as usual, where the errors are reported
+        g = choose(scores)
+        choices[p] = {"folds": len(folds), "chosen": pair.grid[g],
+                      "grid": [{"params": params, "accuracy_mean":
+                                None if sc is None else float(np.mean(sc))}
+                               for params, sc in zip(pair.grid, scores, strict=True)]}
+        pair.grid = [pair.grid[g]]
+    return choices
 
 
 def _cv_tasks(
@@ -341,7 +401,8 @@ def _results(
     label_of = {pair.data: pair.label for pair in pairs}
     return {
         "config": dataclasses.asdict(config),
-        "protocol": _protocol_text(config, plan),
+        "protocol": _protocol_text(config, plan,
+                                   nested=any("choice" in r for r in pair_results)),
         "protocol_kind": plan.protocol,
         "started": started.isoformat(timespec="seconds"),
         "seconds": seconds,
@@ -373,20 +434,32 @@ def _results(
     }
 
 
-def _protocol_text(config: CompareConfig, plan: RowPlan) -> str:
-    """How the numbers were made, in plain words, for the report and results.json."""
+def _protocol_text(config: CompareConfig, plan: RowPlan, *, nested: bool = False) -> str:
+    """How the numbers were made, in plain words, for the report and results.json
+    (``nested``: the grid point was chosen within the train rows)."""
     validation = plan.protocol == "validation"
-    text = (plan.describe().capitalize() + ", the same rows for every pair; "
-            + (("parameters chosen from a small grid by validation accuracy" if validation
-                else "parameters chosen from a small grid by mean accuracy over the folds "
-                "(not nested)") if config.sweep else "library-default parameters (no sweep)")
+    if not config.sweep:
+        choice = "library-default parameters (no sweep)"
+    elif not validation:
+        choice = ("parameters chosen from a small grid by mean accuracy over the folds "
+                  "(not nested)")
+    elif nested:
+        choice = ("parameters chosen from a small grid by cross-validation within the train "
+                  "rows, then fitted on all of them and scored once on the validation rows")
+    else:
+        choice = ("parameters chosen from a small grid by validation accuracy (a class has "
+                  "too few train rows to choose within them)")
+    text = (plan.describe().capitalize() + ", the same rows for every pair; " + choice
             + f"; class weights: {config.class_weight or 'none'}.")
     early = [name for name, used in (("the dense head", "dense" in config.heads),
                                      ("the scratch convnet", config.scratch is not None)) if used]
     if validation and early:
-        text += (f" {' and '.join(early).capitalize()} stop early on a seeded 10% of the train "
-                 "rows, never on the validation rows they are scored on (fit_head stops on "
-                 "the validation rows), so their scores can differ from fit_head's.")
+        one = len(early) == 1
+        text += (f" {' and '.join(early).capitalize()} {'stops' if one else 'stop'} early on "
+                 f"a seeded 10% of the train rows, never on the validation rows "
+                 f"{'it is' if one else 'they are'} scored on (fit_head stops on the "
+                 f"validation rows), so {'its score' if one else 'their scores'} can differ "
+                 "from fit_head's.")
     return text
 
 
