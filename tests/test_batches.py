@@ -14,6 +14,7 @@ import pytest
 from conftest import bad_files, write_index_images
 
 from pipeline.images import decoded_batches, load_image
+from pipeline.util.quiet import is_noise
 
 SIZE = (6, 5)
 
@@ -36,7 +37,7 @@ CASES += [("processes", 2, 5, 3), ("processes", 1, 64, 2)]
 
 @pytest.mark.parametrize("decode, workers, batch_size, start", CASES)
 def test_every_file_once_in_its_batch_with_its_pixels(files, decode, workers, batch_size,
-                                                      start):
+                                                      start, capfd):
     paths = files[start:]
     positions = list(range(start, start + len(paths)))  # a resume: the run's own batches
     batches = decoded_batches(paths, size=SIZE, batch_size=batch_size, workers=workers,
@@ -58,6 +59,8 @@ def test_every_file_once_in_its_batch_with_its_pixels(files, decode, workers, ba
     assert seen == list(range(len(paths)))
     expected_groups = sorted({p // batch_size for p in positions})
     assert n_batches == len(expected_groups)
+    # a spawned worker loads TensorFlow for PNGs, without its start-up lines
+    assert not any(is_noise(line) for line in capfd.readouterr().err.splitlines())
 
 
 def test_a_worker_killed_mid_run_is_named(files):

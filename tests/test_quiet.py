@@ -80,3 +80,13 @@ def test_a_command_prints_no_tensorflow_startup_lines(tmp_path):
         assert not is_noise(line), line
     for marker in ("absl::InitializeLog", "cudart_stub", "cuInit"):
         assert marker not in proc.stderr
+
+
+def test_a_compare_worker_task_unpickles_without_keras():
+    """joblib workers unpickle their task first: that must not load TensorFlow (whose
+    start-up lines would then print once per worker); the task loads it quietly."""
+    proc = subprocess.run([PYTHON, "-c", "import sys, pickle; from pipeline.compare.worker "
+                           "import numbered_fit; pickle.loads(pickle.dumps(numbered_fit)); "
+                           "print('keras' in sys.modules, 'tensorflow' in sys.modules)"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.stdout.strip() == "False False", proc.stdout + proc.stderr[-2000:]

@@ -8,7 +8,9 @@ The modules, in the order a run uses them:
   protocol; how caches of the same images line up and what each is called; folds, grids,
   pairs, the chosen grid point, the ranking);
 - ``data``: caches read and aligned by path, their features, the scratch row's images;
-- ``fits``: one fit (a fresh seeded head, fit, predict) and the joblib loop over them;
+- ``fits``: one fit (a fresh seeded head, fit, predict);
+- ``worker``: the joblib loop over the fits, and what each worker process runs (Keras
+  loaded quietly, then one fit);
 - ``store``: finished fits kept on disk, so a stopped run continues where it stopped;
 - ``report``: the leaderboard (CSV, Markdown), plots and ``report.html`` of one run;
 - ``history``: one JSON line per run, and the table ``compare.py --history`` prints;

@@ -39,6 +39,7 @@ from pipeline.images.formats import (
     tf_reads_bmp,
 )
 from pipeline.images.kernels import decode_jpeg, has_fast_jpeg, resize_bilinear
+from pipeline.util.quiet import quiet_tensorflow
 
 __all__ = [
     "INTERPOLATIONS",
@@ -202,8 +203,7 @@ def decode_bytes(data: bytes) -> np.ndarray:
     with _reasons(data):
         orientation, pixels = _inspect(data)
         if pixels is None:
-            import tensorflow as tf
-
+            tf = quiet_tensorflow()
             decoded = tf.io.decode_image(data, channels=3, expand_animations=False)
             pixels = _orient(decoded.numpy(), orientation)
         return pixels
@@ -340,8 +340,7 @@ def _tf_decode_resize(size: tuple[int, int], interpolation: str, orientation: in
     whole image (+25-33 % images/s on the input side, pixels bit-identical to the eager
     ops). Orientation is baked in as a Python constant: at most 8 graphs per size.
     """
-    import tensorflow as tf
-
+    tf = quiet_tensorflow()
     # The exact index shuffles of _orient: flip these axes, then maybe transpose
     # (np.rot90(a, -1) == transpose(flip(a, 0)), np.rot90(a, 1) == transpose(flip(a, 1))).
     axes, transpose = {2: ([1], False), 3: ([0, 1], False), 4: ([0], False), 5: ([], True),
@@ -483,7 +482,7 @@ def resize(pixels: np.ndarray, size: tuple[int, int], interpolation: str,
             "Without TensorFlow only bilinear resizing is available. "
             f"Received: interpolation={interpolation!r}"
         )
-    import tensorflow as tf  # Keras' resize kernel; imported late to keep the CLI fast
+    tf = quiet_tensorflow()  # Keras' resize kernel; imported late to keep the CLI fast
 
     resized = tf.image.resize(pixels, size, method=interpolation)
     if out is not None:

@@ -20,8 +20,9 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
-__all__ = ["NOISE", "filtered_stderr", "is_noise", "load_backend"]
+__all__ = ["NOISE", "filtered_stderr", "is_noise", "load_backend", "quiet_tensorflow"]
 
 # The lines TensorFlow prints while it starts, none of which asks anything of the user.
 NOISE = re.compile(
@@ -75,6 +76,20 @@ def filtered_stderr() -> Iterator[None]:
                 sys.stderr.flush()
 
 
+def quiet_tensorflow() -> Any:
+    """``import tensorflow``, without its start-up lines, in any process (the CLI's, a
+    decode or compare worker's). Returns the module."""
+    if os.environ.get("TF_CPP_MIN_LOG_LEVEL") == "0" or "tensorflow" in sys.modules:
+        import tensorflow as tf
+
+        return tf
+    with filtered_stderr():
+        import tensorflow as tf
+
+        tf.config.list_physical_devices()  # where a failed cuInit is printed
+    return tf
+
+
 def load_backend() -> str:
     """Import Keras and its backend, and ask it for devices, without start-up noise.
 
@@ -90,7 +105,5 @@ def load_backend() -> str:
 
         backend = keras.backend.backend()
         if backend == "tensorflow":
-            import tensorflow as tf
-
-            tf.config.list_physical_devices()  # where a failed cuInit is printed
+            quiet_tensorflow()
     return backend
