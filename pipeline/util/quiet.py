@@ -76,27 +76,38 @@ def filtered_stderr() -> Iterator[None]:
                 sys.stderr.flush()
 
 
+_DEVICES_LISTED = False  # TensorFlow's platforms initialised, quietly, in this process
+
+
 def quiet_tensorflow() -> Any:
-    """``import tensorflow``, without its start-up lines, in any process (the CLI's, a
-    decode or compare worker's). Returns the module."""
-    if os.environ.get("TF_CPP_MIN_LOG_LEVEL") == "0" or "tensorflow" in sys.modules:
+    """``import tensorflow`` and list its devices, without the start-up lines, in any process
+    (the CLI's, a decode or compare worker's). Returns the module.
+
+    The devices are listed here because that is where a failed ``cuInit`` is printed: left
+    to the first operation, it would come in the middle of a run. Keras importing
+    TensorFlow does not list them, so "tensorflow is imported" is not "done".
+    """
+    global _DEVICES_LISTED
+    if _DEVICES_LISTED or os.environ.get("TF_CPP_MIN_LOG_LEVEL") == "0":
         import tensorflow as tf
 
         return tf
     with filtered_stderr():
         import tensorflow as tf
 
-        tf.config.list_physical_devices()  # where a failed cuInit is printed
+        tf.config.list_physical_devices()
+    _DEVICES_LISTED = True
     return tf
 
 
 def load_backend() -> str:
-    """Import Keras and its backend, and ask it for devices, without start-up noise.
+    """Import Keras and its backend, and initialise TensorFlow's devices when it is the
+    backend, without start-up noise.
 
     Set ``TF_CPP_MIN_LOG_LEVEL=0`` to see everything TensorFlow prints. Returns the name of
     the backend Keras uses.
     """
-    if os.environ.get("TF_CPP_MIN_LOG_LEVEL") == "0" or "keras" in sys.modules:
+    if os.environ.get("TF_CPP_MIN_LOG_LEVEL") == "0":
         import keras
 
         return keras.backend.backend()
@@ -104,6 +115,6 @@ def load_backend() -> str:
         import keras
 
         backend = keras.backend.backend()
-        if backend == "tensorflow":
-            quiet_tensorflow()
+    if backend == "tensorflow":
+        quiet_tensorflow()
     return backend
