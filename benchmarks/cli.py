@@ -14,6 +14,12 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+# benchmarks.bench imports Keras: loaded first without TensorFlow's start-up lines, which
+# would otherwise sit in the middle of the report (pipeline/util/quiet.py).
+from pipeline.util.quiet import load_backend  # noqa: E402
+
+load_backend()
+
 from benchmarks.bench import CASES, BenchConfig, format_report, run_benchmark  # noqa: E402
 
 PARTS = BenchConfig().parts
