@@ -277,19 +277,13 @@ def _choose_inside(*, pairs: Sequence[Pair], folds: Sequence[tuple[np.ndarray, n
     choices = {}
     for p, by_fold in outcomes.items():
         pair = pairs[p]
-        scores: list[list[float] | None] = []
-        for g in range(len(pair.grid)):
-            outs = [by_fold[(g, k)] for k in range(len(folds))]
-            scores.append(None if any("error" in o for o in outs) else [
-                float(accuracy_score(labels[pool[val]], o["pred"]))
-                for o, (_, val) in zip(outs, folds, strict=True)])
+        grid = _grid_results(pair=pair, outcomes=by_fold, folds=folds, pool=pool,
+                             labels=labels)
+        scores = [r["fold_accuracy"] for r in grid]
         if all(s is None for s in scores):
             continue  # every point failed: scored as usual, where the errors are reported
         g = choose(scores)
-        choices[p] = {"folds": len(folds), "chosen": pair.grid[g],
-                      "grid": [{"params": params, "accuracy_mean":
-                                None if sc is None else float(np.mean(sc))}
-                               for params, sc in zip(pair.grid, scores, strict=True)]}
+        choices[p] = {"folds": len(folds), "chosen": pair.grid[g], "grid": grid}
         pair.grid = [pair.grid[g]]
     return choices
 
@@ -373,7 +367,7 @@ def _score_test(
             pair_results[p]["test"] = {"error": out["error"]}
             continue
         pair_results[p]["test"] = {
-            **evaluate(_Predicted(), out["pred"], labels[test], class_names),
+            **evaluate(None, None, labels[test], class_names, pred=out["pred"]),
             "n_fit": int(pool.size),
             "n_test": int(test.size),
             "fit_seconds": out["fit_seconds"],
@@ -467,14 +461,6 @@ def _protocol_text(config: CompareConfig, plan: RowPlan, *, nested: bool = False
 # Scoring the fits
 
 
-class _Predicted:
-    """Lets :func:`pipeline.fit.evaluate` score stored predictions: its input is its output."""
-
-    @staticmethod
-    def predict(X: np.ndarray) -> np.ndarray:
-        return np.asarray(X)
-
-
 def _shown_params(pair: Pair, params: dict[str, Any], config: CompareConfig) -> dict[str, Any]:
     """The swept knobs of a pair's head with their values (defaults when not swept)."""
     if pair.head == SCRATCH_HEAD:
@@ -495,16 +481,15 @@ def _format_params(params: dict[str, Any]) -> str:
     )
 
 
-def _score_pair(
+def _grid_results(
     *,
     pair: Pair,
     outcomes: dict[tuple[int, int], dict[str, Any]],
     folds: Sequence[tuple[np.ndarray, np.ndarray]],
     pool: np.ndarray,
     labels: np.ndarray,
-    class_names: Sequence[str],
-) -> dict[str, Any]:
-    """Per-fold scores of every grid point, the chosen point and its aggregate metrics."""
+) -> list[dict[str, Any]]:
+    """Each grid point's per-fold accuracies and their mean, or the error that stopped it."""
     grid_results = []
     for g, params in enumerate(pair.grid):
         fold_out = [outcomes[(g, k)] for k in range(len(folds))]
@@ -521,6 +506,21 @@ def _score_pair(
             "accuracy_mean": None if accs is None else float(np.mean(accs)),
             "error": error,
         })
+    return grid_results
+
+
+def _score_pair(
+    *,
+    pair: Pair,
+    outcomes: dict[tuple[int, int], dict[str, Any]],
+    folds: Sequence[tuple[np.ndarray, np.ndarray]],
+    pool: np.ndarray,
+    labels: np.ndarray,
+    class_names: Sequence[str],
+) -> dict[str, Any]:
+    """Per-fold scores of every grid point, the chosen point and its aggregate metrics."""
+    grid_results = _grid_results(pair=pair, outcomes=outcomes, folds=folds, pool=pool,
+                                 labels=labels)
     scores = [r["fold_accuracy"] for r in grid_results]
     if all(s is None for s in scores):
         return {"grid": grid_results, "skip": grid_results[0]["error"]}
@@ -532,7 +532,7 @@ def _score_pair(
     for k, (fit, val) in enumerate(folds):
         o = outcomes[(g, k)]
         oof[val] = o["pred"]
-        m = evaluate(_Predicted(), o["pred"], labels[pool[val]], class_names)
+        m = evaluate(None, None, labels[pool[val]], class_names, pred=o["pred"])
         per_fold.append({
             "accuracy": m["accuracy"],
             "macro_f1": m["macro_f1"],
@@ -561,5 +561,6 @@ def _score_pair(
         "predict_ms_per_image": float(np.mean([f["predict_ms_per_image"] for f in per_fold])),
         "model_bytes": int(round(np.mean([f["model_bytes"] for f in per_fold]))),
         # Each scored row's prediction by the fit that did not see it.
-        "out_of_fold": evaluate(_Predicted(), oof[scored], labels[pool[scored]], class_names),
+        "out_of_fold": evaluate(None, None, labels[pool[scored]], class_names,
+                                pred=oof[scored]),
     }
