@@ -57,7 +57,14 @@ def is_noise(line: str, *, has_driver: bool | None = None) -> bool:
 @contextmanager
 def filtered_stderr() -> Iterator[None]:
     """Within the block, what is written to file descriptor 2 (by C++ or Python) is held
-    back, then written to stderr without the lines :func:`is_noise` names."""
+    back, then written to stderr without the lines :func:`is_noise` names.
+
+    ``TF_CPP_MIN_LOG_LEVEL=0`` turns the filter off: everything is shown as it comes.
+    """
+    if os.environ.get("TF_CPP_MIN_LOG_LEVEL") == "0":
+        yield
+        return
+    has_driver = Path("/dev/nvidiactl").exists()  # once, not once per line
     sys.stderr.flush()
     saved = os.dup(2)
     with tempfile.TemporaryFile(mode="w+b") as caught:
@@ -70,7 +77,8 @@ def filtered_stderr() -> Iterator[None]:
             os.close(saved)
             caught.seek(0)
             text = caught.read().decode("utf-8", "replace")
-            kept = [line for line in text.splitlines() if not is_noise(line)]
+            kept = [line for line in text.splitlines()
+                    if not is_noise(line, has_driver=has_driver)]
             if kept:
                 sys.stderr.write("\n".join(kept) + "\n")
                 sys.stderr.flush()
@@ -88,15 +96,14 @@ def quiet_tensorflow() -> Any:
     TensorFlow does not list them, so "tensorflow is imported" is not "done".
     """
     global _DEVICES_LISTED
-    if _DEVICES_LISTED or os.environ.get("TF_CPP_MIN_LOG_LEVEL") == "0":
-        import tensorflow as tf
+    if not _DEVICES_LISTED:  # decoders call this per image: after the first, only a lookup
+        with filtered_stderr():
+            import tensorflow as tf
 
-        return tf
-    with filtered_stderr():
-        import tensorflow as tf
+            tf.config.list_physical_devices()
+        _DEVICES_LISTED = True
+    import tensorflow as tf
 
-        tf.config.list_physical_devices()
-    _DEVICES_LISTED = True
     return tf
 
 
@@ -107,10 +114,6 @@ def load_backend() -> str:
     Set ``TF_CPP_MIN_LOG_LEVEL=0`` to see everything TensorFlow prints. Returns the name of
     the backend Keras uses.
     """
-    if os.environ.get("TF_CPP_MIN_LOG_LEVEL") == "0":
-        import keras
-
-        return keras.backend.backend()
     with filtered_stderr():
         import keras
 
