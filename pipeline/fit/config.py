@@ -12,8 +12,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.heads import HEADS, STREAM_HEADS
-from pipeline.heads.args import check_head_args
+from pipeline.heads import STREAM_HEADS
+from pipeline.heads.args import check_head_args, check_head_name
 
 __all__ = ["FitConfig", "check_fit_config", "check_fractions", "default_out"]
 
@@ -58,8 +58,7 @@ def check_fit_config(config: FitConfig) -> Path:
         ValueError: the first bad argument, named as the flag is typed where the message
             comes from here, else by its field name (the CLI says it as the flag).
     """
-    if config.head not in HEADS:
-        raise ValueError(f"Unknown head. Expected one of {HEADS}. Received: head={config.head!r}")
+    check_head_name(config.head)
     check_fractions(config.val_split, config.test_split)
     check_head_args(C=config.C, class_weight=config.class_weight, epochs=config.epochs,
                     lr=config.lr, batch_size=config.batch_size, patience=config.patience,

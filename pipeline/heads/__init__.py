@@ -23,6 +23,7 @@ from pipeline.util.lazy import lazy_exports
 # constants such as the allowed values of a flag without importing Keras.
 _HOMES = {
     "check_head_args": "pipeline.heads.args",
+    "check_head_name": "pipeline.heads.args",
     # model.joblib files pickled before heads became a package name pipeline.heads._flatten
     "_flatten": "pipeline.heads.registry",
     "DenseHead": "pipeline.heads.dense",

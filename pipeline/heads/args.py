@@ -1,11 +1,19 @@
-"""The heads' hyper-parameters, checked without importing Keras or scikit-learn, so that
-``fit_head.py`` refuses a bad value before TensorFlow loads (~8 s on 2 cores)."""
+"""The heads' names and hyper-parameters, checked without importing Keras or scikit-learn,
+so that ``fit_head.py`` refuses a bad value before TensorFlow loads (~8 s on 2 cores)."""
 
 from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["check_head_args"]
+from pipeline.heads import HEADS
+
+__all__ = ["check_head_args", "check_head_name"]
+
+
+def check_head_name(name: str) -> None:
+    """Raise a Keras-style ValueError for a head that is not one of ``HEADS``."""
+    if name not in HEADS:
+        raise ValueError(f"Unknown head. Expected one of {HEADS}. Received: head={name!r}")
 
 
 def check_head_args(

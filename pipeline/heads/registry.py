@@ -25,7 +25,7 @@ from sklearn.preprocessing import FunctionTransformer, StandardScaler
 from sklearn.svm import SVC, LinearSVC
 
 from pipeline.heads import HEADS
-from pipeline.heads.args import check_head_args
+from pipeline.heads.args import check_head_args, check_head_name
 from pipeline.heads.dense import DenseHead
 
 __all__ = ["HEADS", "flatten_step", "head_name", "head_params", "make_head"]
@@ -99,8 +99,7 @@ def make_head(
     Raises:
         ValueError: unknown ``name`` or an invalid argument.
     """
-    if name not in HEADS:
-        raise ValueError(f"Unknown head. Expected one of {HEADS}. Received: head={name!r}")
+    check_head_name(name)
     check_head_args(
         C=C,
         class_weight=class_weight,
