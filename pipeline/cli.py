@@ -61,7 +61,7 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
         if (not action.option_strings or "default" in text or action.default is None
                 or action.default is False or action.default == argparse.SUPPRESS):
             return text
-        return f"{text} (default: %(default)s)" if text else "(default: %(default)s)"
+        return f"{text} (default: %(default)s)"
 
 
 class _Parser(argparse.ArgumentParser):
