@@ -10,10 +10,13 @@ noise of scikit-learn's two bundled photographs, ~500x375, quality 90):
     d  naive       one image at a time with PIL, ``predict`` per batch, no overlap
     e  input       decode + resize + preprocess + HDF5 write of zeros, no forward pass
 
-a, b, c and d share one feature model object (random weights, seeded; b gets it by
-patching ``pipeline.extract.engine.build_feature_model``), so they differ only in how pixels
-reach it. Also timed: a' (``predict_on_batch`` per batch, the entry point extract uses,
-faster than ``predict`` for small models) and b with one decode thread. Timing helpers
+a and b share one feature model object (random weights, seeded; b gets it by patching
+``pipeline.extract.engine.build_feature_model``), built as extract builds it:
+BatchNormalization folded into the convolutions unless ``--fold-batchnorm off``. c and d run
+the Keras user's model: the same base, cut and weights, not folded (the one object of all
+four when folding is off). Also timed: a' (``predict_on_batch`` per batch, the entry point
+extract uses, faster than ``predict`` for small models), a' of the unfolded model, and b
+with one decode thread. Timing helpers
 return seconds; :func:`run_benchmark` states the whole protocol; :func:`format_report`
 prints the tables.
 
@@ -176,7 +179,8 @@ def run_benchmark(config: BenchConfig, log: Callable[[str], None] = print) -> di
     subprocesses; measure fit_head's peak RSS on 1x/4x/16x caches in subprocesses; and
     measure file size and speed per dtype and compression.
     """
-    MODEL_OPTIONS.update(mixed_precision=config.mixed_precision, jit=config.jit)
+    MODEL_OPTIONS.update(mixed_precision=config.mixed_precision, jit=config.jit,
+                         fold_batchnorm=config.fold_batchnorm)
     data = Path(config.data)
     # One folder per image count: a, b, c, d and e must all see exactly these images.
     images_dir, work = data / f"images-{config.images}", data / "work"
@@ -251,6 +255,7 @@ def format_report(results: dict[str, Any]) -> str:
              f"({m['backend']}), load {m['loadavg_start'][0]:.2f}"
              f" -> {m.get('loadavg_end', (0,))[0]:.2f}"]
     names = {"a": "a forward (predict)", "a_on_batch": "a' forward (predict_on_batch)",
+             "a_on_batch_plain": "a' forward, BN not folded",
              "b": "b run_extract", "b_loop": "b run_extract (loop only)",
              "b_1_worker": "b run_extract, 1 decode thread",
              "c": "c keras dataset", "d": "d naive PIL loop", "e": "e input side only"}

@@ -47,6 +47,9 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig:
                    help="GPU box: run every base in mixed_float16 (as extract --mixed-precision)")
     p.add_argument("--jit", default="auto", choices=("auto", "on", "off"),
                    help="XLA for the forward pass (as extract --jit)")
+    p.add_argument("--fold-batchnorm", default="on", choices=("on", "off"),
+                   help="as extract --fold-batchnorm; c and d (the Keras user's code) always "
+                   "run the base unfolded, and a' is also timed unfolded")
     p.add_argument("--gpu", action="store_true",
                    help="the GPU box's run (issue 15), ~5 minutes: 10,000 JPEGs, batch 256, "
                    "MobileNetV2@224 and ResNet50@224, parts throughput and input, 1 repeat, "
@@ -68,7 +71,7 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig:
                        batch_size=args.batch_size, workers=args.workers, seed=args.seed,
                        data=args.data, out=args.out, parts=tuple(args.only),
                        cases=tuple(args.cases), mixed_precision=args.mixed_precision,
-                       jit=args.jit, gpu=args.gpu)
+                       jit=args.jit, fold_batchnorm=args.fold_batchnorm, gpu=args.gpu)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -77,6 +77,7 @@ class BenchConfig:
         default_factory=lambda: tuple(c.name for c in CASES if c.default))
     mixed_precision: bool = False  # GPU box: run every base in mixed_float16
     jit: str = "auto"  # XLA for the forward pass: auto | on | off
+    fold_batchnorm: str = "on"  # as extract --fold-batchnorm: on | off
     gpu: bool = False  # the GPU box's run: no naive loop, every core against one worker
 
 

@@ -35,18 +35,24 @@ from benchmarks.common import (
 )
 from pipeline.images import has_tensorflow
 
-# --mixed-precision / --jit of this run (set by run_benchmark), used for every model built.
-MODEL_OPTIONS: dict[str, Any] = {"mixed_precision": False, "jit": "auto"}
+# --mixed-precision / --jit / --fold-batchnorm of this run (set by run_benchmark), used for
+# every model built.
+MODEL_OPTIONS: dict[str, Any] = {"mixed_precision": False, "jit": "auto",
+                                 "fold_batchnorm": "on"}
 
 
-def build_case_model(case: BenchCase, seed: int = 0, pooling: str | None = None) -> Any:
-    """The case's FeatureModel: random (seeded) weights, cut and pooled."""
+def build_case_model(case: BenchCase, seed: int = 0, pooling: str | None = None, *,
+                     plain: bool = False) -> Any:
+    """The case's FeatureModel as extract builds it: random (seeded) weights, cut and
+    pooled. ``plain``: BatchNormalization left as it is, as a Keras user's model runs."""
     from pipeline.bases import build_feature_model
 
     precision = "mixed_float16" if MODEL_OPTIONS["mixed_precision"] else "float32"
     return build_feature_model(case.base, weights="none", input_size=(case.size, case.size),
                                layer=case.layer, pooling=pooling or case.pooling, seed=seed,
-                               precision=precision, jit=MODEL_OPTIONS["jit"])
+                               precision=precision, jit=MODEL_OPTIONS["jit"],
+                               fold_batchnorm=MODEL_OPTIONS["fold_batchnorm"] == "on"
+                               and not plain)
 
 
 def module_preprocess_input(case: BenchCase) -> Callable[..., Any]:
@@ -237,6 +243,8 @@ def throughput_ratios(img_s: dict[str, float], input_bound: bool) -> dict[str, f
         ratios["b/c"] = img_s["b"] / img_s["c"]
     fastest = max(img_s["a"], img_s["a_on_batch"])
     ratios["b/max(a,a')"] = img_s["b"] / fastest
+    if "a_on_batch_plain" in img_s:  # what folding BatchNormalization gives the forward pass
+        ratios["a'/a' plain"] = img_s["a_on_batch"] / img_s["a_on_batch_plain"]
     if input_bound:
         ratios["b/min(a,e)"] = img_s["b"] / min(img_s["a"], img_s["e"])
         ratios["b/min(max(a,a'),e)"] = img_s["b"] / min(fastest, img_s["e"])
@@ -255,22 +263,31 @@ def measure_throughput(case: BenchCase, data_dir: Path, work: Path, paths: Seque
     n = len(paths)
     build_s, fm = timed(lambda: build_case_model(case, seed))
     model = fm.model
+    # The Keras user's model (c, d): the same base, cut and weights, BatchNormalization
+    # not folded. Without folding it is extract's model itself.
+    folded = MODEL_OPTIONS["fold_batchnorm"] == "on"
+    plain = build_case_model(case, seed, plain=True).model if folded else model
     x = preprocess(decode_all(paths, fm.input_size, batch_size=batch_size, workers=workers),
                    fm.preprocess)
     trace_s, _ = timed(lambda: model.predict_on_batch(x[:batch_size]))
     model.predict(x[:batch_size], batch_size=batch_size, verbose=0)
+    plain.predict_on_batch(x[:batch_size])
     peer = has_tensorflow()  # the Keras peer reads images with tf.data
     if peer:
-        model.predict(keras_peer_dataset(data_dir, case, batch_size).take(1), verbose=0)
+        plain.predict(keras_peer_dataset(data_dir, case, batch_size).take(1), verbose=0)
     skip = {"b_1_worker"} if not case.sweep_workers or gpu else set()
     skip |= {"c"} if not peer else set()
     skip |= {"d"} if gpu else set()
-    runs: dict[str, list[float]] = {k: [] for k in ("a", "a_on_batch", "b", "b_1_worker", "c",
-                                                    "d", "e") if k not in skip}
+    skip |= {"a_on_batch_plain"} if not folded else set()
+    runs: dict[str, list[float]] = {k: [] for k in ("a", "a_on_batch", "a_on_batch_plain", "b",
+                                                    "b_1_worker", "c", "d", "e")
+                                    if k not in skip}
     b_loop: list[float] = []
     for _ in range(repeats):
         runs["a"].append(forward_seconds(model, x, batch_size))
         runs["a_on_batch"].append(forward_on_batch_seconds(model, x, batch_size))
+        if "a_on_batch_plain" in runs:
+            runs["a_on_batch_plain"].append(forward_on_batch_seconds(plain, x, batch_size))
         config = extract_config(case, data_dir, work / "b.h5", batch_size=batch_size,
                                 workers=workers, seed=seed)
         seconds, result = extract_seconds(config, fm)
@@ -280,10 +297,10 @@ def measure_throughput(case: BenchCase, data_dir: Path, work: Path, paths: Seque
             config.workers = 1
             runs["b_1_worker"].append(extract_seconds(config, fm)[0])
         if peer:
-            runs["c"].append(keras_peer_seconds(data_dir, case, model, work / "c.npy",
+            runs["c"].append(keras_peer_seconds(data_dir, case, plain, work / "c.npy",
                                                 batch_size))
         if "d" in runs:
-            runs["d"].append(naive_seconds(paths, case, model, work / "d.npy", batch_size))
+            runs["d"].append(naive_seconds(paths, case, plain, work / "d.npy", batch_size))
         runs["e"].append(input_side_seconds(paths, data_dir, fm, work / "e.h5",
                                             batch_size=batch_size, workers=workers))
     methods = {k: summary(v, n) for k, v in runs.items()}

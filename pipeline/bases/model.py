@@ -4,6 +4,7 @@ from arguments or rebuilt from a cache's recorded attributes.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +32,8 @@ __all__ = [
     "build_feature_model",
     "feature_model_from_attrs",
 ]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -171,6 +174,7 @@ def build_feature_model(
     precision: str = "float32",
     jit: str = "auto",
     batch_size: int = 32,
+    fold_batchnorm: bool = False,
 ) -> FeatureModel:
     """Build the frozen feature extractor and the attributes that define its features.
 
@@ -190,6 +194,9 @@ def build_feature_model(
         jit: XLA for the forward pass: ``auto`` (Keras' choice: on with a GPU under
             TensorFlow, always under JAX), ``on`` or ``off``.
         batch_size: rows of every forward pass (see :class:`FeatureModel`).
+        fold_batchnorm: fold each frozen BatchNormalization into the convolution before
+            it (:mod:`pipeline.bases.fold`): a faster forward pass whose features equal
+            the plain one up to float rounding. Recorded in the attributes.
 
     Raises:
         ValueError: any bad argument, with the value received.
@@ -203,24 +210,37 @@ def build_feature_model(
     elif not is_application(base) and is_hub_base(base):
         return _hub_feature_model(base, weights=weights, input_size=input_size, layer=layer,
                                   pooling=pooling, preprocess_mode=preprocess_mode, seed=seed,
-                                  precision=precision, jit=jit, batch_size=batch_size)
+                                  precision=precision, jit=jit, batch_size=batch_size,
+                                  fold=fold_batchnorm)
     else:
         loaded = _named_base(base, weights=weights, input_size=input_size,
                              preprocess_mode=preprocess_mode, seed=seed, precision=precision)
     loaded.model.trainable = False
     layers = parse_layers(layer, loaded.model)
-    feature = _feature_extractor(loaded.model, layers, pooling)
+    feature = _folded(_feature_extractor(loaded.model, layers, pooling), fold_batchnorm)
     if jit != "auto":
         feature.jit_compile = jit == "on"
     size = (int(loaded.size[0]), int(loaded.size[1]))
     attrs = _feature_attrs(loaded, layers=layers, pooling=pooling, seed=seed,
-                           precision=precision)
+                           precision=precision, fold=fold_batchnorm)
     return FeatureModel(feature, attrs, size, loaded.preprocess, layers, batch_size=batch_size)
+
+
+def _folded(feature: Any, fold: bool) -> Any:
+    """``feature`` with its frozen BatchNormalization folded, when asked."""
+    if not fold:
+        return feature
+    from pipeline.bases.fold import fold_batchnorm
+
+    folded, count = fold_batchnorm(feature)
+    log.info("base: %d BatchNormalization layers folded into the layers before them "
+             "(--fold-batchnorm off keeps them)", count)
+    return folded
 
 
 def _hub_feature_model(base: str, *, weights: str | None, input_size: tuple[int, int] | None,
                        layer: str | None, pooling: str, preprocess_mode: str | None, seed: int,
-                       precision: str, jit: str, batch_size: int) -> FeatureModel:
+                       precision: str, jit: str, batch_size: int, fold: bool) -> FeatureModel:
     """A keras-hub backbone with its converter's preprocessing inside the model.
 
     Raises:
@@ -236,7 +256,7 @@ def _hub_feature_model(base: str, *, weights: str | None, input_size: tuple[int,
     hub = load_hub_base(base, weights=weights, input_size=input_size, precision=precision,
                         seed=seed)
     layers = hub_layers(layer, hub.backbone)
-    feature = hub_feature_extractor(hub, layers, pooling)
+    feature = _folded(hub_feature_extractor(hub, layers, pooling), fold)
     # Frozen as a whole, so finetune's set_trainable can unfreeze "hub_backbone" again
     # (freezing the backbone first would leave the extractor's copy of it frozen for good).
     feature.trainable = False
@@ -244,7 +264,7 @@ def _hub_feature_model(base: str, *, weights: str | None, input_size: tuple[int,
         feature.jit_compile = jit == "on"
     loaded = _Base(hub.backbone, hub.size, "none", hub.attrs)
     attrs = _feature_attrs(loaded, layers=layers, pooling=pooling, seed=seed,
-                           precision=precision)
+                           precision=precision, fold=fold)
     return FeatureModel(feature, attrs, hub.size, "none", layers, batch_size=batch_size)
 
 
@@ -337,7 +357,7 @@ def _named_base(base: str, *, weights: str | None, input_size: tuple[int, int] |
 
 
 def _feature_attrs(loaded: _Base, *, layers: list[str], pooling: str, seed: int,
-                   precision: str) -> dict[str, Any]:
+                   precision: str, fold: bool) -> dict[str, Any]:
     """Every attribute that defines the features: the base's, then the cut and pooling."""
     return {
         **loaded.attrs,
@@ -348,12 +368,17 @@ def _feature_attrs(loaded: _Base, *, layers: list[str], pooling: str, seed: int,
         "preprocess": loaded.preprocess,
         "seed": int(seed),
         "precision": precision,
+        "fold_batchnorm": bool(fold),
     }
 
 
-def feature_model_from_attrs(attrs: dict[str, Any], batch_size: int = 32) -> FeatureModel:
+def feature_model_from_attrs(attrs: dict[str, Any], batch_size: int = 32,
+                             fold_batchnorm: bool | None = None) -> FeatureModel:
     """Rebuild the exact feature model a cache (or a head trained on it) was made with
     (all its recorded layers, the first being the one in ``features``).
+
+    ``fold_batchnorm`` defaults to the recorded choice (caches made before it was
+    recorded: not folded); finetune asks for the plain layers, which it trains.
 
     Files recorded by path (a ``.keras`` base, a local weights file) must still hash to
     the recorded sha256, so a changed file can never silently produce other features.
@@ -379,6 +404,8 @@ def feature_model_from_attrs(attrs: dict[str, Any], batch_size: int = 32) -> Fea
         seed=int(attrs.get("seed", 0)),
         precision=attrs.get("precision", "float32"),
         batch_size=batch_size,
+        fold_batchnorm=(bool(attrs.get("fold_batchnorm", False)) if fold_batchnorm is None
+                        else fold_batchnorm),
     )
 
 

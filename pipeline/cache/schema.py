@@ -83,9 +83,12 @@ IDENTITY_KEYS = (
     "preprocess",
     "dtype",
     "precision",
+    "fold_batchnorm",
     "seed",
     "class_names",
 )
+# What an identity attribute means in a cache written before the attribute was recorded.
+IDENTITY_DEFAULTS = {"fold_batchnorm": False}
 
 STR_DTYPE = h5py.string_dtype("utf-8")
 # Per-row columns besides features and labels.
@@ -153,8 +156,10 @@ def identity_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """Lines ``key: old != new`` for every identity attribute that differs."""
     diffs = []
     for key in IDENTITY_KEYS:
-        if old.get(key) != new.get(key):
-            diffs.append(f"  {key}: cache has {old.get(key)!r}, this run has {new.get(key)!r}")
+        was = old.get(key, IDENTITY_DEFAULTS.get(key))
+        now = new.get(key, IDENTITY_DEFAULTS.get(key))
+        if was != now:
+            diffs.append(f"  {key}: cache has {was!r}, this run has {now!r}")
     return diffs
 
 

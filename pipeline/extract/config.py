@@ -35,6 +35,11 @@ COMPRESSIONS = ("none", "lzf", "gzip")
 ENGINES = ("local", "ray")
 
 
+# --fold-batchnorm: on folds frozen BatchNormalization into the layer before it (faster,
+# features equal the plain pass up to float rounding); off runs the plain pass.
+FOLD_MODES = ("on", "off")
+
+
 @dataclass
 class ExtractConfig:
     """Everything ``extract.py`` was asked; saved in the cache's ``config`` attribute."""
@@ -58,6 +63,7 @@ class ExtractConfig:
     shard: str | None = None  # "i/N": this process extracts the i-th of N contiguous slices
     mixed_precision: bool = False
     jit: str = "auto"
+    fold_batchnorm: str = "on"  # on: BatchNormalization folded into the layer before it
     augment: int = 0
     augment_flip: str = "horizontal"
     augment_rotation: float = 0.05
@@ -135,6 +141,9 @@ def validate(config: ExtractConfig) -> tuple[int, int] | None:
     if config.log_every <= 0:
         raise ValueError(f"`log_every` must be > 0. Received: log_every={config.log_every}")
     check_decode(config.decode)
+    if config.fold_batchnorm not in FOLD_MODES:
+        raise ValueError(f"`fold_batchnorm` must be one of {FOLD_MODES}. "
+                         f"Received: fold_batchnorm={config.fold_batchnorm!r}")
     if config.engine not in ENGINES:
         raise ValueError(f"`engine` must be one of {ENGINES}. Received: engine={config.engine!r}")
     # engine='ray' arguments are checked by ray_engine.check_ray_config (run_extract).

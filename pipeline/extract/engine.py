@@ -45,6 +45,7 @@ def build_model(config: ExtractConfig, size: tuple[int, int] | None) -> FeatureM
         precision="mixed_float16" if config.mixed_precision else "float32",
         jit=config.jit,
         batch_size=config.batch_size,
+        fold_batchnorm=config.fold_batchnorm == "on",
     )
 
 

@@ -202,10 +202,13 @@ def _open_writer(
             continue
         diffs = identity_differences(old, attrs)
         if diffs:
+            # Caches made before folding was the default: say how to go on appending.
+            hint = ("\nOr append with `fold_batchnorm`='off', as the cache was made."
+                    if "  fold_batchnorm: cache has False, this run has True" in diffs else "")
             raise CacheError(
                 f"{existing} was made with another configuration; it is never appended to. "
                 "Differences:\n" + "\n".join(diffs) + "\nUse another --out, or delete the "
-                "file to re-extract."
+                "file to re-extract." + hint
             )
         if existing == out:  # appended to as a copy: out stays intact until the rename
             return CacheWriter.copy_of(out), "resume"

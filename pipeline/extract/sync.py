@@ -30,8 +30,10 @@ log = logging.getLogger(__name__)
 _FEATURE_FIELDS = (
     "base", "weights", "input_size", "layer", "pooling", "preprocess", "interpolation",
     "dtype", "seed", "mixed_precision", "augment_flip", "augment_rotation", "augment_zoom",
-    "augment_translation",
+    "augment_translation", "fold_batchnorm",
 )
+# A config recorded before the field existed ran as this.
+_FIELD_DEFAULTS = {"fold_batchnorm": "off"}
 
 
 def up_to_date(
@@ -44,7 +46,8 @@ def up_to_date(
     recorded = old.get("config") or {}
     same = (
         old.get("complete")
-        and all(recorded.get(k) == getattr(config, k) for k in _FEATURE_FIELDS)
+        and all(recorded.get(k, _FIELD_DEFAULTS.get(k)) == getattr(config, k)
+                for k in _FEATURE_FIELDS)
         and old.get("class_names") == index.class_names
         and int(old.get("augment_passes", 0)) >= config.augment
         # A changed manifest may relabel rows whose files are untouched: look closer.

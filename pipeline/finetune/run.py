@@ -87,7 +87,8 @@ def run_finetune(config: FinetuneConfig) -> tuple[Path, dict[str, Any]]:
     out_dir = _out_dir(config=config, start=start)
     split = split_images(start.cache, val_split=start.val_split, seed=start.split_seed,
                          data_dir=config.data_dir, test_split=start.test_split)
-    feature_model = feature_model_from_attrs(start.attrs)
+    # The plain layers: finetune trains them, BatchNormalization included.
+    feature_model = feature_model_from_attrs(start.attrs, fold_batchnorm=False)
     first, unfrozen = _unfreeze(config=config, feature_model=feature_model)
     verbose = 1 if sys.stdout.isatty() else 2  # Keras' progress: a bar, or a line an epoch
     head, warmup = _head(config=config, start=start, split=split,
