@@ -12,15 +12,10 @@ import os
 import sys
 from pathlib import Path
 
+from benchmarks.bench import CASES, BenchConfig, format_report, run_benchmark
+from pipeline.util.quiet import load_backend
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-# benchmarks.bench imports Keras: loaded first without TensorFlow's start-up lines, which
-# would otherwise sit in the middle of the report (pipeline/util/quiet.py).
-from pipeline.util.quiet import load_backend  # noqa: E402
-
-load_backend()
-
-from benchmarks.bench import CASES, BenchConfig, format_report, run_benchmark  # noqa: E402
 
 PARTS = BenchConfig().parts
 
@@ -77,6 +72,11 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig:
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark, print the report, write the JSON."""
     config = parse_args(argv)
+    # Keras is loaded here, without TensorFlow's start-up lines, which would otherwise sit
+    # in the middle of the report (pipeline/util/quiet.py). Not at import: the decode
+    # workers are spawned, and a spawned process imports this module again (as the main
+    # script's), so a top-level load cost every worker a TensorFlow import (~5 core-s).
+    load_backend()
     # Keras' retracing warnings: every case builds new models, on purpose.
     logging.getLogger("tensorflow").setLevel(logging.ERROR)
     results = run_benchmark(config, log=lambda msg: print(msg, file=sys.stderr, flush=True))

@@ -9,6 +9,10 @@ Per output size, interleaved ``repeats`` times so drifting load hits every metho
     bare-x2      bare in two warm worker processes, half the files each: what two cores of
                  this machine give on this work at all (the ceiling for "2 workers / 1")
 
+"2 workers / 1" is given twice: on whole runs' wall time, and once the pools have started
+(each run's wall time less its pool's start, timed alone): the scaling of decoding itself,
+which is what a long run sees.
+
 Core-ms per image is CPU time (this process's threads + finished worker processes, from
 ``getrusage``) over images; a decoder's overhead is its core-ms over bare's (the header
 check, EXIF, sha256, batching, shared memory, the pool's start). A pool's start (spawned
@@ -97,12 +101,14 @@ def measure_input_side(paths: Sequence[Path], sizes: Sequence[int], *, repeats: 
         for fn in methods.values():  # untimed warm-up: file cache, kernels' plans
             fn(size)
         starts: dict[str, list[float]] = {name: [] for name in methods}
+        start_walls: dict[str, list[float]] = {name: [] for name in methods}
         for _ in range(repeats):
             for name, fn in methods.items():
                 runs[name].append(_timed_cpu(lambda f=fn, size=size: f(size)))
                 k = int(name.rsplit("-", 1)[1]) if "-" in name else 1
                 start = _timed_cpu(lambda f=fn, k=k, size=size: f(size, files=paths[:k]))
                 starts[name].append(start["parent_cpu_s"] + start["children_cpu_s"])
+                start_walls[name].append(start["wall_s"])
         result: dict[str, Any] = {"size": side, "n_images": n, "methods": {}}
         for name, rs in runs.items():
             median = lambda key, rs=rs: float(np.median([r[key] for r in rs]))  # noqa: E731
@@ -112,6 +118,10 @@ def measure_input_side(paths: Sequence[Path], sizes: Sequence[int], *, repeats: 
                 **summary([r["wall_s"] for r in rs], n),
                 "core_ms_per_img": 1e3 * core_s / n,
                 "start_core_s": start_s,
+                "start_wall_s": float(np.median(start_walls[name])),
+                # img/s once started: what the workers give a long run
+                "steady_img_s": n / max(median("wall_s")
+                                        - float(np.median(start_walls[name])), 1e-9),
                 "steady_core_ms_per_img": 1e3 * max(core_s - start_s, 0.0) / n,
                 "parent_core_ms_per_img": 1e3 * median("parent_cpu_s") / n,
             }
@@ -127,6 +137,11 @@ def measure_input_side(paths: Sequence[Path], sizes: Sequence[int], *, repeats: 
                 "bare (this machine's ceiling)": float(one / two),
                 **{d: result["methods"][f"{d}-2"]["img_s"] / result["methods"][f"{d}-1"]["img_s"]
                    for d in ("threads", "processes")}}
+            # The same once the pools have started (a start is a one-off, timed alone on
+            # one image per worker): how the decoding itself scales.
+            result["two_workers_over_one_steady"] = {
+                d: result["methods"][f"{d}-2"]["steady_img_s"]
+                / result["methods"][f"{d}-1"]["steady_img_s"] for d in ("threads", "processes")}
         if len(workers) == 2 and workers != (1, 2):  # the GPU box: every core against one
             k = max(workers)
             result["k_workers_over_one"] = {
