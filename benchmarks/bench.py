@@ -56,6 +56,7 @@ from benchmarks.common import (
     timed,
     write_synthetic_cache,
 )
+from benchmarks.fold import FOLD_BASES, measure_fold
 from benchmarks.input_side import measure_input_side
 from benchmarks.throughput import (
     MODEL_OPTIONS,
@@ -177,7 +178,8 @@ def run_benchmark(config: BenchConfig, log: Callable[[str], None] = print) -> di
     time the scikit-learn heads over a rows x dims grid; time a full extraction, a
     re-run on unchanged data and a run after adding 10% images, in-process and as CLI
     subprocesses; measure fit_head's peak RSS on 1x/4x/16x caches in subprocesses; and
-    measure file size and speed per dtype and compression.
+    measure file size and speed per dtype and compression; and time the forward pass of
+    several bases with BatchNormalization folded against plain.
     """
     MODEL_OPTIONS.update(mixed_precision=config.mixed_precision, jit=config.jit,
                          fold_batchnorm=config.fold_batchnorm)
@@ -236,6 +238,9 @@ def run_benchmark(config: BenchConfig, log: Callable[[str], None] = print) -> di
     part("storage", lambda: {"case": storage_case.name, "runs": measure_storage(
         storage_case, images_dir, work, len(paths), repeats=config.repeats,
         workers=config.workers, **kw)})
+    part("fold", lambda: measure_fold(FOLD_BASES[:2] if config.quick else FOLD_BASES,
+                                      n=64 if config.quick else 256, repeats=config.repeats,
+                                      seed=config.seed))
     results["machine"]["loadavg_end"] = os.getloadavg()
     results["machine"]["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     shutil.rmtree(work, ignore_errors=True)
@@ -286,6 +291,15 @@ def format_report(results: dict[str, Any]) -> str:
             lines.append(f"  {decode}: 2 workers / 1 worker {ratio:.2f}{started}")
         for decode, (k, ratio) in r.get("k_workers_over_one", {}).items():
             lines.append(f"  {decode}: {k} workers / 1 worker {ratio:.2f}")
+    if "fold" in results:
+        lines.append("\nBatchNormalization folded (random statistics), predict_on_batch: img/s "
+                     "plain -> folded, core-ms per image, folded/plain, max relative difference")
+        for r in results["fold"]:
+            lines.append(
+                f"  {r['base']:16s} {r['n_folded']:4d} folded  {r['plain']['img_s']:7.1f} -> "
+                f"{r['folded']['img_s']:7.1f}  {r['plain']['core_ms_per_img']:6.2f} -> "
+                f"{r['folded']['core_ms_per_img']:6.2f}  x{r['folded/plain img_s']:.2f}  "
+                f"{r['max_relative_difference']:.1e}")
     if "decoders" in results:
         lines.append("\ndecoded_batches alone (pool start included), img/s:")
         for r in results["decoders"]:

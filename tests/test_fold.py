@@ -65,8 +65,14 @@ def _every_case_model():
     residual = L.Add(name="sum_once")([a, b])  # read once: its BNs fold (ResNet-style)
     shortcut = _norm(L, "bn_into_shared_sum_keep")(
         L.Conv2D(6, 1, use_bias=False, name="conv_shortcut")(x))
-    twice = L.Add(name="sum_twice")([c[..., :6], shortcut])  # read twice (Xception-style)
-    maps = L.Concatenate()([residual, d, e, f, g, shared, L.ReLU()(twice), twice, h[..., :6]])
+    # Read by an activation and by something else (Xception-style): kept.
+    twice = L.Add(name="sum_twice")([c[..., :6], shortcut])
+    # Read twice, by no activation (MobileNetV2-style): folds.
+    convs = _norm(L, "bn_into_sum_read_by_convs_fold")(
+        L.Conv2D(6, 1, use_bias=False, name="conv_sum_convs")(x))
+    by_convs = L.Add(name="sum_read_by_convs")([a, convs])
+    maps = L.Concatenate()([residual, d, e, f, g, shared, L.ReLU()(twice), twice, h[..., :6],
+                            L.Conv2D(2, 1, name="reads_sum")(by_convs), by_convs])
     dense = _norm(L, "bn_dense_fold")(L.Dense(3, name="dense")(v))
     output_conv = L.Conv2D(2, 1, use_bias=False, name="conv_is_output")(x)
     out_bn = _norm(L, "bn_of_an_output_keep")(output_conv)
@@ -83,7 +89,7 @@ def test_every_foldable_batchnorm_folds_and_outputs_match():
     kept = sorted(layer.name for layer in folded.layers
                   if isinstance(layer, keras.layers.BatchNormalization))
     assert kept == sorted(layer.name for layer in model.layers if layer.name.endswith("_keep"))
-    assert count == sum(layer.name.endswith("_fold") for layer in model.layers) == 6
+    assert count == sum(layer.name.endswith("_fold") for layer in model.layers) == 7
     rng = np.random.default_rng(0)
     x = [rng.normal(size=(3, 12, 12, 4)).astype(np.float32),
          rng.normal(size=(3, 5)).astype(np.float32)]

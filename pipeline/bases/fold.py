@@ -93,20 +93,25 @@ def _foldable_pairs(model: Any) -> list[tuple[Any, Any]]:
 
 
 def _into_shared_sum(y: Any, readers: dict[int, list[Any]], outputs: set[int]) -> bool:
-    """Whether ``y`` is summed by an Add whose sum is read more than once.
+    """Whether ``y`` is summed by an Add whose sum an activation reads, and something else.
 
     Why: TensorFlow's graph optimiser (grappler's remapper, TF 2.21) fuses convolution +
     bias + Add + activation into one op, and fails when the sum has another reader
-    ("remapper failed: ... fanout ... exist for missing node", Xception's shortcuts). It
+    ("remapper failed: ... fanout ... exist for missing node"; Xception's shortcuts). It
     then logs an error and skips every fusion of the graph. Such a BatchNormalization is
-    left as it is; ResNet-style sums read once still fold.
+    left as it is. Sums read once (ResNet) or read by no activation (MobileNetV2: the next
+    block's convolution and the next Add) fold: tried, no error.
     """
     import keras
 
+    activations = (keras.layers.Activation, keras.layers.ReLU, keras.layers.ELU,
+                   keras.layers.LeakyReLU, keras.layers.PReLU, keras.layers.Softmax)
     for node in readers.get(id(y), []):
         if isinstance(node.operation, keras.layers.Add):
             total = node.output_tensors[0]
-            if len(readers.get(id(total), [])) + (id(total) in outputs) > 1:
+            after = readers.get(id(total), [])
+            if (len(after) + (id(total) in outputs) > 1
+                    and any(isinstance(n.operation, activations) for n in after)):
                 return True
     return False
 
