@@ -43,6 +43,7 @@ import h5py
 import numpy as np
 
 __all__ = [
+    "IDENTITY_DEFAULTS",
     "IDENTITY_KEYS",
     "INDEX_COLUMNS",
     "INT_COLUMNS",
@@ -80,12 +81,17 @@ IDENTITY_KEYS = (
     "pooling",
     "input_size",
     "interpolation",
+    "jpeg_downscale",
     "preprocess",
     "dtype",
     "precision",
     "seed",
     "class_names",
 )
+
+# What a cache written before an identity key existed means by its absence: it was made
+# the one way there was then.
+IDENTITY_DEFAULTS = {"jpeg_downscale": "off"}
 
 STR_DTYPE = h5py.string_dtype("utf-8")
 # Per-row columns besides features and labels.
@@ -149,12 +155,18 @@ def decode_attrs(attrs: h5py.AttributeManager) -> dict[str, Any]:
     return out
 
 
-def identity_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    """Lines ``key: old != new`` for every identity attribute that differs."""
+def identity_differences(old: dict[str, Any], new: dict[str, Any],
+                         flags: dict[str, str] | None = None) -> list[str]:
+    """Lines ``key: old != new`` for every identity attribute that differs (an absent key
+    read as its :data:`IDENTITY_DEFAULTS` value); ``flags`` names the option that sets a
+    key (``{"pooling": "--pooling"}``), shown at the end of its line."""
     diffs = []
     for key in IDENTITY_KEYS:
-        if old.get(key) != new.get(key):
-            diffs.append(f"  {key}: cache has {old.get(key)!r}, this run has {new.get(key)!r}")
+        was, now = (attrs.get(key, IDENTITY_DEFAULTS.get(key)) for attrs in (old, new))
+        if was != now:
+            flag = (flags or {}).get(key)
+            diffs.append(f"  {key}: cache has {was!r}, this run has {now!r}"
+                         + (f" ({flag})" if flag else ""))
     return diffs
 
 

@@ -98,6 +98,7 @@ def run_extract(config: ExtractConfig) -> ExtractResult:
         attrs = dict(feature_model.attrs)
         attrs.update(
             interpolation=config.interpolation,
+            jpeg_downscale=config.jpeg_downscale,
             dtype=config.dtype,
             class_names=index.class_names,
             keras_version=keras.__version__,
@@ -177,6 +178,10 @@ def _write_failure(exc: BaseException, out: Path) -> str:
     return " ".join(words)
 
 
+# The extract option behind each identity attribute it sets, named in a refusal.
+_FLAGS = {f.name: "--" + f.name.replace("_", "-") for f in dataclasses.fields(ExtractConfig)}
+
+
 def _open_writer(
     out: Path, attrs: dict[str, Any], feature_shapes: list[tuple[int, ...]], dtype: str,
     compression: str,
@@ -200,7 +205,7 @@ def _open_writer(
                 raise
             _set_aside(existing, "is unreadable")
             continue
-        diffs = identity_differences(old, attrs)
+        diffs = identity_differences(old, attrs, _FLAGS)
         if diffs:
             raise CacheError(
                 f"{existing} was made with another configuration; it is never appended to. "

@@ -15,7 +15,13 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.cache import CacheWriter, partial_path, read_attrs, read_row_state
+from pipeline.cache import (
+    IDENTITY_DEFAULTS,
+    CacheWriter,
+    partial_path,
+    read_attrs,
+    read_row_state,
+)
 from pipeline.extract.config import ExtractConfig, ExtractResult
 from pipeline.images import ImageIndex
 from pipeline.util.files import file_sha256
@@ -29,8 +35,8 @@ log = logging.getLogger(__name__)
 # same values (and unchanged files) is up to date without building the model.
 _FEATURE_FIELDS = (
     "base", "weights", "input_size", "layer", "pooling", "preprocess", "interpolation",
-    "dtype", "seed", "mixed_precision", "augment_flip", "augment_rotation", "augment_zoom",
-    "augment_translation",
+    "jpeg_downscale", "dtype", "seed", "mixed_precision", "augment_flip", "augment_rotation",
+    "augment_zoom", "augment_translation",
 )
 
 
@@ -44,7 +50,8 @@ def up_to_date(
     recorded = old.get("config") or {}
     same = (
         old.get("complete")
-        and all(recorded.get(k) == getattr(config, k) for k in _FEATURE_FIELDS)
+        and all(recorded.get(k, IDENTITY_DEFAULTS.get(k)) == getattr(config, k)
+                for k in _FEATURE_FIELDS)
         and old.get("class_names") == index.class_names
         and int(old.get("augment_passes", 0)) >= config.augment
         # A changed manifest may relabel rows whose files are untouched: look closer.
