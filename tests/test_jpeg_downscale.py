@@ -283,3 +283,15 @@ def test_an_export_records_the_option_and_is_read_back(dct_head, tmp_path):
 def test_a_model_from_before_the_option_reads_off():
     assert recorded_jpeg_downscale({}, {"interpolation": "bilinear"}) == "off"
     assert recorded_jpeg_downscale({"jpeg_downscale": None}, {"jpeg_downscale": "dct"}) == "dct"
+
+
+def test_benchmark_prints_both_paths_side_by_side(tmp_path, capsys):
+    """benchmarks/jpeg_downscale.py runs (its figures are in docs/performance.md)."""
+    from benchmarks.jpeg_downscale import main
+
+    assert main(["--images", "10", "--repeats", "1", "--parts", "speed", "rule", "pixels",
+                 "--data", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    for header in ("off_core_ms  dct_core_ms  speedup", "K1_speedup", "off_to_box  dct_to_box"):
+        assert header in out
+    assert "2000x1500" in out
