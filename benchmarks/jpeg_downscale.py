@@ -1,7 +1,7 @@
 """``extract --jpeg-downscale dct`` against the exact path (``off``), side by side in one run.
 
     python -m benchmarks.jpeg_downscale [--images 200] [--repeats 5]
-        [--parts speed rule pixels accuracy]
+        [--parts speed rule pixels extract accuracy]
 
 speed     core-ms per image of what extract does per file (read, header, sha256, decode,
           resize into a batch slot: :func:`pipeline.images.read_image`), off and dct
@@ -15,6 +15,9 @@ rule      the choice behind dct's rule, made with the kernels alone: decode at t
 pixels    |dct - off| in levels (mean, max, mean signed per channel), and each path's mean
           distance to an antialiased reference (a box filter of libjpeg's accurate decode):
           which of the two is the better downscale
+extract   run_extract img/s, off and dct alternated (median of 3 after a warm-up round), in
+          the issue's input-bound case (MobileNetV2 cut at block_3_expand, random weights,
+          96 px, avg) on the 500x375 and the 2000x1500 JPEGs
 accuracy  a head's accuracy on features of each path: 6 classes (the left and right halves
           of the 3 photographs bundled offline: scikit-learn's china and flower,
           matplotlib's grace_hopper), random crops saved like make_images; features of a
@@ -27,6 +30,7 @@ accuracy  a head's accuracy on features of each path: 6 classes (the left and ri
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import statistics
 import sys
@@ -189,6 +193,30 @@ def measure_pixels(sets: dict[str, list[Path]]) -> list[dict[str, Any]]:
     return rows
 
 
+def measure_extract(sets: dict[str, list[Path]], folder: Path) -> list[dict[str, Any]]:
+    """run_extract img/s of each mode in the input-bound case (module docstring)."""
+    from benchmarks.common import fresh
+    from pipeline.extract import ExtractConfig, run_extract
+
+    rows = []
+    for name in ("500x375", "2000x1500"):
+        data = sets[name][0].parents[1]
+        runs: dict[str, list[float]] = {mode: [] for mode in MODES}
+        for r in range(4):  # round 0 warms the file cache and the model's trace
+            for mode in MODES:
+                out = fresh(folder / f"extract-{mode}.h5")
+                result = run_extract(ExtractConfig(
+                    str(data), "mobilenetv2", weights="none", input_size="96",
+                    layer="block_3_expand", pooling="avg", out=str(out), jpeg_downscale=mode,
+                    log_every=1e9))
+                if r:
+                    runs[mode].append(result.n_rows / result.seconds)
+        med = {mode: statistics.median(v) for mode, v in runs.items()}
+        rows.append({"set": name, "n": result.n_rows, **{f"{m}_img_s": med[m] for m in MODES},
+                     "dct/off": med["dct"] / med["off"]})
+    return rows
+
+
 def _photographs() -> list[np.ndarray]:
     """The photographs bundled offline: china, flower (scikit-learn), grace_hopper
     (matplotlib)."""
@@ -311,13 +339,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=5, help="timed runs per figure (median)")
     p.add_argument("--per-class", type=int, default=50, help="accuracy: images per class")
     p.add_argument("--data", default="data/bench-downscale", help="where images are written")
-    p.add_argument("--parts", nargs="+", choices=("speed", "rule", "pixels", "accuracy"),
-                   default=["speed", "rule", "pixels", "accuracy"])
+    p.add_argument("--parts", nargs="+",
+                   choices=("speed", "rule", "pixels", "extract", "accuracy"),
+                   default=["speed", "rule", "pixels", "extract", "accuracy"])
     args = p.parse_args(argv)
     folder = Path(args.data)
     print(f"jpeg_downscale: {os.cpu_count()} cores, load {os.getloadavg()[0]:.2f}", flush=True)
-    sets = (photo_sets(folder, args.images) if {"speed", "rule", "pixels"} & set(args.parts)
-            else {})
+    sets = (photo_sets(folder, args.images)
+            if {"speed", "rule", "pixels", "extract"} & set(args.parts) else {})
     if "speed" in args.parts:
         print(format_rows("\nspeed: core-ms per image (read + sha256 + decode + resize), "
                           "off / dct", measure_speed(sets, repeats=args.repeats)), flush=True)
@@ -328,11 +357,18 @@ def main(argv: list[str] | None = None) -> int:
     if "pixels" in args.parts:
         print(format_rows("\npixels: dct - off in levels (0..255); mean |x - box filter of "
                           "the accurate decode| for each", measure_pixels(sets)), flush=True)
-    if "accuracy" in args.parts:
+    if {"extract", "accuracy"} & set(args.parts):
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
         from pipeline.util.quiet import load_backend
 
         load_backend()
+        # Keras' retracing warnings: every run builds a new model, on purpose.
+        logging.getLogger("tensorflow").setLevel(logging.ERROR)
+    if "extract" in args.parts:
+        print(format_rows("\nextract: img/s, MobileNetV2 (random) cut at block_3_expand, "
+                          "96 px, avg, batch 32, decode auto", measure_extract(sets, folder)),
+              flush=True)
+    if "accuracy" in args.parts:
         print(format_rows("\naccuracy: logistic regression, 5 folds (mean±std); a->b: "
                           "trained on a's features, scored on b's",
                           measure_accuracy(folder, per_class=args.per_class)), flush=True)

@@ -295,3 +295,33 @@ def test_benchmark_prints_both_paths_side_by_side(tmp_path, capsys):
     for header in ("off_core_ms  dct_core_ms  speedup", "K1_speedup", "off_to_box  dct_to_box"):
         assert header in out
     assert "2000x1500" in out
+
+
+def test_finetune_trains_on_the_recorded_decoding_and_records_it(dct_head, tmp_path,
+                                                                 monkeypatch):
+    import pipeline.finetune.data as finetune_data
+    from pipeline.finetune import FinetuneConfig, run_finetune
+
+    seen = set()
+
+    def spy(path, size, interpolation="bilinear", jpeg_downscale="off"):
+        seen.add(jpeg_downscale)
+        return load_image(path, size, interpolation, jpeg_downscale)
+
+    monkeypatch.setattr(finetune_data, "load_image", spy)
+    out, _ = run_finetune(FinetuneConfig(str(dct_head), unfreeze_from="identity_conv", lr=0.0,
+                                         epochs=1, batch_size=4, out=str(tmp_path / "tuned")))
+    assert seen == {"dct"}
+    assert json.loads((out / "head.json").read_text())["jpeg_downscale"] == "dct"
+    assert load_predictor(out).jpeg_downscale == "dct"
+
+
+def test_compare_scratch_decodes_as_the_cache_recorded(dct_cache):
+    from pipeline.compare.data import load_scratch_images
+
+    data, out = dct_cache
+    attrs, paths = read_attrs(out), read_cache(out).paths
+    images, problem = load_scratch_images(data, paths, attrs)
+    assert problem is None
+    expected = np.stack([load_image(data / p, (8, 8), jpeg_downscale="dct") for p in paths])
+    np.testing.assert_array_equal(images, expected)
