@@ -31,7 +31,7 @@ MEAN_TOL, MAX_TOL = 1.5, 6.0
 
 
 def smooth_jpeg(height: int, width: int, *, orientation: int = 1, quality: int = 95,
-                mode: str = "RGB", subsampling: int = 2) -> bytes:
+                mode: str = "RGB", subsampling: int = 2, progressive: bool = False) -> bytes:
     """A JPEG of low-frequency content that differs along each axis and channel, so a
     wrong rotation or flip shows; EXIF ``orientation`` recorded when not 1."""
     y, x = np.mgrid[0:height, 0:width].astype(np.float32)
@@ -43,7 +43,7 @@ def smooth_jpeg(height: int, width: int, *, orientation: int = 1, quality: int =
     if orientation != 1:
         exif[0x0112] = orientation
     out = io.BytesIO()
-    im.save(out, "JPEG", quality=quality, exif=exif.tobytes(),
+    im.save(out, "JPEG", quality=quality, exif=exif.tobytes(), progressive=progressive,
             **({"subsampling": subsampling} if mode == "RGB" else {}))
     return out.getvalue()
 
@@ -83,17 +83,18 @@ def test_reduction_rule(stored, size, expected):
     assert dct_reduction(*stored, size) == expected
 
 
-@pytest.mark.parametrize(("mode", "subsampling"), [("RGB", 2), ("RGB", 0), ("RGB", 1),
-                                                    ("L", 0)])
+@pytest.mark.parametrize(("mode", "subsampling", "progressive"), [
+    ("RGB", 2, False), ("RGB", 0, False), ("RGB", 1, False), ("L", 0, False), ("RGB", 2, True)])
 @pytest.mark.parametrize(("stored", "size"), [((300, 400), (96, 96)), ((301, 397), (70, 40)),
                                               ((300, 400), (36, 48)), ((300, 400), (20, 20))])
-def test_libjpeg_turbo_decodes_at_the_reduced_size(stored, size, mode, subsampling):
+def test_libjpeg_turbo_decodes_at_the_reduced_size(stored, size, mode, subsampling,
+                                                   progressive):
     """simplejpeg picks the smallest M/8 scale at least ``min_size``: exactly the 1/2,
-    1/4 or 1/8 the rule chose, for every chroma subsampling and grayscale."""
+    1/4 or 1/8 the rule chose, for every chroma subsampling, grayscale and progressive."""
     d = dct_reduction(*stored, size)
     assert d > 1
     reduced = (-(-stored[0] // d), -(-stored[1] // d))
-    data = smooth_jpeg(*stored, mode=mode, subsampling=subsampling)
+    data = smooth_jpeg(*stored, mode=mode, subsampling=subsampling, progressive=progressive)
     assert decode_jpeg(data, reduced).shape == (*reduced, 3)
 
 
