@@ -15,9 +15,10 @@ rule      the choice behind dct's rule, made with the kernels alone: decode at t
 pixels    |dct - off| in levels (mean, max, mean signed per channel), and each path's mean
           distance to an antialiased reference (a box filter of libjpeg's accurate decode):
           which of the two is the better downscale
-extract   run_extract img/s, off and dct alternated (median of 3 after a warm-up round), in
+extract   run_extract img/s, off and dct alternated (median of 4 after a warm-up round), in
           the issue's input-bound case (MobileNetV2 cut at block_3_expand, random weights,
-          96 px, avg) on the 500x375 and the 2000x1500 JPEGs
+          96 px, avg) on the 500x375 and the 2000x1500 JPEGs; and the core-ms per image
+          of each whole run (model build included), whose difference is dct's saving
 accuracy  a head's accuracy on features of each path: 6 classes (the left and right halves
           of the 3 photographs bundled offline: scikit-learn's china and flower,
           matplotlib's grace_hopper), random crops saved like make_images; features of a
@@ -202,18 +203,28 @@ def measure_extract(sets: dict[str, list[Path]], folder: Path) -> list[dict[str,
     for name in ("500x375", "2000x1500"):
         data = sets[name][0].parents[1]
         runs: dict[str, list[float]] = {mode: [] for mode in MODES}
-        for r in range(4):  # round 0 warms the file cache and the model's trace
-            for mode in MODES:
+        cpu: dict[str, list[float]] = {mode: [] for mode in MODES}
+        for r in range(5):  # round 0 warms the file cache and the model's trace
+            for mode in MODES[::-1] if r % 2 else MODES:  # either first, in turn
                 out = fresh(folder / f"extract-{mode}.h5")
+                start = time.process_time()  # every thread of this process (decode auto
+                # is threads on < 4 cores): robust to other tenants, unlike img/s
                 result = run_extract(ExtractConfig(
                     str(data), "mobilenetv2", weights="none", input_size="96",
                     layer="block_3_expand", pooling="avg", out=str(out), jpeg_downscale=mode,
                     log_every=1e9))
                 if r:
                     runs[mode].append(result.n_rows / result.seconds)
+                    cpu[mode].append(1e3 * (time.process_time() - start) / result.n_rows)
         med = {mode: statistics.median(v) for mode, v in runs.items()}
-        rows.append({"set": name, "n": result.n_rows, **{f"{m}_img_s": med[m] for m in MODES},
-                     "dct/off": med["dct"] / med["off"]})
+        core = {mode: statistics.median(v) for mode, v in cpu.items()}
+        rows.append({"set": name, "n": result.n_rows,
+                     **{f"{m}_img_s": med[m] for m in MODES}, "dct/off": med["dct"] / med["off"],
+                     **{f"{m}_runs": [round(v) for v in runs[m]] for m in MODES},
+                     **{f"{m}_core_ms": core[m] for m in MODES},
+                     # The model's build is in both (a constant): the difference is what
+                     # dct saves per image.
+                     "saved_core_ms": core["off"] - core["dct"]})
     return rows
 
 
