@@ -326,3 +326,30 @@ def test_compare_scratch_decodes_as_the_cache_recorded(dct_cache):
     assert problem is None
     expected = np.stack([load_image(data / p, (8, 8), jpeg_downscale="dct") for p in paths])
     np.testing.assert_array_equal(images, expected)
+
+
+_WITHOUT_TF = """
+import sys
+sys.modules["tensorflow"] = None  # any import of TF now fails loudly
+import numpy as np
+import pipeline.images.decode as decode
+decode.has_tensorflow = lambda: False
+from pipeline.images import load_image
+paths = sys.argv[2:]
+np.save(sys.argv[1], np.stack([load_image(p, (30, 40), jpeg_downscale="dct") for p in paths]))
+"""
+
+
+def test_dct_pixels_are_the_same_without_tensorflow(tmp_path):
+    """A JAX- or torch-only box (TensorFlow hidden) gets the same dct pixels."""
+    import subprocess
+    import sys
+
+    paths = [write(tmp_path / f"{o}.jpg", smooth_jpeg(241, 403, orientation=o,
+                                                      mode="L" if o == 3 else "RGB"))
+             for o in (1, 3, 6, 8)]
+    out = tmp_path / "pixels.npy"
+    subprocess.run([sys.executable, "-c", _WITHOUT_TF, str(out), *map(str, paths)],
+                   check=True, cwd=Path(__file__).resolve().parents[1])
+    expected = np.stack([load_image(p, (30, 40), jpeg_downscale="dct") for p in paths])
+    np.testing.assert_array_equal(np.load(out), expected)
