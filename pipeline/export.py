@@ -5,8 +5,8 @@ Two forms, chosen by the name given to ``--export``:
 ``X.keras`` (dense heads): one end-to-end Keras model that takes RGB images in 0..255 at
     the recorded input size and needs no code of ours to run; ``X.json`` beside it records
     what predict needs to feed it (kind ``end-to-end``, classes, input size,
-    interpolation, the cache attributes), so :mod:`pipeline.predict` reads it as it reads
-    a finetune folder.
+    interpolation, jpeg_downscale, the cache attributes), so :mod:`pipeline.predict`
+    reads it as it reads a finetune folder.
 ``DIR`` (any head, scikit-learn ones included): a model folder that carries its base —
     the head's own files (``model.joblib`` or ``model.keras``, ``head.json``,
     ``metrics.json``, ``config.json``) plus ``features.keras``, preprocessing + frozen base
@@ -37,6 +37,7 @@ from pipeline.predictor import (
     locate_model,
     recorded,
     recorded_class_names,
+    recorded_jpeg_downscale,
 )
 from pipeline.util.files import read_json, replace_atomically, write_json_atomic
 
@@ -96,13 +97,13 @@ def export_model(
     """Export a fit_head model with its frozen base: ``X.keras`` (dense) or a folder (any).
 
     ``X.keras``: one end-to-end model taking ``(H, W, 3)`` float RGB images in 0..255 at
-    the recorded input size (decode and resize them with the recorded interpolation;
-    ``predict.py`` does) and giving the head's probabilities (softmax; one sigmoid column
-    for two classes), built from Keras layers only
+    the recorded input size (decode and resize them with the recorded interpolation and
+    jpeg_downscale; ``predict.py`` does) and giving the head's probabilities (softmax; one
+    sigmoid column for two classes), built from Keras layers only
     (:func:`pipeline.bases.combine.end_to_end_model`), loadable with ``safe_mode=True``.
     ``X.json`` beside it records what ``predict.py`` needs: kind ``end-to-end``, classes,
-    class_names (indexed by class id), input_size, interpolation, the source folder and
-    the cache attributes.
+    class_names (indexed by class id), input_size, interpolation, jpeg_downscale, the
+    source folder and the cache attributes.
 
     A folder: the model folder's files plus ``features.keras`` (see the module
     docstring), written whole beside the target and moved into place; an earlier export
@@ -165,6 +166,7 @@ def _export_keras(located: ModelFiles, out: Path) -> Path:
         class_names=recorded_class_names(metrics),
         input_size=list(feature_model.input_size),
         interpolation=recorded("interpolation", attrs),
+        jpeg_downscale=recorded_jpeg_downscale(attrs),
         source=str(located.folder),
         head="dense",
         feature_dtype=dtype,

@@ -335,10 +335,10 @@ def run_predict(config: PredictConfig) -> PredictResult:
        attributes.
     5. ``_check_top_k``: ``top_k`` against the model's classes.
     6. ``_write_outputs``: decode images in threads with
-       :func:`pipeline.images.batches.decoded_batches` at the recorded size and
-       interpolation, run each batch through the base (and the head when predictions are
-       written), stream rows into a temporary CSV and/or embeddings file that replace
-       ``out`` and ``embeddings`` only when complete.
+       :func:`pipeline.images.batches.decoded_batches` at the recorded size,
+       interpolation and jpeg_downscale, run each batch through the base (and the head
+       when predictions are written), stream rows into a temporary CSV and/or embeddings
+       file that replace ``out`` and ``embeddings`` only when complete.
     7. ``_write_skipped``: list unreadable files in ``<out stem>.skipped.csv`` (the
        embeddings' stem when no CSV is written).
 
@@ -477,6 +477,7 @@ def _write_outputs(
             paths,
             size=predictor.input_size,
             interpolation=predictor.interpolation,
+            jpeg_downscale=predictor.jpeg_downscale,
             batch_size=config.batch_size,
             workers=config.workers,
         )

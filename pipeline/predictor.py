@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.cache.schema import layer_attrs
+from pipeline.cache.schema import IDENTITY_DEFAULTS, layer_attrs
 from pipeline.util.files import read_json
 
 __all__ = [
@@ -43,6 +43,7 @@ __all__ = [
     "recorded",
     "recorded_class_names",
     "recorded_classes",
+    "recorded_jpeg_downscale",
 ]
 
 # The same kind as pipeline.heads.persist.END_TO_END, spelled here so that importing this
@@ -74,6 +75,7 @@ class Predictor:
     embed_batch: Callable[[np.ndarray], np.ndarray] | None = None
     score_features: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]] | None = None
     feature_attrs: dict[str, Any] | None = None
+    jpeg_downscale: str = "off"  # as extract decoded the cache's JPEGs (--jpeg-downscale)
 
 
 @dataclass
@@ -220,6 +222,14 @@ def recorded(key: str, *sources: dict[str, Any]) -> Any:
     raise ValueError(f"The model records no {key!r}; it cannot be applied without guessing.")
 
 
+def recorded_jpeg_downscale(*sources: dict[str, Any]) -> str:
+    """The first recorded ``jpeg_downscale`` in ``sources``: how extract decoded the
+    cache's JPEGs. A model recording none was made before the option: "off"."""
+    return next((source["jpeg_downscale"] for source in sources
+                 if source.get("jpeg_downscale") is not None),
+                IDENTITY_DEFAULTS["jpeg_downscale"])
+
+
 def _column_names(classes: Sequence[Any], class_names: Sequence[str] | None) -> list[str]:
     """Names of the output columns.
 
@@ -352,6 +362,7 @@ def _bottleneck_predictor(located: ModelFiles) -> Predictor:
         score_features=score_features,
         # The features are the first recorded layer's, whatever else the cache held.
         feature_attrs=layer_attrs(attrs),
+        jpeg_downscale=recorded_jpeg_downscale(attrs),
     )
 
 
@@ -390,7 +401,8 @@ def _end_to_end_predictor(located: ModelFiles) -> Predictor:
             )
         return np.argmax(values, axis=1), values
 
-    return Predictor(END_TO_END, names, (size[0], size[1]), interpolation, "p", predict_batch)
+    return Predictor(END_TO_END, names, (size[0], size[1]), interpolation, "p", predict_batch,
+                     jpeg_downscale=recorded_jpeg_downscale(meta, attrs))
 
 
 def load_predictor(
@@ -405,7 +417,8 @@ def load_predictor(
             ``model`` is not located yet).
 
     Returns:
-        A :class:`Predictor` with the recorded input size and interpolation.
+        A :class:`Predictor` with the recorded input size, interpolation and
+        jpeg_downscale.
 
     Raises:
         ValueError: no model there, missing or inconsistent metadata, a recorded base

@@ -167,6 +167,9 @@ def test_a_cache_from_before_the_choice_reads_as_not_folded():
     assert identity_differences({"pooling": "avg"}, {"pooling": "avg",
                                                      "fold_batchnorm": True}) == [
         "  fold_batchnorm: cache has False, this run has True"]
+    assert identity_differences({}, {"fold_batchnorm": True},
+                                {"fold_batchnorm": "--fold-batchnorm"}) == [
+        "  fold_batchnorm: cache has False, this run has True (--fold-batchnorm)"]
 
 
 def test_extract_records_the_fold_and_refuses_to_resume_with_the_other(tmp_path, bn_base):
@@ -186,7 +189,7 @@ def test_extract_records_the_fold_and_refuses_to_resume_with_the_other(tmp_path,
     run_extract(config("off"))
     assert not read_cache(out).attrs["fold_batchnorm"]
     with pytest.raises(CacheError, match=r"fold_batchnorm: cache has False, this run has "
-                       r"True\n(.|\n)*append with `fold_batchnorm`='off'"):
+                       r"True \(--fold-batchnorm\)\n(.|\n)*append with `fold_batchnorm`='off'"):
         run_extract(config("on"))
     out.unlink()
     run_extract(config("on"))

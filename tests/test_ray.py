@@ -180,3 +180,22 @@ def test_actor_count_and_block_rows():
     assert scale.block_rows(32, (224, 224)) == 96  # ~64 MiB of pixels, whole batches
     assert scale.block_rows(4, (8, 8)) == 1024
     assert scale.block_rows(64, (1024, 1024)) == 64  # at least one batch
+
+
+def test_jpeg_downscale_reaches_the_decode_tasks(cluster, probe_model, tmp_path):
+    """--jpeg-downscale dct on Ray: the local engine's cache, byte for byte (and not off's)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(5)
+    for i in range(6):
+        folder = tmp_path / "data" / "ab"[i % 2]
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (64, 80, 3), dtype=np.uint8)).save(
+            folder / f"{i}.jpg", quality=90)
+    data = tmp_path / "data"
+    local, on_ray, off = tmp_path / "local.h5", tmp_path / "ray.h5", tmp_path / "off.h5"
+    run_extract(config(data, probe_model, local, jpeg_downscale="dct"))
+    run_extract(config(data, probe_model, on_ray, jpeg_downscale="dct", engine="ray"))
+    run_extract(config(data, probe_model, off))
+    assert_same_cache(local, on_ray)
+    assert contents(local)["features"] != contents(off)["features"]

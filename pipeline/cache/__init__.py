@@ -26,6 +26,7 @@ from pipeline.cache.read import (
     read_row_state,
 )
 from pipeline.cache.schema import (
+    IDENTITY_DEFAULTS,
     IDENTITY_KEYS,
     SCHEMA_VERSION,
     CacheError,
@@ -40,6 +41,7 @@ from pipeline.cache.schema import (
 from pipeline.cache.writer import CacheWriter
 
 __all__ = [
+    "IDENTITY_DEFAULTS",
     "IDENTITY_KEYS",
     "SCHEMA_VERSION",
     "Cache",

@@ -43,6 +43,7 @@ import h5py
 import numpy as np
 
 __all__ = [
+    "IDENTITY_DEFAULTS",
     "IDENTITY_KEYS",
     "INDEX_COLUMNS",
     "INT_COLUMNS",
@@ -80,6 +81,7 @@ IDENTITY_KEYS = (
     "pooling",
     "input_size",
     "interpolation",
+    "jpeg_downscale",
     "preprocess",
     "dtype",
     "precision",
@@ -87,8 +89,9 @@ IDENTITY_KEYS = (
     "seed",
     "class_names",
 )
-# What an identity attribute means in a cache written before the attribute was recorded.
-IDENTITY_DEFAULTS = {"fold_batchnorm": False}
+# What a cache written before an identity key existed means by its absence: it was made
+# the one way there was then.
+IDENTITY_DEFAULTS = {"jpeg_downscale": "off", "fold_batchnorm": False}
 
 STR_DTYPE = h5py.string_dtype("utf-8")
 # Per-row columns besides features and labels.
@@ -152,14 +155,18 @@ def decode_attrs(attrs: h5py.AttributeManager) -> dict[str, Any]:
     return out
 
 
-def identity_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    """Lines ``key: old != new`` for every identity attribute that differs."""
+def identity_differences(old: dict[str, Any], new: dict[str, Any],
+                         flags: dict[str, str] | None = None) -> list[str]:
+    """Lines ``key: old != new`` for every identity attribute that differs (an absent key
+    read as its :data:`IDENTITY_DEFAULTS` value); ``flags`` names the option that sets a
+    key (``{"pooling": "--pooling"}``), shown at the end of its line."""
     diffs = []
     for key in IDENTITY_KEYS:
-        was = old.get(key, IDENTITY_DEFAULTS.get(key))
-        now = new.get(key, IDENTITY_DEFAULTS.get(key))
+        was, now = (attrs.get(key, IDENTITY_DEFAULTS.get(key)) for attrs in (old, new))
         if was != now:
-            diffs.append(f"  {key}: cache has {was!r}, this run has {now!r}")
+            flag = (flags or {}).get(key)
+            diffs.append(f"  {key}: cache has {was!r}, this run has {now!r}"
+                         + (f" ({flag})" if flag else ""))
     return diffs
 
 

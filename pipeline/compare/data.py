@@ -100,28 +100,32 @@ def cache_features(cache: Cache, order: np.ndarray) -> tuple[np.ndarray, str | N
 def load_scratch_images(
     data_dir: Path, paths: Sequence[str], attrs: dict[str, Any]
 ) -> tuple[np.ndarray | None, str | None]:
-    """Decode the cached images for the scratch row as extract did (size, interpolation).
+    """Decode the cached images for the scratch row as extract did (size, interpolation,
+    jpeg_downscale).
 
     Args:
         data_dir: the folder the caches were extracted from.
         paths: the cached images' paths relative to ``data_dir``, in the shared row order.
-        attrs: the first cache's attributes (``input_size``, ``interpolation``).
+        attrs: the first cache's attributes (``input_size``, ``interpolation``,
+            ``jpeg_downscale``).
 
     Returns:
         ``(images, None)``, or ``(None, why)`` when the images cannot all be decoded.
     """
     from pipeline.images import ImageReadError, load_image
+    from pipeline.predictor import recorded_jpeg_downscale
 
     size = attrs.get("input_size")
     if not size or len(size) != 2:
         return None, f"the cache records no input_size (Received: input_size={size!r})"
     interpolation = attrs.get("interpolation", "bilinear")
+    jpeg_downscale = recorded_jpeg_downscale(attrs)
     images = np.empty((len(paths), int(size[0]), int(size[1]), 3), dtype=np.float32)
     failed: list[str] = []
     progress = Progress(len(paths), "compare: decode for --scratch", unit="img")
     for i, rel in enumerate(paths):
         try:
-            images[i] = load_image(data_dir / rel, tuple(size), interpolation)
+            images[i] = load_image(data_dir / rel, tuple(size), interpolation, jpeg_downscale)
         except (ImageReadError, OSError):
             failed.append(rel)
         progress.update()

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from pipeline.augment import AugmentSpec
 from pipeline.bases import check_pooling, check_preprocess
-from pipeline.images import check_interpolation, is_manifest, parse_size
+from pipeline.images import check_interpolation, check_jpeg_downscale, is_manifest, parse_size
 from pipeline.images.batches import check_decode
 from pipeline.progress import format_duration
 
@@ -52,6 +52,7 @@ class ExtractConfig:
     pooling: str = "avg"
     preprocess: str | None = None
     interpolation: str = "bilinear"
+    jpeg_downscale: str = "off"  # "dct": large JPEGs reduced in the DCT domain (not Keras')
     batch_size: int = 32
     dtype: str = "float32"
     out: str | None = None
@@ -125,6 +126,7 @@ def validate(config: ExtractConfig) -> tuple[int, int] | None:
     if config.preprocess is not None:
         check_preprocess(config.preprocess)
     check_interpolation(config.interpolation)
+    check_jpeg_downscale(config.jpeg_downscale)
     if config.dtype not in DTYPES:
         raise ValueError(f"`dtype` must be one of {DTYPES}. Received: dtype={config.dtype!r}")
     if config.batch_size < 1:

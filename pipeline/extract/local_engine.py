@@ -91,6 +91,7 @@ def _decode_ahead(
         [index.root / path for path in paths],
         size=feature_model.input_size,
         interpolation=config.interpolation,
+        jpeg_downscale=config.jpeg_downscale,
         batch_size=config.batch_size,
         workers=config.workers,
         decode=config.decode,

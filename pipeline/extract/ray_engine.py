@@ -350,7 +350,8 @@ def _run_pipeline(
     dataset = ray.data.from_arrow([table.slice(s, step) for s in range(0, len(jobs), step)])
     dataset = dataset.map_batches(
         decode_batch, batch_size=None, batch_format="numpy",
-        fn_kwargs={"size": size, "interpolation": config.interpolation},
+        fn_kwargs={"size": size, "interpolation": config.interpolation,
+                   "jpeg_downscale": config.jpeg_downscale},
         # A decode worker holds TensorFlow (~330 MiB measured) and its block of pixels
         # twice at most. Declaring it also keeps decoding in tasks of its own on every
         # free CPU: Ray Data fuses a map into the next one when their resource requests

@@ -44,7 +44,7 @@ def keep_off_gpus() -> None:
 
 
 def decode_batch(batch: dict[str, np.ndarray], *, size: tuple[int, int],
-                 interpolation: str) -> dict[str, np.ndarray]:
+                 interpolation: str, jpeg_downscale: str = "off") -> dict[str, np.ndarray]:
     """A Ray Data task: decode and resize every listed image with the local engine's
     :func:`~pipeline.images.read_image`; an unreadable file gets ``ok=False`` and its reason.
     """
@@ -54,7 +54,8 @@ def decode_batch(batch: dict[str, np.ndarray], *, size: tuple[int, int],
     digests, errors, ok = [""] * n, [""] * n, np.zeros(n, dtype=bool)
     for i, path in enumerate(batch["path"]):
         try:
-            images[i], digests[i] = read_image(path, size, interpolation)
+            images[i], digests[i] = read_image(path, size, interpolation,
+                                               jpeg_downscale=jpeg_downscale)
             ok[i] = True
         except ImageReadError as exc:
             errors[i] = str(exc)

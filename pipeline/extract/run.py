@@ -98,6 +98,7 @@ def run_extract(config: ExtractConfig) -> ExtractResult:
         attrs = dict(feature_model.attrs)
         attrs.update(
             interpolation=config.interpolation,
+            jpeg_downscale=config.jpeg_downscale,
             dtype=config.dtype,
             class_names=index.class_names,
             keras_version=keras.__version__,
@@ -177,6 +178,10 @@ def _write_failure(exc: BaseException, out: Path) -> str:
     return " ".join(words)
 
 
+# The extract option behind each identity attribute it sets, named in a refusal.
+_FLAGS = {f.name: "--" + f.name.replace("_", "-") for f in dataclasses.fields(ExtractConfig)}
+
+
 def _open_writer(
     out: Path, attrs: dict[str, Any], feature_shapes: list[tuple[int, ...]], dtype: str,
     compression: str,
@@ -200,11 +205,12 @@ def _open_writer(
                 raise
             _set_aside(existing, "is unreadable")
             continue
-        diffs = identity_differences(old, attrs)
+        diffs = identity_differences(old, attrs, _FLAGS)
         if diffs:
             # Caches made before folding was the default: say how to go on appending.
             hint = ("\nOr append with `fold_batchnorm`='off', as the cache was made."
-                    if "  fold_batchnorm: cache has False, this run has True" in diffs else "")
+                    if any(d.startswith("  fold_batchnorm: cache has False, this run has True")
+                           for d in diffs) else "")
             raise CacheError(
                 f"{existing} was made with another configuration; it is never appended to. "
                 "Differences:\n" + "\n".join(diffs) + "\nUse another --out, or delete the "

@@ -15,7 +15,12 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.cache import CacheWriter, partial_path, read_attrs, read_row_state
+from pipeline.cache import (
+    CacheWriter,
+    partial_path,
+    read_attrs,
+    read_row_state,
+)
 from pipeline.extract.config import ExtractConfig, ExtractResult
 from pipeline.images import ImageIndex
 from pipeline.util.files import file_sha256
@@ -29,11 +34,11 @@ log = logging.getLogger(__name__)
 # same values (and unchanged files) is up to date without building the model.
 _FEATURE_FIELDS = (
     "base", "weights", "input_size", "layer", "pooling", "preprocess", "interpolation",
-    "dtype", "seed", "mixed_precision", "augment_flip", "augment_rotation", "augment_zoom",
-    "augment_translation", "fold_batchnorm",
+    "jpeg_downscale", "dtype", "seed", "mixed_precision", "augment_flip", "augment_rotation",
+    "augment_zoom", "augment_translation", "fold_batchnorm",
 )
-# A config recorded before the field existed ran as this.
-_FIELD_DEFAULTS = {"fold_batchnorm": "off"}
+# A config recorded before the field existed ran as this (the one way there was then).
+_FIELD_DEFAULTS = {"jpeg_downscale": "off", "fold_batchnorm": "off"}
 
 
 def up_to_date(

@@ -98,6 +98,7 @@ def image_dataset(
     batch_size: int,
     shuffle_seed: int | None = None,
     unreadable: dict[str, str] | None = None,
+    jpeg_downscale: str = "off",
 ) -> Any:
     """A ``tf.data`` pipeline of (image, target) batches, decoded as extract decodes them.
 
@@ -113,6 +114,7 @@ def image_dataset(
         batch_size: images per batch (the last batch holds the rest).
         shuffle_seed: shuffle every epoch with this seed; None keeps the order.
         unreadable: filled with path -> reason for files that could not be read.
+        jpeg_downscale: how the cache's JPEGs were decoded (extract --jpeg-downscale).
 
     Returns:
         A batched, prefetched ``tf.data.Dataset``.
@@ -125,7 +127,7 @@ def image_dataset(
     def read(path: bytes) -> tuple[np.ndarray, np.bool_]:
         name = path.decode("utf-8")
         try:
-            return load_image(name, size, interpolation), np.bool_(True)
+            return load_image(name, size, interpolation, jpeg_downscale), np.bool_(True)
         except ImageReadError as exc:
             failures[name] = str(exc)
             return blank, np.bool_(False)
@@ -159,6 +161,7 @@ def part_datasets(
     batch_size: int,
     seed: int,
     unreadable: dict[str, str],
+    jpeg_downscale: str = "off",
 ) -> dict[str, Any]:
     """The parts as :func:`image_dataset` pipelines, targets in the head's output columns.
 
@@ -174,6 +177,7 @@ def part_datasets(
         batch_size: images per batch.
         seed: the training images' shuffle seed.
         unreadable: filled with path -> reason for files that could not be read.
+        jpeg_downscale: how the cache's JPEGs were decoded (extract --jpeg-downscale).
 
     Returns:
         ``{"train": ..., "val": ...}`` and ``"test"`` when the test part has rows; the
@@ -192,6 +196,7 @@ def part_datasets(
             batch_size=batch_size,
             shuffle_seed=shuffle_seed,
             unreadable=unreadable,
+            jpeg_downscale=jpeg_downscale,
         )
 
     datasets = {"train": dataset(split.train, shuffle_seed=seed), "val": dataset(split.val)}

@@ -29,6 +29,7 @@ from pipeline.finetune.model import (
 from pipeline.finetune.source import Start, resolve_source
 from pipeline.heads import DenseHead, make_head
 from pipeline.heads.persist import END_TO_END, head_meta, write_head_meta
+from pipeline.predictor import recorded_jpeg_downscale
 from pipeline.progress import format_duration
 from pipeline.util.files import replace_atomically, write_json_atomic
 
@@ -100,6 +101,7 @@ def run_finetune(config: FinetuneConfig) -> tuple[Path, dict[str, Any]]:
         split, labels=start.cache.labels, classes=head.classes_, size=feature_model.input_size,
         interpolation=start.cache.attrs["interpolation"], batch_size=config.batch_size,
         seed=config.seed, unreadable=unreadable,
+        jpeg_downscale=recorded_jpeg_downscale(start.cache.attrs),
     )
     trainer = training_model(feature_model, head.model_, flip=config.augment_flip,
                              seed=config.seed, lr=config.lr, binary=len(head.classes_) == 2)
@@ -334,6 +336,7 @@ def _save(
         class_names=list(start.cache.class_names),  # indexed by class id, as the cache's
         input_size=list(feature_model.input_size),
         interpolation=start.cache.attrs["interpolation"],
+        jpeg_downscale=recorded_jpeg_downscale(start.cache.attrs),
         source=str(Path(config.source)),
         head="dense",
     )

@@ -5,9 +5,11 @@
 from pipeline.images.batches import DECODERS, DecodedBatch, check_decode, decoded_batches
 from pipeline.images.decode import (
     INTERPOLATIONS,
+    JPEG_DOWNSCALES,
     MAX_PIXELS,
     ImageReadError,
     check_interpolation,
+    check_jpeg_downscale,
     decode_bytes,
     decode_image,
     has_tensorflow,
@@ -42,6 +44,7 @@ __all__ = [
     "DECODERS",
     "IMAGE_EXTENSIONS",
     "INTERPOLATIONS",
+    "JPEG_DOWNSCALES",
     "LIST_EXTENSIONS",
     "MANIFEST_COLUMNS",
     "MAX_PIXELS",
@@ -54,6 +57,7 @@ __all__ = [
     "ListedPath",
     "check_decode",
     "check_interpolation",
+    "check_jpeg_downscale",
     "decode_bytes",
     "decode_image",
     "decoded_batches",

@@ -64,6 +64,7 @@ def decoded_batches(
     workers: int = 0,
     decode: str = "auto",
     positions: Sequence[int] | None = None,
+    jpeg_downscale: str = "off",
 ) -> Iterator[DecodedBatch]:
     """Decode and resize ``paths`` in parallel, ahead of use, and yield them in order.
 
@@ -82,6 +83,8 @@ def decoded_batches(
     image is bookkeeping), or ``auto``: processes on 4 or more cores, threads on fewer
     (there the parent's forward pass needs a core of its own; docs/performance.md).
     Pixels are the same either way: workers run :func:`read_image` in the same environment.
+    ``jpeg_downscale``: as :func:`pipeline.images.read_image` (``"dct"``: large JPEGs
+    reduced in the DCT domain first; not Keras' pixels).
 
     Raises:
         ValueError: ``decode="processes"`` and the ring does not fit in the free shared
@@ -103,11 +106,12 @@ def decoded_batches(
                                    fallback=decode == "auto")
         if ring is not None:
             yield from _decoded_in_processes(paths, batches, ring, size=size,
-                                             interpolation=interpolation, workers=workers)
+                                             interpolation=interpolation, workers=workers,
+                                             jpeg_downscale=jpeg_downscale)
             return
     # Threads, chosen or fallen back to: an explicit worker count holds for them too.
     yield from _decoded_in_threads(paths, batches, size=size, interpolation=interpolation,
-                                   workers=threads)
+                                   workers=threads, jpeg_downscale=jpeg_downscale)
 
 
 @dataclass(frozen=True)
@@ -179,7 +183,8 @@ _DEPTH = 3  # batch buffers: the one handed out and two being decoded
 
 
 def _decoded_in_threads(paths: Sequence[Path], batches: _Batches, *, size: tuple[int, int],
-                        interpolation: str, workers: int) -> Iterator[DecodedBatch]:
+                        interpolation: str, workers: int,
+                        jpeg_downscale: str) -> Iterator[DecodedBatch]:
     """One future per file in a thread pool, each resizing into its batch slot."""
     ring = np.empty((_DEPTH, batches.largest, *size, 3), np.float32)
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode")
@@ -187,7 +192,8 @@ def _decoded_in_threads(paths: Sequence[Path], batches: _Batches, *, size: tuple
 
     def start(b: int) -> None:
         buffer = ring[b % _DEPTH]
-        pending[b] = [pool.submit(read_image_into, paths[i], size, interpolation, buffer[k])
+        pending[b] = [pool.submit(read_image_into, paths[i], size, interpolation, buffer[k],
+                                  jpeg_downscale)
                       for k, i in enumerate(batches.files(b))]
 
     def finish(b: int) -> DecodedBatch:
@@ -279,7 +285,7 @@ def _free_shared_memory() -> int | None:
 
 def _decoded_in_processes(paths: Sequence[Path], batches: _Batches, ring: _SharedRing, *,
                           size: tuple[int, int], interpolation: str,
-                          workers: int) -> Iterator[DecodedBatch]:
+                          workers: int, jpeg_downscale: str) -> Iterator[DecodedBatch]:
     """One task per run of files of one batch, in spawned processes, into the shared ring.
 
     Each worker gets a run of about ``batch_size / workers`` files (so a batch is spread
@@ -295,7 +301,7 @@ def _decoded_in_processes(paths: Sequence[Path], batches: _Batches, ring: _Share
         pending[b] = [
             pool.submit(read_images_into, ring.shm.name, ring.offset(b) + first - files.start,
                         [str(paths[i]) for i in range(first, min(first + length, files.stop))],
-                        size, interpolation)
+                        size, interpolation, jpeg_downscale)
             for first in range(files.start, files.stop, length)
         ]
 

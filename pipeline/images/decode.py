@@ -11,6 +11,11 @@ bilinear in NumPy, bit-identical to ``tf.image.resize``; other methods with TF. 
 equal ``image_dataset_from_directory``'s for every file Keras reads. Without TensorFlow
 Pillow decodes the rest: lossless formats give the same pixels; CMYK JPEGs differ by up to
 ~5 levels (Pillow sets libjpeg's IDCT and chroma upsampling otherwise than TF).
+
+One explicit option departs from Keras' pixels: ``jpeg_downscale="dct"`` decodes a JPEG at
+least twice the output size at 1/2, 1/4 or 1/8 scale in libjpeg-turbo's DCT domain
+(:func:`~pipeline.images.kernels.dct_reduction`) before the same resize: faster, and
+recorded in the cache so everything downstream decodes the same way.
 """
 
 from __future__ import annotations
@@ -38,14 +43,21 @@ from pipeline.images.formats import (
     png_without_inflated_chunks,
     tf_reads_bmp,
 )
-from pipeline.images.kernels import decode_jpeg, has_fast_jpeg, resize_bilinear
+from pipeline.images.kernels import (
+    dct_reduction,
+    decode_jpeg,
+    has_fast_jpeg,
+    resize_bilinear,
+)
 from pipeline.util.quiet import quiet_tensorflow
 
 __all__ = [
     "INTERPOLATIONS",
+    "JPEG_DOWNSCALES",
     "MAX_PIXELS",
     "ImageReadError",
     "check_interpolation",
+    "check_jpeg_downscale",
     "decode_bytes",
     "decode_image",
     "has_tensorflow",
@@ -70,6 +82,12 @@ INTERPOLATIONS = (
 )
 
 
+# --jpeg-downscale: "off" decodes every JPEG at full size (Keras' pixels); "dct" lets
+# libjpeg-turbo reduce a JPEG >= 2x the input size in the DCT domain first (faster, other
+# pixels). A cache made before the option existed means "off" (cache.schema.IDENTITY_DEFAULTS).
+JPEG_DOWNSCALES = ("off", "dct")
+
+
 # Pillow warns between 1x and 2x this many pixels and raises above 2x; we refuse above 1x
 # ourselves (a clear skip reason instead of a warning nobody reads in a batch log).
 MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
@@ -92,6 +110,18 @@ def check_interpolation(interpolation: str) -> str:
         raise ValueError(f"`interpolation` must be one of {INTERPOLATIONS} (any case). "
                          f"Received: interpolation={interpolation!r}")
     return name
+
+
+def check_jpeg_downscale(jpeg_downscale: str) -> str:
+    """Validate ``--jpeg-downscale``; return it.
+
+    Raises:
+        ValueError: not one of ``JPEG_DOWNSCALES``.
+    """
+    if jpeg_downscale not in JPEG_DOWNSCALES:
+        raise ValueError(f"`jpeg_downscale` must be one of {JPEG_DOWNSCALES}. "
+                         f"Received: jpeg_downscale={jpeg_downscale!r}")
+    return jpeg_downscale
 
 
 def parse_size(value: str | int | tuple[int, int] | None) -> tuple[int, int] | None:
@@ -144,19 +174,57 @@ _FAST_JPEG_FORMATS = {"JPEG", "MPO"}
 _FAST_JPEG_MODES = {"RGB", "L"}
 
 
-def _fast_jpeg(data: bytes, orientation: int) -> np.ndarray | None:
-    """A JPEG's pixels from libjpeg-turbo, oriented; None when it is no JPEG it decodes
-    (then TF, or Pillow, decodes it and words the skip reason)."""
+# (EXIF orientation, pixels or None when TF is to decode them, box): what _inspect finds.
+# box: (top, left, height, width) of the image within the pixels when a DCT-reduced
+# decode's edge row and column are partly padding (resize_bilinear's ``box``); None for a
+# full decode.
+_Inspected = tuple[int, np.ndarray | None, tuple[float, float, float, float] | None]
+
+
+def _fast_jpeg(data: bytes, orientation: int, stored: tuple[int, int],
+               downscale_to: tuple[int, int] | None = None) -> _Inspected | None:
+    """A JPEG's orientation and pixels from libjpeg-turbo, oriented; None when it is no
+    JPEG it decodes (then TF, or Pillow, decodes it and words the skip reason).
+
+    ``stored``: its (height, width) in the file. ``downscale_to``: the output size when
+    a JPEG >= 2x it may be decoded at 1/2, 1/4 or 1/8 in the DCT domain. That size is of
+    the oriented image: EXIF orientations 5-8 turn the stored one by 90 degrees, so the
+    stored height is compared with the output's width.
+    """
     if not has_fast_jpeg():
         return None
+    d = 1
+    if downscale_to is not None:
+        d = dct_reduction(*stored, downscale_to[::-1] if orientation >= 5 else downscale_to)
     try:
-        return _orient(decode_jpeg(data), orientation)
+        pixels = decode_jpeg(data, None if d == 1 else (-(-stored[0] // d), -(-stored[1] // d)))
     except Exception:  # noqa: BLE001 - the fallback decoder judges the file
         return None
+    box = None if d == 1 else _oriented_box(pixels.shape[:2], stored[0] / d, stored[1] / d,
+                                            orientation)
+    return orientation, _orient(pixels, orientation), box
+
+
+def _oriented_box(shape: tuple[int, int], height: float, width: float,
+                  orientation: int) -> tuple[float, float, float, float]:
+    """The box (top, left, height, width) of the image within a reduced decode of
+    ``shape`` once oriented: stored, it spans ``height`` x ``width`` from the top left
+    (the bottom row and right column partly padding); flips move that padding to the
+    other edge, 90-degree turns swap the axes (the moves of :func:`_orient`)."""
+    axes, transpose = _ORIENTATIONS.get(orientation, ((), False))
+    top = shape[0] - height if 0 in axes else 0.0
+    left = shape[1] - width if 1 in axes else 0.0
+    return (left, top, width, height) if transpose else (top, left, height, width)
 
 
 _TF_MODES = {"RGB", "RGBA", "L", "LA", "P", "PA", "1", "I;16", "I;16B", "I;16L", "I", "YCbCr",
              "CMYK"}
+
+
+# The exact index shuffles of _orient: flip these axes, then maybe transpose
+# (np.rot90(a, -1) == transpose(flip(a, 0)), np.rot90(a, 1) == transpose(flip(a, 1))).
+_ORIENTATIONS = {2: ((1,), False), 3: ((0, 1), False), 4: ((0,), False), 5: ((), True),
+                 6: ((0,), True), 7: ((0, 1), True), 8: ((1,), True)}
 
 
 def _orient(pixels: np.ndarray, orientation: int) -> np.ndarray:
@@ -201,7 +269,7 @@ def decode_bytes(data: bytes) -> np.ndarray:
             message is the reason recorded in the cache.
     """
     with _reasons(data):
-        orientation, pixels = _inspect(data)
+        orientation, pixels, _ = _inspect(data)
         if pixels is None:
             tf = quiet_tensorflow()
             decoded = tf.io.decode_image(data, channels=3, expand_animations=False)
@@ -259,22 +327,26 @@ def _plain_reason(exc: BaseException, data: bytes) -> str:
     return text or type(exc).__name__
 
 
-def _inspect(data: bytes) -> tuple[int, np.ndarray | None]:
-    """(EXIF orientation, pixels) where pixels is None when TensorFlow is to decode them.
+def _inspect(data: bytes, downscale_to: tuple[int, int] | None = None) -> _Inspected:
+    """(EXIF orientation, pixels, box) where pixels is None when TensorFlow is to decode
+    them.
 
     Only the header is read first (format, mode, size, EXIF), so bombs and non-images are
     refused before any pixel is decoded; then libjpeg-turbo decodes the JPEGs it decodes as
     TF does, TF the other files it reads (when installed), Pillow the rest. A JPEG's
     header is walked here (:func:`jpeg_header`), any other file's Pillow reads.
+    ``downscale_to``: the output size, when libjpeg-turbo may reduce a large JPEG in the
+    DCT domain (``jpeg_downscale="dct"``); the pixels are then smaller than the file's,
+    and box is the part of them the image covers (see ``_Inspected``).
     """
     if not data:
         raise ImageReadError("empty file (0 bytes)")
     if data.startswith(b"\xff\xd8") and has_fast_jpeg():
-        found = _inspect_jpeg(data)
+        found = _inspect_jpeg(data, downscale_to)
         if found is not None:
             return found
     try:
-        return _inspect_with_pillow(data)
+        return _inspect_with_pillow(data, downscale_to)
     except ValueError:
         if not data.startswith(PNG_SIGNATURE):
             raise
@@ -284,7 +356,7 @@ def _inspect(data: bytes) -> tuple[int, np.ndarray | None]:
         return _inspect_with_pillow(png_without_inflated_chunks(data))
 
 
-def _inspect_jpeg(data: bytes) -> tuple[int, np.ndarray] | None:
+def _inspect_jpeg(data: bytes, downscale_to: tuple[int, int] | None) -> _Inspected | None:
     """A JPEG's orientation and pixels from its own markers and libjpeg-turbo, the checks
     and results of :func:`_inspect_with_pillow`; None when Pillow is to look (no frame
     header before the scans, CMYK, or libjpeg-turbo refused it)."""
@@ -294,9 +366,8 @@ def _inspect_jpeg(data: bytes) -> tuple[int, np.ndarray] | None:
     _check_size(header.width, header.height)
     if not header.complete:
         raise ImageReadError(_TRUNCATED_JPEG)
-    orientation = exif_orientation(header.exif)
-    pixels = _fast_jpeg(data, orientation)
-    return None if pixels is None else (orientation, pixels)
+    return _fast_jpeg(data, exif_orientation(header.exif), (header.height, header.width),
+                      downscale_to)
 
 
 _TRUNCATED_JPEG = "cannot decode image: truncated JPEG (the file ends before the image does)"
@@ -313,7 +384,8 @@ def _check_size(width: int, height: int) -> None:
                              "possible decompression bomb")
 
 
-def _inspect_with_pillow(data: bytes) -> tuple[int, np.ndarray | None]:
+def _inspect_with_pillow(data: bytes,
+                         downscale_to: tuple[int, int] | None = None) -> _Inspected:
     with Image.open(io.BytesIO(data)) as im:
         _check_size(im.width, im.height)
         if im.format in ("JPEG", "MPO") and not jpeg_header(data).complete:
@@ -321,14 +393,14 @@ def _inspect_with_pillow(data: bytes) -> tuple[int, np.ndarray | None]:
         orientation = (png_orientation(data) if im.format == "PNG"
                        else int(im.getexif().get(0x0112, 1) or 1))
         if im.format in _FAST_JPEG_FORMATS and im.mode in _FAST_JPEG_MODES:
-            pixels = _fast_jpeg(data, orientation)
-            if pixels is not None:
-                return orientation, pixels
+            found = _fast_jpeg(data, orientation, (im.height, im.width), downscale_to)
+            if found is not None:
+                return found
         if (im.format in _TF_FORMATS and im.mode in _TF_MODES and has_tensorflow()
                 and (im.format != "BMP" or tf_reads_bmp(data))):
-            return orientation, None
+            return orientation, None, None
         im.load()
-        return orientation, _to_rgb(ImageOps.exif_transpose(im))
+        return orientation, _to_rgb(ImageOps.exif_transpose(im)), None
 
 
 @functools.lru_cache(maxsize=64)
@@ -341,14 +413,10 @@ def _tf_decode_resize(size: tuple[int, int], interpolation: str, orientation: in
     ops). Orientation is baked in as a Python constant: at most 8 graphs per size.
     """
     tf = quiet_tensorflow()
-    # The exact index shuffles of _orient: flip these axes, then maybe transpose
-    # (np.rot90(a, -1) == transpose(flip(a, 0)), np.rot90(a, 1) == transpose(flip(a, 1))).
-    axes, transpose = {2: ([1], False), 3: ([0, 1], False), 4: ([0], False), 5: ([], True),
-                       6: ([0], True), 7: ([0, 1], True), 8: ([1], True)}.get(orientation,
-                                                                           ([], False))
+    axes, transpose = _ORIENTATIONS.get(orientation, ((), False))
 
     def orient(x: Any) -> Any:
-        x = tf.reverse(x, axes) if axes else x
+        x = tf.reverse(x, list(axes)) if axes else x
         return tf.transpose(x, [1, 0, 2]) if transpose else x
 
     @tf.function(input_signature=[tf.TensorSpec([], tf.string)])
@@ -367,24 +435,28 @@ def has_tensorflow() -> bool:
 
 
 def load_image(
-    path: str | os.PathLike, size: tuple[int, int], interpolation: str = "bilinear"
+    path: str | os.PathLike, size: tuple[int, int], interpolation: str = "bilinear",
+    jpeg_downscale: str = "off",
 ) -> np.ndarray:
     """Decode and resize one image to (H, W, 3) float32 in 0..255, as Keras does.
 
     Without TensorFlow, Pillow decodes every format and :func:`resize_bilinear` resizes
     (bilinear only), so the pipeline also runs on a JAX- or torch-only machine.
+    ``jpeg_downscale="dct"``: a JPEG >= 2x ``size`` is first reduced in the DCT domain
+    (faster; not Keras' pixels).
 
     Raises:
         ImageReadError: see :func:`decode_bytes`.
         ValueError: an interpolation other than bilinear without TensorFlow.
     """
     # A writable copy: callers preprocess in place.
-    return np.array(_decode_resized(_read_bytes(path), size, interpolation))
+    return np.array(_decode_resized(_read_bytes(path), size, interpolation,
+                                    jpeg_downscale=jpeg_downscale))
 
 
 def read_image(
     path: str | os.PathLike, size: tuple[int, int], interpolation: str = "bilinear",
-    out: np.ndarray | None = None,
+    out: np.ndarray | None = None, jpeg_downscale: str = "off",
 ) -> tuple[np.ndarray, str]:
     """:func:`load_image` plus the sha256 of the file's bytes (read once for both).
 
@@ -396,21 +468,24 @@ def read_image(
         ImageReadError: see :func:`decode_bytes`.
     """
     data = _read_bytes(path)
-    return _decode_resized(data, size, interpolation, out), hashlib.sha256(data).hexdigest()
+    return (_decode_resized(data, size, interpolation, out, jpeg_downscale),
+            hashlib.sha256(data).hexdigest())
 
 
 def _decode_resized(data: bytes, size: tuple[int, int], interpolation: str,
-                    out: np.ndarray | None = None) -> np.ndarray:
+                    out: np.ndarray | None = None, jpeg_downscale: str = "off") -> np.ndarray:
     """Decode + orient + resize (into ``out`` when given), through one TF graph when TF
-    decodes this file.
+    decodes this file; a large JPEG reduced in the DCT domain first when
+    ``jpeg_downscale="dct"``.
 
     Raises:
         ImageReadError: see :func:`decode_bytes`.
-        ValueError: an unknown interpolation.
+        ValueError: an unknown interpolation or jpeg_downscale.
     """
     interpolation = check_interpolation(interpolation)
+    downscale_to = tuple(size) if check_jpeg_downscale(jpeg_downscale) == "dct" else None
     with _reasons(data):
-        orientation, pixels = _inspect(data)
+        orientation, pixels, box = _inspect(data, downscale_to)
     if pixels is None:
         try:
             resized = np.asarray(_tf_decode_resize(tuple(size), interpolation,
@@ -422,18 +497,24 @@ def _decode_resized(data: bytes, size: tuple[int, int], interpolation: str,
                 return resized
             out[...] = resized
             return out
+    if box is not None and interpolation == "bilinear":
+        return resize_bilinear(pixels, size, out, box)
+    # Other methods (TF's kernels) map the reduced decode's partial last row and column as
+    # whole ones: a stretch of under one reduced pixel at the far edges.
     return resize(pixels, size, interpolation, out)
 
 
 def read_image_into(path: str | os.PathLike, size: tuple[int, int], interpolation: str,
-                    out: np.ndarray) -> tuple[str | None, str | None]:
+                    out: np.ndarray, jpeg_downscale: str = "off",
+                    ) -> tuple[str | None, str | None]:
     """:func:`read_image` into ``out`` (a batch slot), its failure as a value.
 
     Returns:
         ``(sha256, None)`` when the file was read, ``(None, reason)`` when it is skipped.
     """
     try:
-        return read_image(path, size, interpolation, out=out)[1], None
+        return read_image(path, size, interpolation, out=out,
+                          jpeg_downscale=jpeg_downscale)[1], None
     except ImageReadError as exc:
         return None, str(exc)
 
@@ -443,7 +524,7 @@ _ATTACHED: dict[str, Any] = {}  # shared batch buffers this worker process has o
 
 def read_images_into(
     buffer: str, first_slot: int, paths: list[str], size: tuple[int, int],
-    interpolation: str = "bilinear",
+    interpolation: str = "bilinear", jpeg_downscale: str = "off",
 ) -> list[tuple[str | None, str | None]]:
     """:func:`read_image_into` of several files in a worker process: file k's pixels go to
     slot ``first_slot + k`` of the shared memory block ``buffer`` (float32 (H, W, 3) slots).
@@ -462,7 +543,8 @@ def read_images_into(
     slot_bytes = size[0] * size[1] * 3 * 4
     return [read_image_into(path, size, interpolation,
                             np.ndarray((*size, 3), np.float32, shm.buf,
-                                       offset=(first_slot + k) * slot_bytes))
+                                       offset=(first_slot + k) * slot_bytes),
+                            jpeg_downscale)
             for k, path in enumerate(paths)]
 
 

@@ -5,6 +5,10 @@
     resize_bilinear   ``tf.image.resize(method="bilinear")`` in NumPy, the same float32
                       operations in the same order: bit-identical, ~1.3 ms for a 500x375
                       photo to 224 px (TF's kernel: ~2.2 ms)
+    dct_reduction     the 1/2, 1/4 or 1/8 scale ``decode_jpeg(min_size=...)`` has
+                      libjpeg-turbo decode a large JPEG at in the DCT domain under
+                      ``--jpeg-downscale dct`` (an option: pixels differ from Keras',
+                      docs/performance.md)
 
 Both heavy kernels release the GIL for most of their time (libjpeg-turbo, NumPy loops), and
 neither needs TensorFlow, so a JAX- or torch-only box gets the same pixels as Keras.
@@ -19,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["decode_jpeg", "has_fast_jpeg", "resize_bilinear"]
+__all__ = ["decode_jpeg", "dct_reduction", "has_fast_jpeg", "resize_bilinear"]
 
 
 @functools.cache
@@ -36,12 +40,18 @@ def has_fast_jpeg() -> bool:
     return _simplejpeg() is not None
 
 
-def decode_jpeg(data: bytes) -> np.ndarray:
+def decode_jpeg(data: bytes, min_size: tuple[int, int] | None = None) -> np.ndarray:
     """Decode a JPEG to (H, W, 3) uint8 RGB exactly as ``tf.io.decode_jpeg(channels=3)``.
 
     TF's defaults are libjpeg's fast integer IDCT and fancy (smooth) chroma upsampling;
     Pillow's and OpenCV's differ from them by up to 7 levels. Grayscale JPEGs come back
     with the gray value in all three channels, as from TF.
+
+    Args:
+        min_size: ``(ceil(height / d), ceil(width / d))`` for a ``d`` from
+            :func:`dct_reduction`: libjpeg-turbo decodes at the smallest M/8 scale whose
+            size is at least this (1/d once a side is 8 px or more), in the DCT domain
+            (its scaled IDCTs), so the pixels are *not* TF's. None: full size, TF's pixels.
 
     Raises:
         ValueError, RuntimeError: the data is no JPEG libjpeg-turbo decodes (CMYK, damaged,
@@ -51,29 +61,67 @@ def decode_jpeg(data: bytes) -> np.ndarray:
     simplejpeg = _simplejpeg()
     if simplejpeg is None:
         raise ImportError("simplejpeg is not installed")
-    return simplejpeg.decode_jpeg(data, colorspace="RGB", fastdct=True, fastupsample=False)
+    if min_size is None:
+        return simplejpeg.decode_jpeg(data, colorspace="RGB", fastdct=True, fastupsample=False)
+    return simplejpeg.decode_jpeg(data, colorspace="RGB", fastdct=True, fastupsample=False,
+                                  min_height=min_size[0], min_width=min_size[1])
+
+
+# DCT-domain reductions tried, strongest first: libjpeg-turbo has SIMD IDCTs for 1/2, 1/4
+# and 1/8 only; its 3/8, 5/8 ... IDCTs are plain C, and a 5/8 decode measured slower than a
+# full one (docs/performance.md, "DCT-domain JPEG downscaling").
+_REDUCTIONS = (8, 4, 2)
+
+
+def dct_reduction(height: int, width: int, size: tuple[int, int]) -> int:
+    """``d``: decode a ``height`` x ``width`` JPEG at 1/d before resizing it to ``size``.
+
+    The strongest reduction 1/2, 1/4 or 1/8 that keeps both sides at least ``size``'s:
+    a photo at least 2x the output on both sides is decoded at 1/2 or less, in the DCT
+    domain, which is faster and averages pixels (less aliasing than the bilinear kernel
+    alone); the bilinear resize then goes the rest of the way. libjpeg-turbo decodes
+    ``(ceil(height / d), ceil(width / d))`` pixels; the last row and column cover only
+    ``height / d`` and ``width / d`` of them when the sides are no multiples of ``d``.
+
+    Args:
+        height, width: the JPEG's stored size (before any EXIF rotation).
+        size: the output (height, width) in the same, stored, orientation.
+
+    Returns:
+        2, 4 or 8; 1 when no reduction applies (a full decode).
+    """
+    if max(height, width) < 8:  # a smaller M/8 scale could give the same size
+        return 1
+    return next((d for d in _REDUCTIONS if height >= d * size[0] and width >= d * size[1]), 1)
 
 
 @functools.lru_cache(maxsize=256)
 def _bilinear_plan(
-    height: int, width: int, out_h: int, out_w: int
+    height: int, width: int, out_h: int, out_w: int,
+    box: tuple[float, float, float, float] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Source rows, flat (x, channel) source columns and weights for one resize shape.
 
     TF's kernel (half-pixel centres, no antialiasing): ``in = (out + 0.5) * scale - 0.5``
     in float32 with ``scale = in_size / out_size``; the lower neighbour is ``floor(in)``
     and the upper ``ceil(in)``, both clamped to the image; the weight ``in - floor(in)``.
+    A ``box`` (see :func:`resize_bilinear`) replaces ``in_size`` in the scale by its
+    extent and shifts ``in`` by its start.
     """
-    def axis(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def axis(n_in: int, n_out: int,
+             start: float | None, extent: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         centre = ((np.arange(n_out, dtype=np.float32) + np.float32(0.5))
-                  * np.float32(n_in / n_out) - np.float32(0.5))
+                  * np.float32(extent / n_out) - np.float32(0.5))
+        if start is not None:
+            centre += np.float32(start)
         floor = np.floor(centre)
         lower = np.clip(floor, 0, n_in - 1).astype(np.intp)
         upper = np.clip(np.ceil(centre), 0, n_in - 1).astype(np.intp)
         return lower, upper, (centre - floor).astype(np.float32)
 
-    y0, y1, wy = axis(height, out_h)
-    x0, x1, wx = axis(width, out_w)
+    top, left, box_h, box_w = (None, None, height, width) if box is None else box
+    y0, y1, wy = axis(height, out_h, top, box_h)
+    x0, x1, wx = axis(width, out_w, left, box_w)
     channel = np.arange(3)
     # Columns of the image seen as (H, W*3): one gather per side for all three channels.
     left = (x0[:, None] * 3 + channel).ravel()
@@ -102,7 +150,8 @@ def _scratch(name: str, shape: tuple[int, int], dtype: type) -> np.ndarray:
 
 
 def resize_bilinear(pixels: np.ndarray, size: tuple[int, int],
-                    out: np.ndarray | None = None) -> np.ndarray:
+                    out: np.ndarray | None = None,
+                    box: tuple[float, float, float, float] | None = None) -> np.ndarray:
     """``tf.image.resize(method="bilinear")`` of (H, W, 3) pixels, bit for bit, in NumPy.
 
     The same float32 operations in TF's order (x-lerp of the upper and lower source rows,
@@ -113,13 +162,17 @@ def resize_bilinear(pixels: np.ndarray, size: tuple[int, int],
     Args:
         out: a C-contiguous (size[0], size[1], 3) float32 array to write the result to
             (a batch slot, shared memory), saving a copy.
+        box: (top, left, height, width) of the source, in its own pixels, that the
+            output covers, when not all of it: a JPEG decoded at 1/d whose sides are no
+            multiples of d stands for ``height / d`` rows, one edge row part padding.
+            None: the whole source, TF's kernel.
 
     Returns:
         ``out``, or a new writable (size[0], size[1], 3) float32 array, in 0..255.
     """
     height, width = pixels.shape[:2]
     out_h, out_w = size
-    rows, left, right, wx, wy = _bilinear_plan(height, width, out_h, out_w)
+    rows, left, right, wx, wy = _bilinear_plan(height, width, out_h, out_w, box)
     if out is None:
         out = np.empty((out_h, out_w, 3), np.float32)
     flat = _scratch("rows", (2 * out_h, width * 3), np.uint8)  # rows y0 then rows y1
