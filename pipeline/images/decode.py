@@ -29,7 +29,6 @@ import os
 import re
 import warnings
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -244,7 +243,8 @@ def _orient(pixels: np.ndarray, orientation: int) -> np.ndarray:
 
 def _read_bytes(path: str | os.PathLike) -> bytes:
     try:
-        return Path(path).read_bytes()
+        with open(path, "rb") as file:  # not Path(path).read_bytes(): a new Path per file
+            return file.read()
     except OSError as exc:
         raise ImageReadError(f"cannot read file: {exc.strerror or exc}") from exc
 

@@ -95,6 +95,11 @@ def jpeg_header(data: bytes) -> JpegHeader:
                 exif = body
         at += 2 + length
         if code == 0xDA:  # start of scan: entropy-coded data up to the next marker
+            if data.endswith(b"\xff\xd9"):
+                # Ends with its end marker, which entropy-coded data cannot hold (a 0xFF
+                # there is followed by 0x00 or a restart marker): complete, and the header
+                # is read. Saves searching the scans (in C, but holding the GIL).
+                return header(True)
             scanned = True
             marker = _JPEG_MARKER.search(data, at)
             if marker is None:
