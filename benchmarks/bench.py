@@ -58,6 +58,7 @@ from benchmarks.common import (
 )
 from benchmarks.fold import FOLD_BASES, measure_fold
 from benchmarks.input_side import measure_input_side
+from benchmarks.precision import PRECISION_BASES, measure_precision
 from benchmarks.throughput import (
     MODEL_OPTIONS,
     extract_seconds,
@@ -179,7 +180,8 @@ def run_benchmark(config: BenchConfig, log: Callable[[str], None] = print) -> di
     re-run on unchanged data and a run after adding 10% images, in-process and as CLI
     subprocesses; measure fit_head's peak RSS on 1x/4x/16x caches in subprocesses; and
     measure file size and speed per dtype and compression; and time the forward pass of
-    several bases with BatchNormalization folded against plain.
+    several bases with BatchNormalization folded against plain, and with each mixed
+    precision policy against float32 (speed and feature drift).
     """
     MODEL_OPTIONS.update(mixed_precision=config.mixed_precision, jit=config.jit,
                          fold_batchnorm=config.fold_batchnorm)
@@ -241,6 +243,9 @@ def run_benchmark(config: BenchConfig, log: Callable[[str], None] = print) -> di
     part("fold", lambda: measure_fold(FOLD_BASES[:2] if config.quick else FOLD_BASES,
                                       n=64 if config.quick else 256, repeats=config.repeats,
                                       seed=config.seed))
+    part("precision", lambda: measure_precision(
+        PRECISION_BASES[:1] if config.quick else PRECISION_BASES,
+        n=32 if config.quick else 128, repeats=config.repeats, seed=config.seed))
     results["machine"]["loadavg_end"] = os.getloadavg()
     results["machine"]["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     shutil.rmtree(work, ignore_errors=True)
@@ -300,6 +305,14 @@ def format_report(results: dict[str, Any]) -> str:
                 f"{r['folded']['img_s']:7.1f}  {r['plain']['core_ms_per_img']:6.2f} -> "
                 f"{r['folded']['core_ms_per_img']:6.2f}  x{r['folded/plain img_s']:.2f}  "
                 f"{r['max_relative_difference']:.1e}")
+    if "precision" in results:
+        lines.append("\nmixed precision against float32 (BN folded): img/s, core-ms per image, "
+                     "max |diff| / feature scale, median relative diff, cosine min / median")
+        for r in results["precision"]:
+            lines.append(
+                f"  {r['base']:16s} {r['policy']:15s} {r['img_s']:7.1f} "
+                f"{r['core_ms_per_img']:7.2f}  {r['max_abs_over_scale']:.1e}  "
+                f"{r['median_relative']:.1e}  {r['min_cosine']:.6f} / {r['median_cosine']:.6f}")
     if "decoders" in results:
         lines.append("\ndecoded_batches alone (pool start included), img/s:")
         for r in results["decoders"]:
