@@ -27,7 +27,7 @@ from importlib import metadata
 from pathlib import Path
 
 from pipeline.augment import FLIPS
-from pipeline.bases.registry import JIT_MODES, POOLINGS, PREPROCESS_MODES
+from pipeline.bases.registry import JIT_MODES, POOLINGS, PRECISIONS, PREPROCESS_MODES
 from pipeline.extract.config import COMPRESSIONS, DTYPES, ENGINES, FOLD_MODES
 from pipeline.heads import HEADS
 from pipeline.images.batches import DECODERS
@@ -247,16 +247,22 @@ def extract_parser(prog: str = "extract.py") -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", choices=DTYPES, help="stored features")
     p.add_argument("--compression", default="none", choices=COMPRESSIONS,
                    help="HDF5 compression (lossless)")
+    p.add_argument("--precision", default="float32", choices=PRECISIONS,
+                   help="the Keras dtype policy the base runs in; features are stored as "
+                   "--dtype either way. mixed_bfloat16 ran 1.3-1.8x faster than float32 on "
+                   "a 2-core CPU with AVX512_BF16 (features ~0.5-1%% off; "
+                   "docs/performance.md); mixed_float16 is for NVIDIA GPUs")
     p.add_argument("--mixed-precision", action="store_true",
-                   help="run the base in mixed_float16 (GPU); features stored as --dtype")
+                   help="the same as --precision mixed_float16 (GPU)")
     p.add_argument("--jit", default="auto", choices=JIT_MODES,
                    help="XLA for the forward pass (auto: Keras' choice)")
     p.add_argument("--fold-batchnorm", default="on", choices=FOLD_MODES,
                    help="on: fold the frozen base's BatchNormalization into the convolution "
-                   "before it, once at build time: the forward pass is 25-45%% faster on a "
-                   "CPU (MobileNetV2, EfficientNet, ResNet) and features equal the plain "
-                   "pass up to float rounding (about 1e-6 relative); off: the plain pass, "
-                   "bit for bit. Recorded in the cache: predict uses the same")
+                   "before it, once at build time; on a 2-core CPU the forward pass gives "
+                   "x1.4 the img/s for MobileNetV2, x1.2 EfficientNetB0, x1.13 ResNet50, and "
+                   "features equal the plain pass up to float rounding (under 1e-6 of their "
+                   "scale); off: the plain pass, bit for bit. Recorded in the cache: predict "
+                   "uses the same")
     p.add_argument("--out", default=None, help="cache file (default: cache/<data>-<base>-...h5)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=0,

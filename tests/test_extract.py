@@ -397,3 +397,31 @@ def test_a_class_without_validation_images_is_warned_about(tmp_path, probe_model
     with caplog.at_level("WARNING"):
         run_extract(probe_config(data, probe_model, tmp_path / "c.h5", batch_size=4))
     assert "no validation images of c: fit_head can give no score for it" in caplog.text
+
+
+def test_precision_is_recorded_and_a_resume_in_another_is_refused(tmp_path):
+    """--precision mixed_bfloat16 runs the base in bfloat16 and stores float32 features near
+    float32's; the policy is part of the cache's identity."""
+    data = tmp_path / "data"
+    write_index_images(data, 6)
+
+    def config(out: str, **kw) -> ExtractConfig:
+        return ExtractConfig(str(data), "mobilenetv2", weights="none", input_size="32",
+                             layer="block_2_add", batch_size=4, out=str(tmp_path / out), **kw)
+
+    run_extract(config("f32.h5"))
+    run_extract(config("bf16.h5", precision="mixed_bfloat16"))
+    exact, bf16 = read_cache(tmp_path / "f32.h5"), read_cache(tmp_path / "bf16.h5")
+    assert bf16.attrs["precision"] == "mixed_bfloat16" and bf16.features.dtype == np.float32
+    scale = np.abs(exact.features).max()
+    np.testing.assert_allclose(bf16.features, exact.features, atol=0.05 * scale)
+    assert not np.array_equal(bf16.features, exact.features)
+    write_index_images(data / "more", 2)  # a new class: something to append
+    with pytest.raises(CacheError, match="precision: cache has 'mixed_bfloat16', this run has "
+                                         "'float32'"):
+        run_extract(config("bf16.h5"))
+    with pytest.raises(ValueError, match=r"Received: mixed_precision=True, "
+                                         r"precision='mixed_bfloat16'"):
+        run_extract(config("x.h5", precision="mixed_bfloat16", mixed_precision=True))
+    with pytest.raises(ValueError, match=r"Received: precision='bf16'"):
+        run_extract(config("x.h5", precision="bf16"))

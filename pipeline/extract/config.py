@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.augment import AugmentSpec
-from pipeline.bases import check_pooling, check_preprocess
+from pipeline.bases import PRECISIONS, check_pooling, check_preprocess
 from pipeline.images import check_interpolation, check_jpeg_downscale, is_manifest, parse_size
 from pipeline.images.batches import check_decode
 from pipeline.progress import format_duration
@@ -62,7 +62,8 @@ class ExtractConfig:
     log_every: float = 30.0
     compression: str = "none"
     shard: str | None = None  # "i/N": this process extracts the i-th of N contiguous slices
-    mixed_precision: bool = False
+    mixed_precision: bool = False  # the GPU box's shorthand for precision="mixed_float16"
+    precision: str = "float32"  # float32 | mixed_float16 | mixed_bfloat16
     jit: str = "auto"
     fold_batchnorm: str = "on"  # on: BatchNormalization folded into the layer before it
     augment: int = 0
@@ -143,6 +144,7 @@ def validate(config: ExtractConfig) -> tuple[int, int] | None:
     if config.log_every <= 0:
         raise ValueError(f"`log_every` must be > 0. Received: log_every={config.log_every}")
     check_decode(config.decode)
+    policy(config)
     if config.fold_batchnorm not in FOLD_MODES:
         raise ValueError(f"`fold_batchnorm` must be one of {FOLD_MODES}. "
                          f"Received: fold_batchnorm={config.fold_batchnorm!r}")
@@ -155,6 +157,23 @@ def validate(config: ExtractConfig) -> tuple[int, int] | None:
             f"address={config.address!r}, gpus_per_worker={config.gpus_per_worker}"
         )
     return parse_size(config.input_size)
+
+
+def policy(config: ExtractConfig) -> str:
+    """The Keras dtype policy the base runs in: ``precision``, or mixed_float16 for
+    ``mixed_precision``.
+
+    Raises:
+        ValueError: an unknown precision, or mixed_precision with another precision.
+    """
+    if config.precision not in PRECISIONS:
+        raise ValueError(f"`precision` must be one of {PRECISIONS}. "
+                         f"Received: precision={config.precision!r}")
+    if config.mixed_precision and config.precision not in ("float32", "mixed_float16"):
+        raise ValueError(
+            "`mixed_precision` means `precision`='mixed_float16': give one of them. "
+            f"Received: mixed_precision=True, precision={config.precision!r}")
+    return "mixed_float16" if config.mixed_precision else config.precision
 
 
 def parse_shard(value: str | None) -> tuple[int, int] | None:

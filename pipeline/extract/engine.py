@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from pipeline.bases import FeatureModel, build_feature_model
-from pipeline.extract.config import ExtractConfig
+from pipeline.extract.config import ExtractConfig, policy
 from pipeline.interrupts import Interrupted
 
 __all__ = ["FLOAT16_MAX", "ExtractInterrupted", "build_model", "stopped", "stored_features"]
@@ -42,7 +42,7 @@ def build_model(config: ExtractConfig, size: tuple[int, int] | None) -> FeatureM
         pooling=config.pooling,
         preprocess_mode=config.preprocess,
         seed=config.seed,
-        precision="mixed_float16" if config.mixed_precision else "float32",
+        precision=policy(config),
         jit=config.jit,
         batch_size=config.batch_size,
         fold_batchnorm=config.fold_batchnorm == "on",

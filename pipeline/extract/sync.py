@@ -35,10 +35,10 @@ log = logging.getLogger(__name__)
 _FEATURE_FIELDS = (
     "base", "weights", "input_size", "layer", "pooling", "preprocess", "interpolation",
     "jpeg_downscale", "dtype", "seed", "mixed_precision", "augment_flip", "augment_rotation",
-    "augment_zoom", "augment_translation", "fold_batchnorm",
+    "augment_zoom", "augment_translation", "fold_batchnorm", "precision",
 )
 # A config recorded before the field existed ran as this (the one way there was then).
-_FIELD_DEFAULTS = {"jpeg_downscale": "off", "fold_batchnorm": "off"}
+_FIELD_DEFAULTS = {"jpeg_downscale": "off", "fold_batchnorm": "off", "precision": "float32"}
 
 
 def up_to_date(
