@@ -31,13 +31,13 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.bases.files import FEATURE_MODEL_FILE, MODEL_FOLDER_FILES
+from pipeline.cache import recorded_jpeg_downscale
 from pipeline.predictor import (
     ModelFiles,
     load_bottleneck,
     locate_model,
     recorded,
     recorded_class_names,
-    recorded_jpeg_downscale,
 )
 from pipeline.util.files import read_json, replace_atomically, write_json_atomic
 

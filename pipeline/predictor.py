@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.cache.schema import IDENTITY_DEFAULTS, layer_attrs
+from pipeline.cache.schema import layer_attrs, recorded_jpeg_downscale
 from pipeline.util.files import read_json
 
 __all__ = [
@@ -43,7 +43,6 @@ __all__ = [
     "recorded",
     "recorded_class_names",
     "recorded_classes",
-    "recorded_jpeg_downscale",
 ]
 
 # The same kind as pipeline.heads.persist.END_TO_END, spelled here so that importing this
@@ -220,14 +219,6 @@ def recorded(key: str, *sources: dict[str, Any]) -> Any:
         if source.get(key) is not None:
             return source[key]
     raise ValueError(f"The model records no {key!r}; it cannot be applied without guessing.")
-
-
-def recorded_jpeg_downscale(*sources: dict[str, Any]) -> str:
-    """The first recorded ``jpeg_downscale`` in ``sources``: how extract decoded the
-    cache's JPEGs. A model recording none was made before the option: "off"."""
-    return next((source["jpeg_downscale"] for source in sources
-                 if source.get("jpeg_downscale") is not None),
-                IDENTITY_DEFAULTS["jpeg_downscale"])
 
 
 def _column_names(classes: Sequence[Any], class_names: Sequence[str] | None) -> list[str]:

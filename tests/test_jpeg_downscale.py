@@ -14,13 +14,13 @@ import pytest
 from PIL import Image
 
 import pipeline.images.decode as decode_module
-from pipeline.cache import CacheError, read_attrs, read_cache
+from pipeline.cache import CacheError, read_attrs, read_cache, recorded_jpeg_downscale
 from pipeline.extract import ExtractConfig, run_extract
 from pipeline.extract.config import validate
 from pipeline.images import check_jpeg_downscale, decoded_batches, load_image, read_image
 from pipeline.images.kernels import dct_reduction, decode_jpeg
 from pipeline.predict import PredictConfig, run_predict
-from pipeline.predictor import load_predictor, recorded_jpeg_downscale
+from pipeline.predictor import load_predictor
 
 # Measured on smooth_jpeg below (300x400 and 241x403 -> 24..100 px, every orientation):
 # mean |dct - exact| 0.98-1.09 levels, max 3.5-5.0. Most of the mean is the exact path's

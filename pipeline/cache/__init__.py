@@ -37,6 +37,7 @@ from pipeline.cache.schema import (
     identity_differences,
     layer_attrs,
     partial_path,
+    recorded_jpeg_downscale,
 )
 from pipeline.cache.writer import CacheWriter
 
@@ -59,6 +60,7 @@ __all__ = [
     "feature_dataset",
     "identity_differences",
     "layer_attrs",
+    "recorded_jpeg_downscale",
     "merge_parts",
     "open_cache",
     "partial_path",

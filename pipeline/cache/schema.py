@@ -62,6 +62,7 @@ __all__ = [
     "feature_dataset",
     "identity_differences",
     "layer_attrs",
+    "recorded_jpeg_downscale",
     "open_file",
     "partial_path",
 ]
@@ -153,6 +154,15 @@ def decode_attrs(attrs: h5py.AttributeManager) -> dict[str, Any]:
                 pass
         out[key] = value
     return out
+
+
+def recorded_jpeg_downscale(*sources: dict[str, Any]) -> str:
+    """The first recorded ``jpeg_downscale`` in ``sources`` (cache attributes, a model's
+    records): how extract decoded the cache's JPEGs. None recorded: made before the
+    option, "off"."""
+    return next((source["jpeg_downscale"] for source in sources
+                 if source.get("jpeg_downscale") is not None),
+                IDENTITY_DEFAULTS["jpeg_downscale"])
 
 
 def identity_differences(old: dict[str, Any], new: dict[str, Any],

@@ -112,8 +112,8 @@ def load_scratch_images(
     Returns:
         ``(images, None)``, or ``(None, why)`` when the images cannot all be decoded.
     """
+    from pipeline.cache import recorded_jpeg_downscale
     from pipeline.images import ImageReadError, load_image
-    from pipeline.predictor import recorded_jpeg_downscale
 
     size = attrs.get("input_size")
     if not size or len(size) != 2:

@@ -16,7 +16,7 @@ import numpy as np
 
 from pipeline.bases import FeatureModel, feature_model_from_attrs
 from pipeline.bases.combine import end_to_end_model
-from pipeline.cache import Cache
+from pipeline.cache import Cache, recorded_jpeg_downscale
 from pipeline.finetune.config import FinetuneConfig, check_config
 from pipeline.finetune.data import Split, part_datasets, split_images
 from pipeline.finetune.model import (
@@ -29,7 +29,6 @@ from pipeline.finetune.model import (
 from pipeline.finetune.source import Start, resolve_source
 from pipeline.heads import DenseHead, make_head
 from pipeline.heads.persist import END_TO_END, head_meta, write_head_meta
-from pipeline.predictor import recorded_jpeg_downscale
 from pipeline.progress import format_duration
 from pipeline.util.files import replace_atomically, write_json_atomic
 
