@@ -262,9 +262,12 @@ def _extract_into(
                 log.info("extract: %s; %d images to do (%d in %d classes, layout %s) -> %s",
                          verb, len(todo), len(index.records), len(index.class_names),
                          index.layout, out)
-                log.info("extract: base %s (weights %s), pooling %s, input %s, preprocess %s",
+                log.info("extract: base %s (weights %s), pooling %s, input %s, preprocess %s, "
+                         "%s, BatchNormalization %s, JPEG downscale %s",
                          attrs["base"], attrs["weights"], attrs["pooling"],
-                         feature_model.input_size, attrs["preprocess"])
+                         feature_model.input_size, attrs["preprocess"], attrs["precision"],
+                         "folded" if attrs.get("fold_batchnorm") else "not folded",
+                         attrs.get("jpeg_downscale", "off"))
                 _check_space(feature_model, len(todo), config, out)
                 loop = extract_loop
                 if config.engine == "ray":
