@@ -58,8 +58,11 @@ def measure_precision(bases: Sequence[str] = PRECISION_BASES, *, size: int = 128
         norms = np.linalg.norm(reference, axis=1)
         for policy, features in first.items():
             diff = features - reference
-            cosine = (features * reference).sum(axis=1) / (
-                np.linalg.norm(features, axis=1) * norms)
+            # nan where a policy's features are all zero (float16 flushing the vanishing
+            # activations of random weights to zero): no direction to compare.
+            with np.errstate(invalid="ignore", divide="ignore"):
+                cosine = (features * reference).sum(axis=1) / (
+                    np.linalg.norm(features, axis=1) * norms)
             out.append({
                 "base": base, "size": size, "policy": policy, "n_images": n,
                 "img_s": n / float(np.median([r[0] for r in runs[policy]])),

@@ -272,7 +272,11 @@ def measure_throughput(case: BenchCase, data_dir: Path, work: Path, paths: Seque
     trace_s, _ = timed(lambda: model.predict_on_batch(x[:batch_size]))
     model.predict(x[:batch_size], batch_size=batch_size, verbose=0)
     plain.predict_on_batch(x[:batch_size])
-    peer = has_tensorflow()  # the Keras peer reads images with tf.data
+    import keras
+
+    # The Keras peer reads images with tf.data and maps preprocess_input over them as TF
+    # ops: under another backend (a JAX box that also has TensorFlow) that map fails.
+    peer = has_tensorflow() and keras.backend.backend() == "tensorflow"
     if peer:
         plain.predict(keras_peer_dataset(data_dir, case, batch_size).take(1), verbose=0)
     skip = {"b_1_worker"} if not case.sweep_workers or gpu else set()
