@@ -508,6 +508,15 @@ def test_labels_tell_every_cache_apart():
     assert labels[2] == "MobileNetV2 block_13_expand_relu avg 96px random"
     assert labels[3:] == [f"MobileNetV2 block_13_expand_relu avg 96px imagenet (d.h5) #{i}"
                           for i in (4, 5)]
+    # Caches that differ in how their features were computed say so.
+    bf16 = {**attrs, "precision": "mixed_bfloat16", "fold_batchnorm": True}
+    folded = {**attrs, "precision": "float32", "fold_batchnorm": True}
+    dct = {**folded, "jpeg_downscale": "dct"}
+    assert cache_labels(["e.h5", "f.h5", "g.h5", "h.h5"], [attrs, folded, bf16, dct]) == [
+        "MobileNetV2 block_13_expand_relu avg 96px (fp32, BN unfolded)",
+        "MobileNetV2 block_13_expand_relu avg 96px (fp32)",
+        "MobileNetV2 block_13_expand_relu avg 96px (bf16)",
+        "MobileNetV2 block_13_expand_relu avg 96px (fp32, jpeg-dct)"]
     # A word they all share (the same weights) tells nothing apart: the file name does.
     assert cache_labels(["x.h5", "y.h5"], [attrs, attrs]) == [
         "MobileNetV2 block_13_expand_relu avg 96px (x.h5)",

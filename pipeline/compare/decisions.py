@@ -27,6 +27,7 @@ __all__ = [
     "RowPlan",
     "cache_labels",
     "choose",
+    "computed_text",
     "fold_of",
     "leaderboard",
     "make_folds",
@@ -332,13 +333,31 @@ def _weights_text(weights: Any) -> str:
     return "random" if text == "none" else Path(text).name
 
 
+def computed_text(attrs: dict[str, Any]) -> str:
+    """How the features were computed and stored, as a label part: the precision (``fp32``,
+    ``fp16``, ``bf16``), then what differs from the defaults (``BN unfolded``,
+    ``jpeg-dct``, a resize method other than bilinear, ``stored fp16``)."""
+    parts = [{"mixed_float16": "fp16", "mixed_bfloat16": "bf16"}.get(
+        str(attrs.get("precision")), "fp32")]
+    if not attrs.get("fold_batchnorm"):
+        parts.append("BN unfolded")
+    if attrs.get("jpeg_downscale", "off") != "off":
+        parts.append(f"jpeg-{attrs['jpeg_downscale']}")
+    if attrs.get("interpolation", "bilinear") != "bilinear":
+        parts.append(str(attrs["interpolation"]))
+    if attrs.get("dtype") == "float16":
+        parts.append("stored fp16")
+    return ", ".join(parts)
+
+
 def cache_labels(paths: Sequence[str], attrs: Sequence[dict[str, Any]]) -> list[str]:
     """A short name per compared cache that tells it from every other one.
 
     Always base + layer + pooling + input size (``MobileNetV2 block_13_expand_relu avg
     96px``); caches that would still share a name get their weights added where these
-    differ, else their file name, else their position, so two compared caches never share
-    a label.
+    differ, else how their features were computed (``bf16``, ``BN unfolded``, ``jpeg-dct``:
+    :func:`computed_text`), else their file name, else their position, so two compared
+    caches never share a label.
 
     Args:
         paths: the cache files, one per compared entry (a file may repeat, one per layer).
@@ -355,6 +374,7 @@ def cache_labels(paths: Sequence[str], attrs: Sequence[dict[str, Any]]) -> list[
     ]
     extras = (
         lambda i: _weights_text(attrs[i].get("weights")),
+        lambda i: f"({computed_text(attrs[i])})",
         lambda i: f"({Path(paths[i]).name})",
         lambda i: f"#{i + 1}",
     )

@@ -174,7 +174,7 @@ def settings_rows(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
         ``(header, rows)``.
     """
     header = ["features", "file", "base", "layer", "pooling", "input size", "weights",
-              "data folder", "rows", "classes", "extracted"]
+              "computed", "data folder", "rows", "classes", "extracted"]
     rows = []
     for c in results["caches"]:
         size = c.get("input_size")
@@ -182,8 +182,8 @@ def settings_rows(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
             c.get("label") or "", Path(c["path"]).name, str(c.get("base")), str(c.get("layer")),
             str(c.get("pooling")),
             "x".join(str(v) for v in size) if size else "?", str(c.get("weights")),
-            str(c.get("data_dir") or "?"), str(c.get("n_rows")), str(c.get("n_classes")),
-            str(c.get("created") or "?"),
+            str(c.get("computed") or "?"), str(c.get("data_dir") or "?"),
+            str(c.get("n_rows")), str(c.get("n_classes")), str(c.get("created") or "?"),
         ])
     return header, rows
 

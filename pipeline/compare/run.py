@@ -37,6 +37,7 @@ from pipeline.compare.decisions import (
     Pair,
     RowPlan,
     choose,
+    computed_text,
     fold_of,
     leaderboard,
     make_folds,
@@ -417,6 +418,7 @@ def _results(
         "caches": [
             {"path": path, "label": label_of.get(i, ""),
              "n_classes": len(c.class_names), "protocol": plan.describe(),
+             "computed": computed_text(c.attrs),
              **{k: c.attrs.get(k) for k in (
                  "base", "weights", "layer", "pooling", "input_size", "dtype", "n_rows",
                  "data_dir", "created")}}
