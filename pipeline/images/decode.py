@@ -220,25 +220,20 @@ _TF_MODES = {"RGB", "RGBA", "L", "LA", "P", "PA", "1", "I;16", "I;16B", "I;16L",
              "CMYK"}
 
 
-# The exact index shuffles of _orient: flip these axes, then maybe transpose
-# (np.rot90(a, -1) == transpose(flip(a, 0)), np.rot90(a, 1) == transpose(flip(a, 1))).
+# Each EXIF orientation's index shuffle: flip these axes, then maybe transpose
+# (6 is np.rot90(a, -1) == transpose(flip(a, 0)), 8 is np.rot90(a, 1) == transpose(flip(a, 1))).
 _ORIENTATIONS = {2: ((1,), False), 3: ((0, 1), False), 4: ((0,), False), 5: ((), True),
                  6: ((0,), True), 7: ((0, 1), True), 8: ((1,), True)}
 
 
 def _orient(pixels: np.ndarray, orientation: int) -> np.ndarray:
-    """Apply an EXIF orientation (1-8) to an (H, W, C) array, as ImageOps.exif_transpose."""
-    ops = {
-        2: lambda a: a[:, ::-1],
-        3: lambda a: a[::-1, ::-1],
-        4: lambda a: a[::-1],
-        5: lambda a: a.transpose(1, 0, 2),
-        6: lambda a: np.rot90(a, -1),
-        7: lambda a: a[::-1, ::-1].transpose(1, 0, 2),
-        8: lambda a: np.rot90(a, 1),
-    }
-    op = ops.get(orientation)
-    return np.ascontiguousarray(op(pixels)) if op else pixels
+    """Apply an EXIF orientation (1-8) to an (H, W, C) array, as ImageOps.exif_transpose
+    (the shuffles of :data:`_ORIENTATIONS`, which TF's graph and the DCT box also follow)."""
+    axes, transpose = _ORIENTATIONS.get(orientation, ((), False))
+    if not axes and not transpose:
+        return pixels
+    moved = np.flip(pixels, axes) if axes else pixels
+    return np.ascontiguousarray(moved.transpose(1, 0, 2) if transpose else moved)
 
 
 def _read_bytes(path: str | os.PathLike) -> bytes:
