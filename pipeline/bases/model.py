@@ -92,7 +92,7 @@ class FeatureModel:
             rows = np.flatnonzero(groups == group)
             slots = positions[rows] % b
             x = self._input(images.shape[1:])
-            if len(rows) == b and rows[-1] - rows[0] == b - 1 and slots[0] == 0:
+            if len(rows) == b and rows[-1] - rows[0] == b - 1 and (slots == np.arange(b)).all():
                 np.copyto(x, images[rows[0]:rows[0] + b])  # a whole batch, in slot order
             else:
                 x[...] = 0

@@ -16,6 +16,7 @@ import numpy as np
 
 from pipeline.bases import FeatureModel, is_application, resolve_base
 from pipeline.cache import (
+    IDENTITY_DEFAULTS,
     CacheError,
     CacheLock,
     CacheWriteError,
@@ -208,9 +209,9 @@ def _open_writer(
         diffs = identity_differences(old, attrs, _FLAGS)
         if diffs:
             # Caches made before folding was the default: say how to go on appending.
+            unfolded = not old.get("fold_batchnorm", IDENTITY_DEFAULTS["fold_batchnorm"])
             hint = ("\nOr append with `fold_batchnorm`='off', as the cache was made."
-                    if any(d.startswith("  fold_batchnorm: cache has False, this run has True")
-                           for d in diffs) else "")
+                    if unfolded and attrs.get("fold_batchnorm") else "")
             raise CacheError(
                 f"{existing} was made with another configuration; it is never appended to. "
                 "Differences:\n" + "\n".join(diffs) + "\nUse another --out, or delete the "
