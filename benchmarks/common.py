@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import resource
 import statistics
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -159,6 +160,17 @@ def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
     start = time.perf_counter()
     value = fn()
     return time.perf_counter() - start, value
+
+
+def timed_batches(run: Callable[[np.ndarray], Any], x: np.ndarray,
+                  batch_size: int) -> tuple[float, float]:
+    """(wall seconds, this process's CPU seconds) of ``run`` on each batch of ``x``."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    cpu, wall = usage.ru_utime + usage.ru_stime, time.perf_counter()
+    for i in range(0, len(x), batch_size):
+        run(x[i:i + batch_size])
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return time.perf_counter() - wall, usage.ru_utime + usage.ru_stime - cpu
 
 
 def summary(seconds: Sequence[float], n: int | None = None) -> dict[str, Any]:

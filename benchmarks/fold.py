@@ -11,12 +11,12 @@ their largest magnitude.
 
 from __future__ import annotations
 
-import resource
-import time
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+
+from benchmarks.common import timed_batches
 
 __all__ = ["FOLD_BASES", "measure_fold"]
 
@@ -40,16 +40,6 @@ def _random_statistics(model: Any, seed: int) -> None:
             layer.set_weights(values)
 
 
-def _timed(model: Any, x: np.ndarray, batch_size: int) -> tuple[float, float]:
-    """(wall seconds, CPU seconds) of predict_on_batch over ``x``."""
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    cpu, wall = usage.ru_utime + usage.ru_stime, time.perf_counter()
-    for i in range(0, len(x), batch_size):
-        model.predict_on_batch(x[i:i + batch_size])
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return time.perf_counter() - wall, usage.ru_utime + usage.ru_stime - cpu
-
-
 def measure_fold(bases: Sequence[str] = FOLD_BASES, *, size: int = 96, n: int = 256,
                  batch_size: int = 32, repeats: int = 3, seed: int = 0) -> list[dict[str, Any]]:
     """Plain against folded forward pass per base (module docstring)."""
@@ -70,7 +60,7 @@ def measure_fold(bases: Sequence[str] = FOLD_BASES, *, size: int = 96, n: int = 
         runs: dict[str, list[tuple[float, float]]] = {name: [] for name in models}
         for _ in range(repeats):
             for name, model in models.items():
-                runs[name].append(_timed(model, x, batch_size))
+                runs[name].append(timed_batches(model.predict_on_batch, x, batch_size))
         reference = plain.predict_on_batch(x[:batch_size])
         drift = np.abs(folded.predict_on_batch(x[:batch_size]) - reference).max()
         row: dict[str, Any] = {"base": base, "size": size, "n_images": n, "n_folded": count}

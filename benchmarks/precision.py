@@ -13,26 +13,17 @@ head loses.
 
 from __future__ import annotations
 
-import resource
-import time
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
+from benchmarks.common import timed_batches
+
 __all__ = ["PRECISION_BASES", "measure_precision"]
 
 PRECISION_BASES = ("mobilenetv2", "resnet50", "efficientnetb0")
 POLICIES = ("float32", "mixed_float16", "mixed_bfloat16")
-
-
-def _timed(run: Any, x: np.ndarray, batch_size: int) -> tuple[float, float]:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    cpu, wall = usage.ru_utime + usage.ru_stime, time.perf_counter()
-    for i in range(0, len(x), batch_size):
-        run(x[i:i + batch_size])
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return time.perf_counter() - wall, usage.ru_utime + usage.ru_stime - cpu
 
 
 def measure_precision(bases: Sequence[str] = PRECISION_BASES, *, size: int = 128,
@@ -53,7 +44,7 @@ def measure_precision(bases: Sequence[str] = PRECISION_BASES, *, size: int = 128
         runs: dict[str, list[tuple[float, float]]] = {policy: [] for policy in models}
         for _ in range(repeats):
             for policy, fm in models.items():
-                runs[policy].append(_timed(fm.features, pixels, batch_size))
+                runs[policy].append(timed_batches(fm.features, pixels, batch_size))
         reference = first["float32"]
         norms = np.linalg.norm(reference, axis=1)
         for policy, features in first.items():
