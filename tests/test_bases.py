@@ -38,6 +38,37 @@ def test_preprocess_mode_equals_application_preprocess_input(module_name):
     np.testing.assert_array_equal(ours, expected)
 
 
+@pytest.mark.parametrize("mode", ["tf", "caffe", "torch"])
+def test_preprocess_pixels_equals_keras_on_every_level_and_any_shape(mode):
+    """The decoders' own NumPy preprocessing: Keras' values bit for bit, for every integer
+    level, fractions between them (resized pixels), one image or a batch."""
+    from keras.applications import imagenet_utils
+
+    from pipeline.images.kernels import preprocess_pixels
+
+    rng = np.random.default_rng(2)
+    levels = np.arange(256 * 3, dtype=np.float32).reshape(16, 16, 3) % 256
+    fractions = rng.uniform(0, 255, (3, 5, 4, 3)).astype(np.float32)
+    for x in (levels, fractions, fractions[1]):
+        expected = np.asarray(imagenet_utils.preprocess_input(
+            x.copy(), data_format="channels_last", mode=mode))
+        mine = x.copy()
+        assert preprocess_pixels(mine, mode) is mine  # in place, BGR included
+        assert mine.tobytes() == np.ascontiguousarray(expected).tobytes()
+        spread = np.repeat(x.copy(), 2, axis=-2)[..., ::2, :]  # not contiguous
+        preprocess_pixels(spread, mode)
+        assert np.ascontiguousarray(spread).tobytes() == mine.tobytes()
+
+
+def test_an_unknown_preprocess_mode_is_named():
+    from pipeline.images.kernels import preprocess_pixels
+
+    with pytest.raises(ValueError, match=r"Received: preprocess='mean'"):
+        preprocess_pixels(np.zeros((2, 2, 3), np.float32), "mean")
+    with pytest.raises(ValueError, match=r"Received: preprocess='mean'"):
+        preprocess(np.zeros((2, 2, 3), np.float32), "mean")
+
+
 def test_names_are_case_insensitive_and_unknown_names_suggest():
     assert resolve_base("VGG16").name == "VGG16"
     assert resolve_base("mobilenet_v2").name == "MobileNetV2"
@@ -217,6 +248,35 @@ def test_an_image_gets_the_same_bytes_in_any_company():
     assert resumed.tobytes() == whole[5:].tobytes()
     assert fm.features(others)[1].tobytes() == whole[1].tobytes()
     assert scattered.tobytes() == whole[[1, 6, 9]].tobytes()
+
+
+@pytest.mark.parametrize("base, mode", [("mobilenetv2", "tf"), ("resnet50", "caffe"),
+                                        ("densenet121", "torch"), ("efficientnetb0", "none")])
+def test_pixels_preprocessed_by_the_decoders_give_the_same_bytes(base, mode):
+    """``preprocessed=True`` (the decode workers preprocessed, a whole batch goes to the
+    forward pass without a copy) gives the bytes of preprocessing here, for whole batches,
+    a short tail and scattered rows whose empty slots hold preprocessed zeros; a batch
+    TensorFlow reads in place (aligned) and one it copies (not aligned) alike, and the
+    batch is left as it was (EfficientNet rescales its input inside the model)."""
+    from pipeline.images.kernels import preprocess_pixels
+    from pipeline.util.arrays import aligned_empty, is_aligned
+
+    fm = build_feature_model(base, weights="none", input_size=(32, 32), batch_size=4)
+    assert fm.preprocess == mode
+    x = np.random.default_rng(3).uniform(0, 255, (10, 32, 32, 3)).astype(np.float32)
+    ready = aligned_empty(x.shape)
+    ready[...] = preprocess_pixels(x.copy(), mode)
+    shifted = aligned_empty((x.size + 1,))[1:].reshape(x.shape)  # 4 bytes off
+    shifted[...] = ready
+    assert is_aligned(ready) and not is_aligned(shifted)
+    kept = ready.copy()
+    for rows in (np.arange(10), np.array([1, 6, 9]), np.arange(8, 10)):
+        raw = fm.features(x[rows], positions=rows)
+        for fed in (ready, shifted):
+            batch = fed[rows] if len(rows) < 10 else fed  # fed: the decoders' ring itself
+            assert fm.features(batch, positions=rows, preprocessed=True).tobytes() \
+                == raw.tobytes()
+    assert ready.tobytes() == kept.tobytes() == shifted.tobytes()  # only read
 
 
 def test_a_classifier_output_points_to_its_last_feature_maps(tmp_path):

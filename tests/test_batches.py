@@ -63,6 +63,30 @@ def test_every_file_once_in_its_batch_with_its_pixels(files, decode, workers, ba
     assert not any(is_noise(line) for line in capfd.readouterr().err.splitlines())
 
 
+@pytest.mark.parametrize("decode, mode", [("threads", "tf"), ("threads", "torch"),
+                                          ("threads", "scale"), ("processes", "caffe")])
+def test_the_decoders_preprocess_each_image_in_its_slot(files, decode, mode):
+    """decoded_batches(preprocess=...): each row is Keras' preprocessing of the image's
+    pixels, bit for bit, also after skipped files moved the rows up."""
+    from pipeline.bases import preprocess
+
+    batches = decoded_batches(files, size=SIZE, batch_size=5, workers=2, decode=decode,
+                              preprocess=mode)
+    rows = 0
+    for batch in batches:
+        assert batch.preprocess == mode
+        for row, i in enumerate(batch.indices):
+            expected = preprocess(load_image(files[i], SIZE)[None], mode)[0]
+            assert batch.images[row].tobytes() == np.ascontiguousarray(expected).tobytes()
+            rows += 1
+    assert rows == 9
+
+
+def test_an_unknown_preprocess_mode_is_refused_before_decoding(files):
+    with pytest.raises(ValueError, match=r"Received: preprocess='mean'"):
+        next(decoded_batches(files, size=SIZE, preprocess="mean"))
+
+
 def test_a_worker_killed_mid_run_is_named(files):
     batches = decoded_batches(files * 20, size=SIZE, batch_size=4, workers=2,
                               decode="processes")

@@ -25,6 +25,7 @@ from pipeline.bases.registry import (
     preprocess,
     resolve_base,
 )
+from pipeline.util.arrays import aligned_empty, is_aligned
 from pipeline.util.files import file_sha256
 
 __all__ = [
@@ -70,13 +71,18 @@ class FeatureModel:
         return self.feature_shapes[0]
 
     def all_features(self, images: np.ndarray,
-                     positions: Sequence[int] | np.ndarray | None = None) -> list[np.ndarray]:
+                     positions: Sequence[int] | np.ndarray | None = None,
+                     preprocessed: bool = False) -> list[np.ndarray]:
         """Features of every layer for RGB images in 0..255 (``images`` is not changed).
 
         Args:
             images: (n, H, W, 3) at the model's input size.
             positions: each image's position in the image list (default ``0..n-1``);
                 images of one batch of positions share a forward pass, each in its slot.
+            preprocessed: ``images`` are already preprocessed with this model's mode (by
+                the decode workers: ``decoded_batches(preprocess=...)``). A whole batch in
+                slot order then goes to the forward pass as it is, with no copy; empty
+                slots hold preprocessed zeros either way, so the bytes are the same.
 
         Returns:
             One float32 array of n rows per layer, in the order of ``images``.
@@ -91,21 +97,32 @@ class FeatureModel:
         for group in np.unique(groups):
             rows = np.flatnonzero(groups == group)
             slots = positions[rows] % b
-            x = self._input(images.shape[1:])
-            if len(rows) == b and rows[-1] - rows[0] == b - 1 and (slots == np.arange(b)).all():
-                np.copyto(x, images[rows[0]:rows[0] + b])  # a whole batch, in slot order
-            else:
-                x[...] = 0
+            whole = (len(rows) == b and rows[-1] - rows[0] == b - 1
+                     and (slots == np.arange(b)).all())
+            if preprocessed and whole:
+                x = images[rows[0]:rows[0] + b]
+            elif preprocessed:
+                x = self._input(images.shape[1:])
+                x[...] = self._empty_slot()
                 x[slots] = images[rows]
-            for out, got in zip(outputs, self._run(preprocess(x, self.preprocess)), strict=True):
+            else:
+                x = self._input(images.shape[1:])
+                if whole:
+                    np.copyto(x, images[rows[0]:rows[0] + b])
+                else:
+                    x[...] = 0
+                    x[slots] = images[rows]
+                x = preprocess(x, self.preprocess)
+            for out, got in zip(outputs, self._run(x), strict=True):
                 # Mixed-precision bases return float16/bfloat16: stored as float32.
                 out[rows] = got[slots]
         return outputs
 
     def features(self, images: np.ndarray,
-                 positions: Sequence[int] | np.ndarray | None = None) -> np.ndarray:
+                 positions: Sequence[int] | np.ndarray | None = None,
+                 preprocessed: bool = False) -> np.ndarray:
         """Features of the first layer (the only one, for a one-layer model)."""
-        return self.all_features(images, positions)[0]
+        return self.all_features(images, positions, preprocessed)[0]
 
     def _input(self, shape: tuple[int, ...]) -> np.ndarray:
         """The (batch_size, *shape) float32 array each forward pass reads, reused.
@@ -116,8 +133,13 @@ class FeatureModel:
         (py-spy). Reuse is safe: ``_run`` returns only after the outputs are NumPy arrays.
         """
         if self._batch is None or self._batch.shape[1:] != tuple(shape):
-            self._batch = np.empty((self.batch_size, *shape), np.float32)
+            # Aligned, so TensorFlow reads it in place (_any_batch_graph).
+            self._batch = aligned_empty((self.batch_size, *shape))
         return self._batch
+
+    def _empty_slot(self) -> np.ndarray:
+        """An empty slot's pixel, preprocessed: (3,) float32 (zeros before preprocessing)."""
+        return preprocess(np.zeros(3, np.float32), self.preprocess)
 
     def _run(self, x: np.ndarray) -> list[np.ndarray]:
         if self._forward is None:
@@ -145,6 +167,12 @@ def _any_batch_graph(model: Any) -> Any:
         tf.TensorSpec(model.input_shape, tf.float32)])
 
     def forward(x: np.ndarray) -> list[np.ndarray]:
+        # An aligned float32 batch is handed over through DLPack, read in place: TF copies
+        # a NumPy argument into a fresh tensor, whose pages are faulted in on every call
+        # (batch 256 at 224 px: 0.5 core-ms per image, against 0.002; docs/performance.md).
+        # The graph returns before the batch's buffer is refilled.
+        if x.dtype == np.float32 and is_aligned(x) and x.flags.writeable:
+            x = tf.experimental.dlpack.from_dlpack(x.__dlpack__())
         outputs = graph(x)
         return [o.numpy() for o in (outputs if isinstance(outputs, (list, tuple)) else [outputs])]
 

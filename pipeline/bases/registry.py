@@ -14,6 +14,8 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.images.kernels import PREPROCESS_MODES, preprocess_pixels
+
 __all__ = [
     "JIT_MODES",
     "MODULE_PREPROCESS",
@@ -43,7 +45,6 @@ PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 JIT_MODES = ("auto", "on", "off")
 
 
-PREPROCESS_MODES = ("none", "scale", "tf", "caffe", "torch")
 
 
 # What each keras.applications module's preprocess_input does, as an imagenet_utils mode.
@@ -175,19 +176,13 @@ def check_preprocess(mode: str) -> str:
 
 
 def preprocess(x: np.ndarray, mode: str) -> np.ndarray:
-    """Apply a preprocessing mode to float32 RGB pixels in 0..255 (in place where possible).
+    """Apply a preprocessing mode to float32 RGB pixels in 0..255, in place.
 
-    ``tf``, ``caffe`` and ``torch`` are Keras' own ``imagenet_utils.preprocess_input``, so
-    the result equals each application's ``preprocess_input``.
+    ``tf``, ``caffe`` and ``torch`` equal Keras' own ``imagenet_utils.preprocess_input``
+    bit for bit, so the result equals each application's ``preprocess_input``
+    (:func:`pipeline.images.kernels.preprocess_pixels`, which decode workers also run).
     """
-    if mode == "none":
-        return x
-    if mode == "scale":
-        x /= 255.0
-        return x
-    from keras.applications import imagenet_utils
-
-    return imagenet_utils.preprocess_input(x, data_format="channels_last", mode=mode)
+    return preprocess_pixels(x, check_preprocess(mode))
 
 
 _URL = re.compile(r"https?://\S+?\.h5")

@@ -84,8 +84,10 @@ def _committing(writer: CacheWriter) -> Iterator[_BackgroundWriter]:
 
 def _decode_ahead(
     config: ExtractConfig, index: ImageIndex, feature_model: FeatureModel, paths: list[str],
+    preprocess: str = "none",
 ) -> tuple[list[int], Generator[DecodedBatch, None, None]]:
-    """(list positions, decoded batches) of ``paths``: each batch one forward pass."""
+    """(list positions, decoded batches) of ``paths``: each batch one forward pass, its
+    pixels preprocessed by the decoders with ``preprocess``."""
     positions = index.positions(paths)
     return positions, decoded_batches(
         [index.root / path for path in paths],
@@ -96,6 +98,7 @@ def _decode_ahead(
         workers=config.workers,
         decode=config.decode,
         positions=positions,
+        preprocess=preprocess,
     )
 
 
@@ -113,7 +116,10 @@ def extract_loop(
         The files skipped by this run, with their reasons.
     """
     new_skipped: list[tuple[str, str]] = []
-    positions, batches = _decode_ahead(config, index, feature_model, [r.path for r in todo])
+    # The decoders preprocess, so this thread hands each batch to the forward pass as it
+    # is: no pass over the pixels here (docs/performance.md, "Preprocessing in the decoders").
+    positions, batches = _decode_ahead(config, index, feature_model, [r.path for r in todo],
+                                       preprocess=feature_model.preprocess)
     progress = Progress(len(todo), "extract", log_every=config.log_every)
     with _committing(writer) as background:
         try:
@@ -122,7 +128,8 @@ def extract_loop(
                 skipped = [(todo[i].path, reason) for i, reason in batch.skipped]
                 first, *extra = [stored_features(x, config.dtype) for x in
                                  feature_model.all_features(
-                                     batch.images, [positions[i] for i in batch.indices])]
+                                     batch.images, [positions[i] for i in batch.indices],
+                                     preprocessed=True)]
                 background.put(
                     "append",
                     first,

@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.images.decode import read_image_into, read_images_into
+from pipeline.images.kernels import PREPROCESS_MODES
+from pipeline.util.arrays import aligned_empty
 
 __all__ = ["DECODERS", "DecodedBatch", "check_decode", "decoded_batches"]
 
@@ -34,14 +36,15 @@ class DecodedBatch:
 
     ``indices`` and ``skipped`` index the ``paths`` given to :func:`decoded_batches`.
     ``images`` lives in a ring of batch buffers that the decoders fill ahead, so it is
-    valid, and may be changed in place (preprocessed), until the next batch is asked for;
-    copy it to keep it longer.
+    valid, and may be changed in place, until the next batch is asked for; copy it to keep
+    it longer.
     """
 
     indices: list[int]
-    images: np.ndarray  # (n, H, W, 3) float32 RGB in 0..255, not yet preprocessed
+    images: np.ndarray  # (n, H, W, 3) float32 RGB in 0..255, then preprocessed as below
     skipped: list[tuple[int, str]]
     digests: list[str] = field(default_factory=list)  # sha256 of each file's bytes
+    preprocess: str = "none"  # the mode the decoders applied to ``images``
 
 
 def check_decode(decode: str) -> str:
@@ -65,6 +68,7 @@ def decoded_batches(
     decode: str = "auto",
     positions: Sequence[int] | None = None,
     jpeg_downscale: str = "off",
+    preprocess: str = "none",
 ) -> Iterator[DecodedBatch]:
     """Decode and resize ``paths`` in parallel, ahead of use, and yield them in order.
 
@@ -85,12 +89,19 @@ def decoded_batches(
     Pixels are the same either way: workers run :func:`read_image` in the same environment.
     ``jpeg_downscale``: as :func:`pipeline.images.read_image` (``"dct"``: large JPEGs
     reduced in the DCT domain first; not Keras' pixels).
+    ``preprocess``: a mode of :func:`~pipeline.images.kernels.preprocess_pixels` that each
+    decoder applies to its image in its slot (``FeatureModel.all_features(...,
+    preprocessed=True)`` then hands the batch to the forward pass as it is); ``none``
+    yields pixels in 0..255.
 
     Raises:
         ValueError: ``decode="processes"`` and the ring does not fit in the free shared
             memory (/dev/shm); ``auto`` decodes in threads instead, with a warning.
     """
     check_decode(decode)
+    if preprocess not in PREPROCESS_MODES:
+        raise ValueError(f"`preprocess` must be one of {PREPROCESS_MODES}. "
+                         f"Received: preprocess={preprocess!r}")
     cores = os.cpu_count() or 1
     processes = decode == "processes" or (decode == "auto" and cores >= 4)
     # One core is left to the parent, whose forward pass needs it: on 2 cores a second
@@ -107,11 +118,13 @@ def decoded_batches(
         if ring is not None:
             yield from _decoded_in_processes(paths, batches, ring, size=size,
                                              interpolation=interpolation, workers=workers,
-                                             jpeg_downscale=jpeg_downscale)
+                                             jpeg_downscale=jpeg_downscale,
+                                             preprocess=preprocess)
             return
     # Threads, chosen or fallen back to: an explicit worker count holds for them too.
     yield from _decoded_in_threads(paths, batches, size=size, interpolation=interpolation,
-                                   workers=threads, jpeg_downscale=jpeg_downscale)
+                                   workers=threads, jpeg_downscale=jpeg_downscale,
+                                   preprocess=preprocess)
 
 
 @dataclass(frozen=True)
@@ -162,7 +175,8 @@ def _ring(batches: _Batches, depth: int, start: Callable[[int], None],
             start(b + depth)
 
 
-def _assembled(buffer: np.ndarray, files: range, results: Sequence[_Result]) -> DecodedBatch:
+def _assembled(buffer: np.ndarray, files: range, results: Sequence[_Result],
+               preprocess: str) -> DecodedBatch:
     """The batch of ``files`` whose pixels are in ``buffer``'s slots 0.., readable rows
     moved up over the skipped ones (so its images are one contiguous block)."""
     indices: list[int] = []
@@ -176,29 +190,30 @@ def _assembled(buffer: np.ndarray, files: range, results: Sequence[_Result]) -> 
             buffer[len(indices)] = buffer[slot]
         indices.append(i)
         digests.append(digest)
-    return DecodedBatch(indices, buffer[: len(indices)], skipped, digests)
+    return DecodedBatch(indices, buffer[: len(indices)], skipped, digests, preprocess)
 
 
 _DEPTH = 3  # batch buffers: the one handed out and two being decoded
 
 
 def _decoded_in_threads(paths: Sequence[Path], batches: _Batches, *, size: tuple[int, int],
-                        interpolation: str, workers: int,
-                        jpeg_downscale: str) -> Iterator[DecodedBatch]:
+                        interpolation: str, workers: int, jpeg_downscale: str,
+                        preprocess: str) -> Iterator[DecodedBatch]:
     """One future per file in a thread pool, each resizing into its batch slot."""
-    ring = np.empty((_DEPTH, batches.largest, *size, 3), np.float32)
+    # Aligned: a whole batch can go to TensorFlow without a copy (FeatureModel).
+    ring = aligned_empty((_DEPTH, batches.largest, *size, 3))
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode")
     pending: dict[int, list[Future]] = {}
 
     def start(b: int) -> None:
         buffer = ring[b % _DEPTH]
         pending[b] = [pool.submit(read_image_into, paths[i], size, interpolation, buffer[k],
-                                  jpeg_downscale)
+                                  jpeg_downscale, preprocess)
                       for k, i in enumerate(batches.files(b))]
 
     def finish(b: int) -> DecodedBatch:
         return _assembled(ring[b % _DEPTH], batches.files(b),
-                          [future.result() for future in pending.pop(b)])
+                          [future.result() for future in pending.pop(b)], preprocess)
 
     try:
         yield from _ring(batches, _DEPTH, start, finish)
@@ -284,8 +299,8 @@ def _free_shared_memory() -> int | None:
 
 
 def _decoded_in_processes(paths: Sequence[Path], batches: _Batches, ring: _SharedRing, *,
-                          size: tuple[int, int], interpolation: str,
-                          workers: int, jpeg_downscale: str) -> Iterator[DecodedBatch]:
+                          size: tuple[int, int], interpolation: str, workers: int,
+                          jpeg_downscale: str, preprocess: str) -> Iterator[DecodedBatch]:
     """One task per run of files of one batch, in spawned processes, into the shared ring.
 
     Each worker gets a run of about ``batch_size / workers`` files (so a batch is spread
@@ -301,7 +316,7 @@ def _decoded_in_processes(paths: Sequence[Path], batches: _Batches, ring: _Share
         pending[b] = [
             pool.submit(read_images_into, ring.shm.name, ring.offset(b) + first - files.start,
                         [str(paths[i]) for i in range(first, min(first + length, files.stop))],
-                        size, interpolation, jpeg_downscale)
+                        size, interpolation, jpeg_downscale, preprocess)
             for first in range(files.start, files.stop, length)
         ]
 
@@ -316,7 +331,7 @@ def _decoded_in_processes(paths: Sequence[Path], batches: _Batches, ring: _Share
                 "'__main__':`. Or decode in threads (decode='threads', extract.py "
                 "--decode threads)."
             ) from exc
-        return _assembled(ring.buffer(b), batches.files(b), results)
+        return _assembled(ring.buffer(b), batches.files(b), results, preprocess)
 
     try:
         yield from _ring(batches, ring.depth, start, finish)

@@ -46,6 +46,7 @@ from pipeline.images.kernels import (
     dct_reduction,
     decode_jpeg,
     has_fast_jpeg,
+    preprocess_pixels,
     resize_bilinear,
 )
 from pipeline.util.quiet import quiet_tensorflow
@@ -500,18 +501,22 @@ def _decode_resized(data: bytes, size: tuple[int, int], interpolation: str,
 
 
 def read_image_into(path: str | os.PathLike, size: tuple[int, int], interpolation: str,
-                    out: np.ndarray, jpeg_downscale: str = "off",
+                    out: np.ndarray, jpeg_downscale: str = "off", preprocess: str = "none",
                     ) -> tuple[str | None, str | None]:
-    """:func:`read_image` into ``out`` (a batch slot), its failure as a value.
+    """:func:`read_image` into ``out`` (a batch slot), its failure as a value; the pixels
+    then preprocessed in place with a mode of
+    :func:`~pipeline.images.kernels.preprocess_pixels` (``none``: left in 0..255).
 
     Returns:
         ``(sha256, None)`` when the file was read, ``(None, reason)`` when it is skipped.
     """
     try:
-        return read_image(path, size, interpolation, out=out,
-                          jpeg_downscale=jpeg_downscale)[1], None
+        digest = read_image(path, size, interpolation, out=out,
+                            jpeg_downscale=jpeg_downscale)[1]
     except ImageReadError as exc:
         return None, str(exc)
+    preprocess_pixels(out, preprocess)
+    return digest, None
 
 
 _ATTACHED: dict[str, Any] = {}  # shared batch buffers this worker process has opened
@@ -519,7 +524,7 @@ _ATTACHED: dict[str, Any] = {}  # shared batch buffers this worker process has o
 
 def read_images_into(
     buffer: str, first_slot: int, paths: list[str], size: tuple[int, int],
-    interpolation: str = "bilinear", jpeg_downscale: str = "off",
+    interpolation: str = "bilinear", jpeg_downscale: str = "off", preprocess: str = "none",
 ) -> list[tuple[str | None, str | None]]:
     """:func:`read_image_into` of several files in a worker process: file k's pixels go to
     slot ``first_slot + k`` of the shared memory block ``buffer`` (float32 (H, W, 3) slots).
@@ -539,7 +544,7 @@ def read_images_into(
     return [read_image_into(path, size, interpolation,
                             np.ndarray((*size, 3), np.float32, shm.buf,
                                        offset=(first_slot + k) * slot_bytes),
-                            jpeg_downscale)
+                            jpeg_downscale, preprocess)
             for k, path in enumerate(paths)]
 
 
