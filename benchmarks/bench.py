@@ -56,6 +56,7 @@ from benchmarks.common import (
     timed,
     write_synthetic_cache,
 )
+from benchmarks.feed import measure_feed
 from benchmarks.fold import FOLD_BASES, measure_fold
 from benchmarks.input_side import measure_input_side
 from benchmarks.precision import PRECISION_BASES, measure_precision
@@ -249,6 +250,11 @@ def run_benchmark(config: BenchConfig, log: Callable[[str], None] = print) -> di
         size=224 if config.gpu else 128,
         n=32 if config.quick else 2048 if config.gpu else 128,
         batch_size=config.batch_size, repeats=config.repeats, seed=config.seed))
+    # The largest case's size: where the parent's pass over the pixels costs the most.
+    part("feed", lambda: measure_feed(
+        paths[:2000] if config.gpu else paths, size=max(c.size for c in cases),
+        batch_size=config.batch_size, repeats=config.repeats,
+        workers=max(1, (os.cpu_count() or 2) - 1)))
     results["machine"]["loadavg_end"] = os.getloadavg()
     results["machine"]["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     shutil.rmtree(work, ignore_errors=True)
@@ -299,6 +305,17 @@ def format_report(results: dict[str, Any]) -> str:
             lines.append(f"  {decode}: 2 workers / 1 worker {ratio:.2f}{started}")
         for decode, (k, ratio) in r.get("k_workers_over_one", {}).items():
             lines.append(f"  {decode}: {k} workers / 1 worker {ratio:.2f}")
+    for r in results.get("feed", []):
+        lines.append(f"\nfeeding the forward pass, {r['mode']} preprocessing, {r['size']} px, "
+                     f"batch {r['batch_size']}, {r['workers']} decode processes: img/s, parent "
+                     "core-ms per image")
+        for name, label in (("parent", "preprocessed in the parent"),
+                            ("decoders", "preprocessed in the decoders")):
+            lines.append(f"  {label:30s} {r[name]['img_s']:8.1f}  "
+                         f"{r[name]['parent_core_ms_per_img']:7.3f}")
+        value = r["decoders"]["parent_core_ms_per_img"]
+        lines.append(f"  decoders / parent {r['decoders/parent core-ms']:.2f}; parent <= 0.1 "
+                     f"core-ms per image: {_met(value, 0.1, higher_is_better=False)}")
     if "fold" in results:
         lines.append("\nBatchNormalization folded (random statistics), predict_on_batch: img/s "
                      "plain -> folded, core-ms per image, folded/plain, max relative difference")

@@ -47,7 +47,7 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig:
                    "run the base unfolded, and a' is also timed unfolded")
     p.add_argument("--gpu", action="store_true",
                    help="the GPU box's run (issue 15), ~5 minutes: 10,000 JPEGs, batch 256, "
-                   "MobileNetV2@224 and ResNet50@224, parts throughput, input and precision "
+                   "MobileNetV2@224 and ResNet50@224, parts throughput, input, feed and precision "
                    "(float32 / float16 / bfloat16 at 224 px), 1 repeat, "
                    "no naive loop; each of these can still be set")
     args = p.parse_args(argv)
@@ -57,7 +57,7 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig:
         if "--cases" not in given:
             args.cases = ["mobilenetv2@224-avg", "resnet50@224-avg"]
         if "--only" not in given:
-            args.only = ["throughput", "input", "precision"]
+            args.only = ["throughput", "input", "feed", "precision"]
     images = args.images or (32 if args.quick else 10_000 if args.gpu else 384)
     repeats = args.repeats or (1 if args.quick or args.gpu else 3)
     if images < 10 or repeats < 1 or args.batch_size < 1:

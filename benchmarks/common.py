@@ -73,7 +73,7 @@ class BenchConfig:
     out: str = "reports/bench.json"
     parts: tuple[str, ...] = ("throughput", "input", "decoders", "stages", "training",
                               "head_rows", "sklearn", "incremental", "append_copy", "stream",
-                              "storage", "fold", "precision")
+                              "storage", "fold", "precision", "feed")
     cases: tuple[str, ...] = field(
         default_factory=lambda: tuple(c.name for c in CASES if c.default))
     mixed_precision: bool = False  # GPU box: run every base in mixed_float16
