@@ -195,7 +195,6 @@ def input_side_seconds(paths: Sequence[Path], root: Path, feature_model: Any, ou
     The zeros have the feature model's shape and dtype, and every column extract writes
     (sha256, size, mtime) is written too, so as many bytes are written as in (b).
     """
-    from pipeline.bases import preprocess
     from pipeline.cache import CacheWriter
     from pipeline.images.batches import decoded_batches
 
@@ -208,9 +207,10 @@ def input_side_seconds(paths: Sequence[Path], root: Path, feature_model: Any, ou
                                     feature_shape=shape, dtype=dtype)
         zeros = np.zeros((batch_size, *shape), dtype=dtype)
         try:
+            # Preprocessed by the decoders, as extract has them do.
             for batch in decoded_batches(paths, size=feature_model.input_size,
-                                         batch_size=batch_size, workers=workers):
-                preprocess(batch.images, feature_model.preprocess)
+                                         batch_size=batch_size, workers=workers,
+                                         preprocess=feature_model.preprocess):
                 rows = batch.indices
                 writer.append(zeros[:len(rows)], [0] * len(rows), [names[i] for i in rows],
                               [""] * len(rows), sha256=getattr(batch, "digests", None),

@@ -480,6 +480,7 @@ def _write_outputs(
             jpeg_downscale=predictor.jpeg_downscale,
             batch_size=config.batch_size,
             workers=config.workers,
+            preprocess=predictor.preprocess,
         )
         try:
             with ExitStack() as outputs:

@@ -54,9 +54,12 @@ END_TO_END = "end-to-end"
 class Predictor:
     """A loaded model: how to decode images for it and how to score a decoded batch.
 
-    ``predict_batch(images)`` takes ``(n, H, W, 3)`` float32 RGB in 0..255 (it may
-    preprocess them in place) and returns ``(predicted, values)``: column indices of the
-    predicted classes ``(n,)`` and one value per class ``(n, n_classes)``.
+    ``predict_batch(images)`` takes ``(n, H, W, 3)`` float32 RGB in 0..255, already
+    preprocessed with ``preprocess`` (a mode of
+    :func:`~pipeline.images.kernels.preprocess_pixels`, which the decode workers apply:
+    ``decoded_batches(preprocess=predictor.preprocess)``), and returns ``(predicted,
+    values)``: column indices of the predicted classes ``(n,)`` and one value per class
+    ``(n, n_classes)``.
 
     A bottleneck model also splits that in two, so the features can be kept (predict
     ``--embeddings``): ``embed_batch(images)`` gives the features the head reads, in the
@@ -75,6 +78,7 @@ class Predictor:
     score_features: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]] | None = None
     feature_attrs: dict[str, Any] | None = None
     jpeg_downscale: str = "off"  # as extract decoded the cache's JPEGs (--jpeg-downscale)
+    preprocess: str = "none"  # applied to the images before predict_batch / embed_batch
 
 
 @dataclass
@@ -330,7 +334,7 @@ def _bottleneck_predictor(located: ModelFiles) -> Predictor:
 
     def embed_batch(images: np.ndarray) -> np.ndarray:
         # In the cache dtype: the features exactly as fit_head saw them (float16 caches).
-        return feature_model.features(images).astype(dtype)
+        return feature_model.features(images, preprocessed=True).astype(dtype)
 
     def score_features(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         X = features.astype(np.float32)
@@ -354,6 +358,7 @@ def _bottleneck_predictor(located: ModelFiles) -> Predictor:
         # The features are the first recorded layer's, whatever else the cache held.
         feature_attrs=layer_attrs(attrs),
         jpeg_downscale=recorded_jpeg_downscale(attrs),
+        preprocess=feature_model.preprocess,
     )
 
 

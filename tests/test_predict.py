@@ -9,6 +9,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import h5py
 import keras
 import numpy as np
 import pytest
@@ -412,7 +413,8 @@ def test_named_base_with_random_weights(tmp_path):
     model_dir, _ = run_fit(FitConfig(str(cache), head="dense", out=str(tmp_path / "m"),
                                      epochs=2, val_split=0.5))
     rows, names, values = cached_predictions(cache, model_dir)
-    bottleneck, _ = predict(model_dir, [data], tmp_path / "p.csv")
+    bottleneck, _ = predict(model_dir, [data], tmp_path / "p.csv",
+                            embeddings=str(tmp_path / "p.h5"))
     exported, _ = predict(export_model(model_dir, tmp_path / "e.keras"), [data],
                           tmp_path / "e.csv")
     for got, end_to_end in zip(bottleneck, exported, strict=True):
@@ -420,6 +422,12 @@ def test_named_base_with_random_weights(tmp_path):
         assert got["predicted"] == end_to_end["predicted"] == names[i]
         for row in (got, end_to_end):
             np.testing.assert_allclose([float(row["p_a"]), float(row["p_b"])], values[i], **TOL)
+    # The decoders preprocess for the bottleneck predictor: its features are the cache's.
+    cached = read_cache(cache)
+    with h5py.File(tmp_path / "p.h5") as f:
+        for path, row in zip(f["paths"].asstr()[:], f["features"][:], strict=True):
+            want = cached.features[rows[Path(path).relative_to(data).as_posix()]]
+            np.testing.assert_allclose(row, want, rtol=1e-5, atol=1e-6 * np.abs(want).max())
 
 
 def _misfiled(data: Path, root: Path) -> tuple[Path, list[str]]:
